@@ -1,0 +1,166 @@
+"""`vgtui run`: train without a UI, print compact per-layer tables, optionally record JSONL.
+
+The main thread is the consumer: it drains the channel, writes the recording and prints. Signals
+(SIGINT, SIGTERM, SIGHUP when an SSH session drops) stop the trainer after its current step; every
+record that was produced is written before the process exits.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from .channel import Channel
+from .config import Preset
+from .records import RunError, RunHeader, StepRecord
+from .trainer import TrainerController
+
+
+def fmt(value: float, width: int = 8) -> str:
+    """A short, fixed-width number: 3 significant digits, scientific when tiny or huge."""
+    if value is None:
+        return "-".rjust(width)
+    if math.isnan(value):
+        return "nan".rjust(width)
+    if math.isinf(value):
+        return ("inf" if value > 0 else "-inf").rjust(width)
+    if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
+        return f"{value:.2e}".rjust(width)
+    return f"{value:.3g}".rjust(width)
+
+
+def layer_table(header: RunHeader, record: StepRecord) -> str:
+    """Per-layer table, input at the top: the gradient norms the literature talks about."""
+    lines = [f"  {'layer':<10}{'|dL/dW|':>10}{'|dL/dh|':>10}{'sat%':>7}{'dead%':>7}{'upd/W':>10}"]
+    cols = record.layers
+    for i, name in enumerate(header.layers):
+        sat, dead = cols["saturated"][i], cols["dead"][i]
+        lines.append(
+            f"  {name:<10}{fmt(cols['weight_grad_norm'][i], 10)}{fmt(cols['act_grad_norm'][i], 10)}"
+            f"{fmt(100 * sat, 7) if not math.isnan(sat) else '-'.rjust(7)}"
+            f"{fmt(100 * dead, 7) if not math.isnan(dead) else '-'.rjust(7)}"
+            f"{fmt(cols['update_ratio'][i], 10)}"
+        )
+    return "\n".join(lines)
+
+
+def first_last_ratio(record: StepRecord) -> float:
+    """‖∂L/∂h‖ of the first layer over that of the last: ~1 healthy, << 1 vanishing."""
+    g = record.layers["act_grad_norm"]
+    return float(g[0] / g[-1]) if len(g) > 1 and g[-1] != 0 else float("nan")
+
+
+def step_line(record: StepRecord) -> str:
+    acc = "" if math.isnan(record.accuracy) else f"  acc {record.accuracy:6.1%}"
+    clip = "  clipped" if record.clipped else ""
+    bad = f"  NON-FINITE at {record.nonfinite[0]} ({record.nonfinite[1]})" if record.nonfinite else ""
+    phase = "" if record.phase == "train" else f"  [{record.phase}]"
+    return (f"step {record.step:>6}  loss {fmt(record.loss)}{acc}  |g| {fmt(record.grad_norm_total)}"
+            f"  first/last |dL/dh| {fmt(first_last_ratio(record))}{clip}{bad}{phase}")
+
+
+class _SignalStop:
+    """Turns SIGINT/SIGTERM/SIGHUP into a polite stop; restores the old handlers on exit."""
+
+    SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (tests): leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run_headless(
+    preset: Preset,
+    steps: int,
+    *,
+    record: Path | None = None,
+    device: str = "cpu",
+    print_every: int | None = None,
+    out: TextIO = sys.stdout,
+    data_root: Path | None = None,
+    download: bool = False,
+    table_every: int | None = None,
+) -> int:
+    """Train ``steps`` steps; returns the process exit code (0, 1 on a training error,
+    128 + signal number when stopped by a signal)."""
+    from .record import JsonlWriter
+
+    channel: Channel = Channel(maxlen=100_000)
+    controller = TrainerController(channel, device=device, data_root=data_root, download=download,
+                                   max_steps=steps)
+    print_every = print_every or max(1, steps // 20)
+    table_every = table_every or max(print_every, steps // 4)
+    writer = JsonlWriter(record) if record else None
+    header: RunHeader | None = None
+    last: StepRecord | None = None
+    error: RunError | None = None
+    code = 0
+    seen_nonfinite = False
+    with _SignalStop() as signals:
+        controller.start(preset)
+        trainer = controller.trainer
+        while True:
+            alive = trainer.is_alive()
+            channel.wait(0.2)
+            for rec in channel.drain():
+                if writer:
+                    writer.write(rec)
+                if isinstance(rec, RunHeader):
+                    header = rec
+                    print(f"vgtui: {preset.name} — {preset.description}", file=out)
+                    print(f"  {len(rec.layers)} layers, {rec.params:,} parameters, device {rec.device}",
+                          file=out)
+                elif isinstance(rec, StepRecord):
+                    last = rec
+                    first_bad = rec.nonfinite is not None and not seen_nonfinite
+                    seen_nonfinite = seen_nonfinite or rec.nonfinite is not None
+                    if rec.step % print_every == 0 or first_bad:
+                        print(step_line(rec), file=out)
+                    if header and rec.step and rec.step % table_every == 0:
+                        print(layer_table(header, rec), file=out)
+                elif isinstance(rec, RunError):
+                    error = rec
+                    print(f"vgtui: training failed at step {rec.step}: {rec.message}", file=sys.stderr)
+            if signals.received is not None and trainer.is_alive():
+                trainer.stop()
+            if not alive and not len(channel):
+                break
+        trainer.join()
+    if writer:
+        writer.close()
+    if last is not None and header is not None:
+        print(f"\nfinal (step {last.step}):", file=out)
+        print(step_line(last), file=out)
+        print(layer_table(header, last), file=out)
+        for verdict in last.verdicts:
+            print(f"  [{verdict.severity}] {verdict.kind}: {verdict.summary}", file=out)
+            if verdict.suggestions:
+                print(f"      try: {', '.join(verdict.suggestions)}", file=out)
+    if channel.dropped:
+        print(f"  ({channel.dropped} records dropped by a slow consumer)", file=out)
+    if record:
+        print(f"  recorded to {record}", file=out)
+    if signals.received is not None:
+        code = 128 + signals.received
+    elif error is not None:
+        code = 1
+    out.flush()
+    return code

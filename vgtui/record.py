@@ -1,0 +1,269 @@
+"""Recordings: one JSON object per line, flushed as written, readable after a crash.
+
+Line 1 is the header (``"type": "header"``), then one ``"step"`` line per sampled step, plus
+``"event"`` and ``"error"`` lines. Non-finite floats are the strings "nan", "inf", "-inf" so that
+every line is strict JSON. The reader keeps every good line and reports each bad one with its
+line number instead of giving up on the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterable, Iterator
+
+import numpy as np
+
+from .records import (
+    LAYER_METRICS,
+    Record,
+    RunError,
+    RunEvent,
+    RunHeader,
+    StepRecord,
+    Verdict,
+    jsonable,
+    unjson,
+)
+
+FORMAT_VERSION = 1
+
+
+def to_json(record: Record, layer_names: list[str] | None = None) -> dict:
+    """The JSON object for one record (``layer_names`` is needed for step records)."""
+    if isinstance(record, RunHeader):
+        return {
+            "type": "header",
+            "version": FORMAT_VERSION,
+            "preset": jsonable(record.preset),
+            "layers": list(record.layers),
+            "layer_kinds": list(record.layer_kinds),
+            "device": record.device,
+            "run_id": record.run_id,
+            "params": record.params,
+            "hist_edges": jsonable(record.hist_edges),
+            "source": record.source,
+        }
+    if isinstance(record, StepRecord):
+        names = layer_names or [f"layer{i}" for i in range(len(record.hist))]
+        layers = {
+            name: {metric: jsonable(record.layers[metric][i]) for metric in LAYER_METRICS}
+            | {"hist": jsonable(record.hist[i])}
+            for i, name in enumerate(names)
+        }
+        return {
+            "type": "step",
+            "step": record.step,
+            "run_id": record.run_id,
+            "phase": record.phase,
+            "time": jsonable(record.time),
+            "steps_per_sec": jsonable(record.steps_per_sec),
+            "sample_every": record.sample_every,
+            "loss": jsonable(record.loss),
+            "accuracy": jsonable(record.accuracy),
+            "grad_norm_total": jsonable(record.grad_norm_total),
+            "grad_norm_clipped": jsonable(record.grad_norm_clipped),
+            "clipped": record.clipped,
+            "nonfinite": list(record.nonfinite) if record.nonfinite else None,
+            "layers": layers,
+            "verdicts": [v.to_json() for v in record.verdicts],
+        }
+    if isinstance(record, RunEvent):
+        return {"type": "event", "kind": record.kind, "message": record.message,
+                "step": record.step, "run_id": record.run_id}
+    if isinstance(record, RunError):
+        return {"type": "error", "message": record.message, "traceback": record.traceback,
+                "step": record.step, "run_id": record.run_id}
+    raise TypeError(f"not a record: {type(record).__name__}")
+
+
+def from_json(data: dict, layer_names: list[str] | None) -> Record:
+    """Inverse of :func:`to_json`. Raises KeyError/TypeError/ValueError on a malformed object."""
+    kind = data["type"]
+    if kind == "header":
+        version = data.get("version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"unsupported format version {version!r} (this vgtui reads {FORMAT_VERSION})")
+        layers = [str(n) for n in data["layers"]]
+        return RunHeader(
+            preset=unjson(data.get("preset", {})),
+            layers=layers,
+            layer_kinds=list(data.get("layer_kinds", ["linear"] * len(layers))),
+            device=str(data.get("device", "?")),
+            run_id=int(data.get("run_id", 0)),
+            params=int(data.get("params", 0)),
+            hist_edges=np.asarray(unjson(data["hist_edges"]), dtype=float) if "hist_edges" in data
+            else RunHeader.__dataclass_fields__["hist_edges"].default_factory(),
+            source=str(data.get("source", "vgtui")),
+        )
+    if kind == "step":
+        names = layer_names if layer_names is not None else list(data["layers"])
+        per_layer = data["layers"]
+        if set(per_layer) != set(names):
+            raise ValueError("step layers do not match the header's layers")
+        columns = {
+            metric: np.array([_num(per_layer[n].get(metric, "nan")) for n in names], dtype=float)
+            for metric in LAYER_METRICS
+        }
+        hist_rows = [unjson(per_layer[n].get("hist", [])) for n in names]
+        width = max((len(r) for r in hist_rows), default=0)
+        hist = np.array([r if len(r) == width else [0.0] * width for r in hist_rows], dtype=float)
+        nonfinite = data.get("nonfinite")
+        return StepRecord(
+            step=int(data["step"]),
+            loss=_num(data["loss"]),
+            accuracy=_num(data.get("accuracy", "nan")),
+            grad_norm_total=_num(data.get("grad_norm_total", "nan")),
+            grad_norm_clipped=_num(data.get("grad_norm_clipped", "nan")),
+            clipped=bool(data.get("clipped", False)),
+            layers=columns,
+            hist=hist.reshape(len(names), width),
+            nonfinite=(str(nonfinite[0]), str(nonfinite[1])) if nonfinite else None,
+            phase=str(data.get("phase", "train")),
+            run_id=int(data.get("run_id", 0)),
+            time=_num(data.get("time", 0.0)),
+            steps_per_sec=_num(data.get("steps_per_sec", "nan")),
+            sample_every=int(data.get("sample_every", 1)),
+            verdicts=[Verdict.from_json(v) for v in data.get("verdicts", [])],
+        )
+    if kind == "event":
+        return RunEvent(str(data["kind"]), str(data.get("message", "")), int(data.get("step", 0)),
+                        int(data.get("run_id", 0)))
+    if kind == "error":
+        return RunError(str(data["message"]), str(data.get("traceback", "")), int(data.get("step", 0)),
+                        int(data.get("run_id", 0)))
+    raise ValueError(f"unknown record type {kind!r}")
+
+
+def _num(value) -> float:
+    value = unjson(value)
+    if value is None:
+        return float("nan")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+class JsonlWriter:
+    """Appends records to a file, one line each, flushed per line (a killed run loses nothing
+    finished). ``fsync_every`` lines also reach the disk, for runs that may lose power."""
+
+    def __init__(self, path: str | Path, fsync_every: int = 0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = open(self.path, "w", encoding="utf-8")
+        self._layers: dict[int, list[str]] = {}
+        self._fsync_every = fsync_every
+        self.lines = 0
+
+    def write(self, record: Record) -> None:
+        if isinstance(record, RunHeader):
+            self._layers[record.run_id] = list(record.layers)
+        names = self._layers.get(getattr(record, "run_id", 0))
+        line = json.dumps(to_json(record, names), separators=(",", ":"), allow_nan=False)
+        self._file.write(line + "\n")
+        self._file.flush()
+        self.lines += 1
+        if self._fsync_every and self.lines % self._fsync_every == 0:
+            os.fsync(self._file.fileno())
+
+    def write_all(self, records: Iterable[Record]) -> None:
+        for record in records:
+            self.write(record)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+            self._file.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class ReadResult:
+    records: list[Record] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # "FILE:LINE: what is wrong"
+
+
+class JsonlReader:
+    """Reads a recording incrementally: call :meth:`read_new` again to pick up appended lines.
+
+    A last line without its newline is left for the next call (the writer may be mid-line);
+    :meth:`finish` then judges it: a truncated last line is reported, not fatal.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._offset = 0
+        self._line_no = 0
+        self._partial = b""
+        self._layers: dict[int, list[str]] = {}
+
+    def read_new(self) -> ReadResult:
+        result = ReadResult()
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            return result
+        if not chunk:
+            return result
+        self._offset += len(chunk)
+        data = self._partial + chunk
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        for raw in lines:
+            self._line_no += 1
+            self._parse(raw, self._line_no, result)
+        return result
+
+    def finish(self) -> ReadResult:
+        """Read what is left, including a final line with no newline."""
+        result = self.read_new()
+        if self._partial.strip():
+            self._line_no += 1
+            raw, self._partial = self._partial, b""
+            self._parse(raw, self._line_no, result, last=True)
+        return result
+
+    def _parse(self, raw: bytes, line_no: int, result: ReadResult, last: bool = False) -> None:
+        if not raw.strip():
+            return
+        where = f"{self.path}:{line_no}"
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            if not isinstance(data, dict) or "type" not in data:
+                raise ValueError("not a record object")
+            run_id = int(data.get("run_id", 0))
+            record = from_json(data, self._layers.get(run_id))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError, IndexError) as exc:
+            if isinstance(exc, json.JSONDecodeError) and last:
+                result.problems.append(f"{where}: truncated last line skipped")
+            else:
+                result.problems.append(f"{where}: skipped ({exc})")
+            return
+        if isinstance(record, RunHeader):
+            self._layers[record.run_id] = record.layers
+        elif isinstance(record, StepRecord) and record.run_id not in self._layers:
+            result.problems.append(f"{where}: step before any header skipped")
+            return
+        result.records.append(record)
+
+
+def read_recording(path: str | Path) -> ReadResult:
+    """Every good record of a finished (or killed) recording, and what was wrong with the rest."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such recording")
+    return JsonlReader(path).finish()
+
+
+def iter_steps(records: Iterable[Record]) -> Iterator[StepRecord]:
+    return (r for r in records if isinstance(r, StepRecord))
