@@ -1,0 +1,220 @@
+"""The probe's numbers against an independent autograd computation (no hooks, no probe)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vgtui.build import build_model, make_optimizer
+from vgtui.config import load_preset
+from vgtui.data import SyntheticData
+from vgtui.probe import Probe
+
+RTOL = 1e-5
+
+
+def small(name, **changes):
+    base = {"depth": 3, "width": 64, "batch_size": 32, "code_width": 8}
+    return load_preset(name).replace(**{**base, **changes})
+
+
+def reference_norms(preset, x, y):
+    """‖∂L/∂h‖ per probe point and ‖∂L/∂W‖ per layer, by running the blocks by hand and asking
+    torch.autograd.grad for the gradient of each intermediate output."""
+    built = build_model(preset)
+    model = built.model
+    outputs = []
+    if built.task == "classifier":
+        h = x
+        for block in model.blocks:
+            h = block(h)
+            outputs.append(h)
+        out = model.head(h)
+        target = y
+    else:
+        h = x
+        for block in list(model.encoder) + list(model.decoder):
+            h = block(h)
+            outputs.append(h)
+        out = model.head(h)
+        target = x
+    outputs.append(out)
+    loss = built.loss_fn(out, target)
+    weights = [layer.weight for layer in built.layers]
+    grads = torch.autograd.grad(loss, outputs + weights)
+    n = len(outputs)
+    act = np.array([g.norm().item() for g in grads[:n]])
+    wgt = np.array([g.norm().item() for g in grads[n:]])
+    return loss.item(), act, wgt
+
+
+def probed_step(preset, x, y, steps=1):
+    built = build_model(preset)
+    model = built.model
+    probe = Probe(built.layers, list(model.parameters())).attach()
+    optimizer = make_optimizer(model.parameters(), preset)
+    records, before, after = [], [], []
+    for step in range(steps):
+        probe.begin(True)
+        optimizer.zero_grad()
+        out = model(x)
+        loss = built.loss_fn(out, y if built.task == "classifier" else x)
+        loss.backward()
+        probe.after_backward()
+        probe.clip(preset.clip, preset.clip_threshold)
+        probe.before_step(optimizer)
+        before.append([layer.weight.detach().clone() for layer in built.layers])
+        optimizer.step()
+        after.append([layer.weight.detach().clone() for layer in built.layers])
+        acc = (out.argmax(1) == y).float().mean() if built.task == "classifier" else None
+        probe.finish(step, loss, acc, optimizer)
+        records += probe.poll()
+    probe.detach()
+    return records, before, after, built
+
+
+@pytest.mark.parametrize(
+    "name,changes",
+    [
+        ("sigmoid-deep", {}),
+        ("relu-he", {}),
+        ("sigmoid-batchnorm", {}),
+        ("sigmoid-residual", {}),
+        ("tanh-deep", {"width": 48}),  # 784 -> 48: the residual projection path is exercised below
+        ("sigmoid-residual", {"width": 784}),  # identity shortcut on the first block
+        ("autoencoder-sigmoid", {"depth": 3, "width": 64}),
+        ("autoencoder-relu", {"depth": 2, "width": 32}),
+    ],
+)
+def test_norms_match_autograd(name, changes):
+    preset = small(name, **changes)
+    x, y = SyntheticData(preset.seed, preset.batch_size).batch(0)
+    loss, act, wgt = reference_norms(preset, x, y)
+    (record,), _, _, built = probed_step(preset, x, y)
+    assert record.loss == pytest.approx(loss, rel=RTOL)
+    np.testing.assert_allclose(record.layers["act_grad_norm"], act, rtol=RTOL)
+    np.testing.assert_allclose(record.layers["weight_grad_norm"], wgt, rtol=RTOL)
+    assert record.nonfinite is None
+    # The histogram counts every (sub-sampled) weight-gradient entry exactly once.
+    for i, layer in enumerate(built.layers):
+        n = layer.weight.numel()
+        stride = math.ceil(n / 65_536) if n > 65_536 else 1
+        assert record.hist[i].sum() == len(range(0, n, stride))
+
+
+def test_update_ratio_and_weight_norm_match_the_actual_step():
+    preset = small("relu-he")
+    x, y = SyntheticData(0, preset.batch_size).batch(0)
+    records, before, after, _ = probed_step(preset, x, y, steps=3)
+    # Step 0 snapshots the weights; later steps read SGD's momentum buffer instead.
+    for record, w0, w1 in zip(records, before, after):
+        expected = np.array([(b - a).norm().item() / b.norm().item() for a, b in zip(w0, w1)])
+        np.testing.assert_allclose(record.layers["update_ratio"], expected, rtol=1e-4)
+        np.testing.assert_allclose(record.layers["weight_norm"], [w.norm().item() for w in w1], rtol=RTOL)
+
+
+def test_total_norm_before_and_after_clipping():
+    preset = small("exploding-clipped", depth=4, width=64)
+    x, y = SyntheticData(0, preset.batch_size).batch(0)
+    built = build_model(preset)
+    loss = built.loss_fn(built.model(x), y)
+    grads = torch.autograd.grad(loss, list(built.model.parameters()))
+    total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+    (record,), _, _, _ = probed_step(preset, x, y)
+    assert record.grad_norm_total == pytest.approx(total, rel=RTOL)
+    assert total > 1.0 and record.clipped
+    assert record.grad_norm_clipped == pytest.approx(1.0, rel=1e-4)
+
+
+def test_clip_by_value_reports_whether_it_acted():
+    preset = small("clip-by-value", clip_threshold=1e-3)
+    x, y = SyntheticData(0, preset.batch_size).batch(0)
+    (record,), _, _, _ = probed_step(preset, x, y)
+    assert record.clipped
+    assert record.grad_norm_clipped < record.grad_norm_total
+    loose = small("clip-by-value", clip_threshold=1e6)
+    (record,), _, _, _ = probed_step(loose, x, y)
+    assert not record.clipped
+    assert record.grad_norm_clipped == pytest.approx(record.grad_norm_total, rel=RTOL)
+
+
+def test_saturation_and_dead_fractions_match_a_direct_count():
+    preset = small("sigmoid-deep")
+    x, y = SyntheticData(0, preset.batch_size).batch(0)
+    (record,), _, _, built = probed_step(preset, x, y)
+    fresh = build_model(preset).model
+    h = x
+    for i, block in enumerate(fresh.blocks):
+        h = block(h)
+        expected = ((h < 0.02) | (h > 0.98)).float().mean().item()
+        assert record.layers["saturated"][i] == pytest.approx(expected, abs=1e-6)
+        assert record.layers["act_mean"][i] == pytest.approx(h.mean().item(), rel=1e-5)
+    assert math.isnan(record.layers["dead"][0])  # sigmoid units do not die
+
+    relu = small("relu-dead", bias_init=-0.5)
+    (record,), _, _, _ = probed_step(relu, x, y)
+    fresh = build_model(relu).model
+    h = x
+    for i, block in enumerate(fresh.blocks):
+        h = block(h)
+        expected = (h <= 0).all(dim=0).float().mean().item()
+        assert record.layers["dead"][i] == pytest.approx(expected, abs=1e-6)
+    assert math.isnan(record.layers["saturated"][0])
+
+
+def test_unsampled_steps_measure_nothing_and_transfer_nothing():
+    preset = small("relu-he")
+    built = build_model(preset)
+    probe = Probe(built.layers, list(built.model.parameters())).attach()
+    x, y = SyntheticData(0, preset.batch_size).batch(0)
+    probe.begin(False)
+    built.loss_fn(built.model(x), y).backward()
+    probe.after_backward()
+    probe.clip("none")
+    probe.finish(0, torch.tensor(0.0), None)
+    assert probe.poll() == [] and probe.transfers == 0
+
+
+def test_detach_removes_every_hook():
+    preset = small("sigmoid-residual")
+    built = build_model(preset)
+    probe = Probe(built.layers, list(built.model.parameters())).attach()
+    assert any(m._forward_hooks for m in built.model.modules())
+    probe.detach()
+    assert not any(m._forward_hooks for m in built.model.modules())
+
+
+def test_nonfinite_forward_names_the_first_layer():
+    preset = small("relu-he")
+    built = build_model(preset)
+    with torch.no_grad():
+        built.layers[1].weight[0, 0] = float("inf")
+    probe = Probe(built.layers, list(built.model.parameters())).attach()
+    x, y = SyntheticData(0, preset.batch_size).batch(0)
+    probe.begin(True)
+    loss = built.loss_fn(built.model(x), y)
+    loss.backward()
+    probe.after_backward()
+    probe.clip("none")
+    probe.finish(0, loss, None)
+    (record,) = probe.poll()
+    assert record.nonfinite == ("hidden2", "forward")
+
+
+def test_nonfinite_backward_names_the_layer_nearest_the_output():
+    preset = small("relu-he")
+    built = build_model(preset)
+    probe = Probe(built.layers, list(built.model.parameters())).attach()
+    x, y = SyntheticData(0, preset.batch_size).batch(0)
+    # A gradient that turns non-finite inside hidden3's backward, with a finite forward.
+    built.model.blocks[2].register_full_backward_hook(
+        lambda m, gin, gout: (torch.full_like(gin[0], float("nan")),))
+    probe.begin(True)
+    loss = built.loss_fn(built.model(x), y)
+    loss.backward()
+    probe.after_backward()
+    probe.clip("none")
+    probe.finish(0, loss, None)
+    (record,) = probe.poll()
+    assert record.nonfinite == ("hidden2", "backward")

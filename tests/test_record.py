@@ -1,0 +1,132 @@
+"""Recordings: strict JSON on every line, round trip, and tolerance for damage."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from vgtui.channel import Channel
+from vgtui.config import load_preset
+from vgtui.record import JsonlReader, JsonlWriter, read_recording
+from vgtui.records import RunHeader, StepRecord
+from vgtui.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """A short exploding run (it reaches NaN), recorded."""
+    path = tmp_path_factory.mktemp("rec") / "run.jsonl"
+    channel = Channel(10_000)
+    trainer = Trainer(load_preset("exploding"), channel, max_steps=10)
+    trainer.start()
+    trainer.join(60)
+    records = channel.drain()
+    with JsonlWriter(path) as writer:
+        writer.write_all(records)
+    return path, records
+
+
+def test_every_line_is_strict_json_with_the_documented_keys(recorded):
+    path, _ = recorded
+    lines = path.read_text().splitlines()
+    parsed = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON")) for line in lines]
+    header = parsed[0]
+    assert header["type"] == "header" and header["version"] == 1
+    assert header["layers"] == [f"hidden{i}" for i in range(1, 9)] + ["output"]
+    assert header["preset"]["name"] == "exploding"
+    steps = [p for p in parsed if p["type"] == "step"]
+    for key in ("step", "loss", "grad_norm_total", "grad_norm_clipped", "layers"):
+        assert key in steps[0]
+    assert set(steps[0]["layers"]["hidden1"]) >= {"weight_grad_norm", "act_grad_norm", "hist"}
+    assert any(s["loss"] in ("nan", "inf") for s in steps), "non-finite values are strings"
+
+
+def test_round_trip_is_exact(recorded):
+    path, records = recorded
+    result = read_recording(path)
+    assert result.problems == []
+    assert len(result.records) == len(records)
+    for a, b in zip(records, result.records):
+        assert type(a) is type(b)
+        if isinstance(a, StepRecord):
+            assert a.step == b.step and a.nonfinite == b.nonfinite
+            assert (math.isnan(a.loss) and math.isnan(b.loss)) or a.loss == b.loss
+            for metric, column in a.layers.items():
+                np.testing.assert_array_equal(column, b.layers[metric])
+            np.testing.assert_array_equal(a.hist, b.hist)
+        if isinstance(a, RunHeader):
+            assert a.layers == b.layers and a.preset == b.preset
+
+
+def test_truncated_last_line_is_skipped_and_reported(recorded, tmp_path):
+    path, records = recorded
+    data = path.read_bytes()
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(data[: len(data) - 40])  # mid-way through the last line
+    result = read_recording(cut)
+    assert len(result.records) == len(records) - 1
+    assert len(result.problems) == 1 and "truncated last line" in result.problems[0]
+
+
+def test_garbage_and_wrong_version_lines_are_reported_with_line_numbers(recorded, tmp_path):
+    path, records = recorded
+    lines = path.read_text().splitlines()
+    lines.insert(3, "this is not json")
+    lines.insert(5, '{"type": "step", "step": "x"}')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    result = read_recording(bad)
+    assert len(result.records) == len(records)
+    assert [p.split(":")[1] for p in result.problems] == ["4", "6"]
+    wrong = tmp_path / "v99.jsonl"
+    header = json.loads(lines[0]) | {"version": 99}
+    wrong.write_text(json.dumps(header) + "\n" + lines[1] + "\n")
+    result = read_recording(wrong)
+    assert "version 99" in result.problems[0]
+
+
+def test_incremental_reader_follows_a_growing_file(recorded, tmp_path):
+    path, records = recorded
+    data = path.read_bytes()
+    live = tmp_path / "live.jsonl"
+    reader = JsonlReader(live)
+    assert reader.read_new().records == []  # the writer has not started yet
+    seen = []
+    for end in range(0, len(data) + 1, 997):
+        live.write_bytes(data[:end])
+        seen += reader.read_new().records
+    live.write_bytes(data)
+    seen += reader.finish().records
+    assert len(seen) == len(records)
+
+
+def test_sigterm_leaves_a_complete_recording(tmp_path):
+    """A killed headless run (SSH dropped, job killed) keeps every finished line."""
+    path = tmp_path / "run.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vgtui", "run", "--preset", "sigmoid-deep", "--steps", "100000",
+         "--record", str(path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().count('"type":"step"') >= 3:
+            break
+        time.sleep(0.1)
+    for sig in (signal.SIGTERM,):
+        proc.send_signal(sig)
+    proc.wait(30)
+    assert proc.returncode == 128 + signal.SIGTERM
+    result = read_recording(path)
+    assert result.problems == []
+    text = path.read_text()
+    assert text.endswith("\n")
+    assert sum(isinstance(r, StepRecord) for r in result.records) >= 3
+    assert "Traceback" not in proc.stderr.read()

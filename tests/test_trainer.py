@@ -1,0 +1,161 @@
+"""The training thread: controls, switching, errors delivered as records, determinism."""
+
+import time
+
+import numpy as np
+import pytest
+
+from vgtui.channel import Channel
+from vgtui.config import load_preset
+from vgtui.data import SyntheticData
+from vgtui.records import RunError, RunEvent, RunHeader, StepRecord
+from vgtui.trainer import Trainer, TrainerController
+
+TINY = {"depth": 2, "width": 32, "batch_size": 16}
+
+
+def tiny(name="relu-he", **changes):
+    return load_preset(name).replace(**{**TINY, **changes})
+
+
+def steps_of(records):
+    return [r for r in records if isinstance(r, StepRecord)]
+
+
+def wait_until(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_runs_max_steps_and_finishes():
+    channel = Channel(10_000)
+    trainer = Trainer(tiny(), channel, max_steps=7)
+    trainer.start()
+    trainer.join(20)
+    records = channel.drain()
+    assert isinstance(records[0], RunHeader)
+    assert [r.step for r in steps_of(records)] == list(range(7))
+    assert any(isinstance(r, RunEvent) and r.kind == "finished" for r in records)
+
+
+def test_sample_every_measures_every_nth_step():
+    channel = Channel(10_000)
+    trainer = Trainer(tiny(sample_every=3), channel, max_steps=10)
+    trainer.start()
+    trainer.join(20)
+    assert [r.step for r in steps_of(channel.drain())] == [0, 3, 6, 9]
+
+
+def test_pause_single_step_resume_stop():
+    channel = Channel(10_000)
+    trainer = Trainer(tiny(), channel, start_paused=True)
+    trainer.start()
+    assert wait_until(lambda: trainer.is_alive())
+    time.sleep(0.3)
+    assert trainer.step == 0  # paused from the start
+    trainer.single_step()
+    assert wait_until(lambda: trainer.step == 1)
+    trainer.single_step()
+    trainer.single_step()
+    assert wait_until(lambda: trainer.step == 3)
+    time.sleep(0.3)
+    assert trainer.step == 3  # still paused after single steps
+    trainer.resume()
+    assert wait_until(lambda: trainer.step > 10)
+    trainer.pause()
+    assert wait_until(lambda: trainer.paused)
+    time.sleep(0.1)
+    frozen = trainer.step
+    time.sleep(0.3)
+    assert trainer.step == frozen
+    started = time.monotonic()
+    trainer.stop()
+    trainer.join(5)
+    assert not trainer.is_alive()
+    kinds = [r.kind for r in channel.drain() if isinstance(r, RunEvent)]
+    assert "paused" in kinds and "resumed" in kinds and kinds[-1] == "stopped"
+    assert time.monotonic() - started < 5
+
+
+def test_stop_while_running_returns_promptly():
+    channel = Channel(100)
+    trainer = Trainer(load_preset("sigmoid-deep"), channel)
+    trainer.start()
+    assert wait_until(lambda: trainer.step >= 1, 60)
+    trainer.stop()
+    trainer.join(5)
+    assert not trainer.is_alive()
+
+
+def test_switch_replaces_the_thread_and_replays_the_same_batches():
+    channel = Channel(10_000)
+    controller = TrainerController(channel, max_steps=3)
+    first = controller.start(tiny("sigmoid-deep"))
+    assert wait_until(lambda: not first.is_alive())
+    second = controller.start(tiny("relu-he"))
+    assert not first.is_alive() and second is not first
+    second.join(20)
+    records = channel.drain()
+    headers = [r for r in records if isinstance(r, RunHeader)]
+    assert [h.run_id for h in headers] == [1, 2]
+    assert headers[1].preset["activation"] == "relu"
+    # Same seed, same batches, whatever the preset: batch i is a pure function of (seed, i).
+    a, b = SyntheticData(0, 16), SyntheticData(0, 16)
+    for i in (0, 1, 57):
+        assert (a.batch(i)[0] == b.batch(i)[0]).all() and (a.batch(i)[1] == b.batch(i)[1]).all()
+    assert not (a.batch(0)[0] == a.batch(1)[0]).all()
+
+
+def test_same_seed_same_numbers():
+    runs = []
+    for _ in range(2):
+        channel = Channel(10_000)
+        trainer = Trainer(tiny(), channel, max_steps=4)
+        trainer.start()
+        trainer.join(20)
+        runs.append(steps_of(channel.drain()))
+    for a, b in zip(*runs):
+        assert a.loss == b.loss
+        np.testing.assert_array_equal(a.layers["act_grad_norm"], b.layers["act_grad_norm"])
+
+
+def test_exception_in_thread_becomes_a_record(tmp_path):
+    channel = Channel(10_000)
+    trainer = Trainer(tiny(data="fashion-mnist"), channel, max_steps=3, data_root=tmp_path)
+    trainer.start()
+    trainer.join(20)
+    errors = [r for r in channel.drain() if isinstance(r, RunError)]
+    assert len(errors) == 1
+    assert "train-images-idx3-ubyte" in errors[0].message
+    assert "Traceback" in errors[0].traceback
+
+
+def test_exploding_names_where_nan_began():
+    channel = Channel(10_000)
+    trainer = Trainer(load_preset("exploding"), channel, max_steps=12)
+    trainer.start()
+    trainer.join(60)
+    steps = steps_of(channel.drain())
+    bad = [r for r in steps if r.nonfinite]
+    assert bad, "the exploding preset must reach a non-finite value within 12 steps"
+    first = bad[0]
+    assert first.nonfinite[1] in ("forward", "backward")
+    assert first.nonfinite[0] in ("output", "loss") or first.nonfinite[0].startswith("hidden")
+    clipped = Trainer(load_preset("exploding-clipped"), channel, max_steps=12)
+    clipped.start()
+    clipped.join(60)
+    steps = steps_of(channel.drain())
+    assert all(r.nonfinite is None for r in steps)
+    assert all(r.clipped for r in steps)
+
+
+def test_channel_drops_oldest_and_counts():
+    channel = Channel(3)
+    for i in range(10):
+        channel.put(i)
+    assert channel.drain() == [7, 8, 9]
+    assert channel.dropped == 7
