@@ -336,6 +336,7 @@ class Watcher:
         self._probe: Probe | None = None
         self._pre_clip: torch.Tensor | None = None
         self._pending: dict | None = None
+        self._no_loss: set[int] = set()  # steps whose loss was not given: NaN there is no alarm
         self.sampled = self._is_sampled(self.step_index)
         self._t0 = time.perf_counter()
         self._last = self._t0
@@ -589,6 +590,8 @@ class Watcher:
             "hist": probe._hist, "clip": clip, "snapshot": probe._snapshot, "loss": loss_t,
             "accuracy": accuracy_t, "optimizer": optimizer, "meta": self._meta(),
         }
+        if loss is None:
+            self._no_loss.add(self.step_index)
         probe._wgrad = probe._hist = probe._snapshot = None
 
     def _combine(self, acc: _Accumulator, device, loss_t, accuracy_t):
@@ -677,6 +680,10 @@ class Watcher:
         if self._probe is None or self._sink is None:
             return
         for record in self._probe.poll(wait=wait):
+            if record.step in self._no_loss:
+                self._no_loss.discard(record.step)
+                if record.nonfinite == ("loss", "forward"):
+                    record.nonfinite = None
             self._sink.put(record)
 
 
