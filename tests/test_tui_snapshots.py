@@ -1,0 +1,93 @@
+"""Snapshots of every screen and view at 80×24 and 120×40, fed from the fixed recordings in
+tests/data (no training thread, no clock, pinned theme). Update with
+`pytest tests/test_tui_snapshots.py --snapshot-update` and review the report before committing."""
+
+from __future__ import annotations
+
+import pytest
+
+from tui_snapshot_app import (
+    compare_app,
+    replay_app,
+    scripted_app,
+    training_error,
+    with_verdicts,
+)
+
+SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("name", ["sigmoid-deep", "relu-he", "exploding"])
+def test_dashboard(snap_compare, name, size):
+    assert snap_compare(scripted_app(name), terminal_size=size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_heatmap_30_layers(snap_compare, size):
+    assert snap_compare(scripted_app("relu-30-xavier"), press=["v"], terminal_size=size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_histogram(snap_compare, size):
+    assert snap_compare(scripted_app("sigmoid-deep"), press=["v", "v", "down"], terminal_size=size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_activations(snap_compare, size):
+    assert snap_compare(scripted_app("relu-30-xavier"), press=["v", "v", "v"], terminal_size=size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_preset_picker(snap_compare, size):
+    assert snap_compare(scripted_app("sigmoid-deep"), press=["p"], terminal_size=size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_help(snap_compare, size):
+    assert snap_compare(scripted_app("sigmoid-deep"), press=["question_mark"], terminal_size=size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_error_panel(snap_compare, size):
+    app = scripted_app("sigmoid-deep", extra=[training_error()],
+                       problems=["run.jsonl:7: skipped (Expecting value: line 1 column 1 (char 0))",
+                                 "run.jsonl:12: truncated last line skipped"])
+    assert snap_compare(app, terminal_size=size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_verdicts(snap_compare, size):
+    assert snap_compare(scripted_app("sigmoid-deep", recs=with_verdicts("sigmoid-deep")), terminal_size=size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_paused(snap_compare, size):
+    assert snap_compare(scripted_app("relu-he"), press=["space"], terminal_size=size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_replay_seek(snap_compare, size):
+    assert snap_compare(replay_app("sigmoid-deep"), press=["left"] * 10, terminal_size=size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_replay_first_nonfinite(snap_compare, size):
+    assert snap_compare(replay_app("exploding"), press=["f"], terminal_size=size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_compare(snap_compare, size):
+    assert snap_compare(compare_app("sigmoid-deep", "relu-he"), terminal_size=size)
+
+
+def test_mono(snap_compare):
+    assert snap_compare(scripted_app("sigmoid-deep", mono=True), terminal_size=(80, 24))
+
+
+def test_mono_heatmap(snap_compare):
+    assert snap_compare(scripted_app("relu-30-xavier", mono=True), press=["v"], terminal_size=(80, 24))
+
+
+def test_too_small(snap_compare):
+    assert snap_compare(scripted_app("sigmoid-deep"), terminal_size=(36, 10))

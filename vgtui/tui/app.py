@@ -1,0 +1,884 @@
+"""The vgtui Textual app: dashboard (live, replay, attach), compare, preset picker, help.
+
+Data flow: a timer owned by the screen polls its source (a channel drain, a file read, or a replay
+cursor) at 8 Hz, feeds everything pending into a bounded RunState, and refreshes only the widgets
+that show something new, inside ``app.batch_update()``. The loss chart (plotext) is replotted at
+most twice a second. Nothing here touches a tensor or blocks the training thread.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from functools import partial
+
+from rich.text import Text
+from textual import on
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import ContentSwitcher, Footer, OptionList, Static
+from textual.widgets.option_list import Option
+
+from ..headless import fmt
+from ..records import RunError
+from . import render as R
+from .sources import FollowSource, ReplaySource, Source
+from .state import RunState
+from .widgets import Activations, Heatmap, Histogram, LayerRows, LossPlot
+
+POLL_HZ = 8.0
+PLOT_HZ = 2.0
+VIEWS = ("dash", "heatmap", "hist", "acts")
+VIEW_NAMES = {"dash": "dashboard", "heatmap": "heatmap", "hist": "histogram", "acts": "activations"}
+METRIC_MODES = ("both", "h", "W")
+SAMPLING_STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+MIN_W, MIN_H = 40, 12
+NBSP = "\u00a0"
+
+HELP_KEYS = [
+    ("space", "pause / resume training (replay: play / stop)"),
+    ("n", "one training step (replay: step forward)"),
+    ("r", "restart the current preset"),
+    ("p", "preset picker (ctrl+p: command palette)"),
+    ("1 … 9", "quick presets, listed below"),
+    ("v", "cycle views: dashboard, heatmap, histogram, activations"),
+    ("g", "show ‖∂L/∂h‖ and ‖∂L/∂W‖ / only ‖∂L/∂h‖ / only ‖∂L/∂W‖"),
+    ("↑ ↓", "select a layer (histogram, highlighted row)"),
+    ("+ -", "sample every more / fewer steps"),
+    ("← →", "replay: one step backward / forward"),
+    ("home end", "replay: first / last step"),
+    ("f", "replay: jump to the first non-finite step"),
+    ("x", "hide the error panel"),
+    ("?", "this help (esc closes)"),
+    ("q", "quit (stops and joins the training thread)"),
+]
+
+
+def _field(text: str) -> str:
+    return text
+
+
+def wrap_fields(fields: list[tuple[str, str]], width: int, sep: str = " · ") -> Text:
+    """Fields joined by ``sep``, wrapped by whole fields (Rich would wrap inside a field)."""
+    text = Text(no_wrap=True, overflow="crop")
+    column = 0
+    for i, (label, style) in enumerate(fields):
+        if i:
+            if column + len(sep) + len(label) > width:
+                text.append("\n")
+                column = 0
+            else:
+                text.append(sep, style="dim")
+                column += len(sep)
+        text.append(label, style=style)
+        column += len(label)
+    return text
+
+
+def _quick_presets() -> list[str]:
+    from ..config import builtin_names
+
+    return builtin_names()[:9]
+
+
+class PresetCommands(Provider):
+    """Every built-in preset in the command palette."""
+
+    def _items(self):
+        from ..config import builtin_names, load_preset
+
+        for name in builtin_names():
+            try:
+                description = load_preset(name).description
+            except Exception:  # a broken preset file must not break the palette
+                description = ""
+            yield name, description
+
+    async def discover(self) -> Hits:
+        for name, description in self._items():
+            yield DiscoveryHit(f"Preset: {name}", partial(self.app.switch_preset, name), help=description)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for name, description in self._items():
+            command = f"Preset: {name}"
+            score = matcher.match(command)
+            if score > 0:
+                yield Hit(score, matcher.highlight(command), partial(self.app.switch_preset, name),
+                          help=description)
+
+
+class HelpScreen(ModalScreen):
+    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "close")]
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > VerticalScroll { width: 90%; max-width: 100; height: auto; max-height: 90%;
+        border: round $accent; background: $surface; padding: 0 1; }
+    """
+
+    def compose(self) -> ComposeResult:
+        text = Text()
+        text.append("vgtui — keys\n", style="bold")
+        for key, what in HELP_KEYS:
+            text.append(f"{key:>9}  ", style="bold")
+            text.append(what + "\n")
+        presets = [("presets:", "bold")] + [(f"{i + 1} {n}", "") for i, n in enumerate(_quick_presets())]
+        text.append_text(wrap_fields(presets, min(96, max(30, self.app.size.width - 12)), sep="  "))
+        text.append("\ncolour = log10 of the norm, tiny ", style="dim")
+        for colour in R.RAMP:
+            text.append("█", style=colour)
+        text.append(" huge, ", style="dim")
+        text.append("✗", style=R.BAD_COLOUR)
+        text.append(" nan/inf; input layer at the top", style="dim")
+        with VerticalScroll():
+            yield Static(text)
+
+
+class PresetPicker(ModalScreen[str]):
+    BINDINGS = [Binding("escape", "dismiss_none", "close")]
+    DEFAULT_CSS = """
+    PresetPicker { align: center middle; }
+    PresetPicker > Vertical { width: 90%; max-width: 110; height: 90%; border: round $accent;
+        background: $surface; }
+    PresetPicker OptionList { height: 1fr; border: none; }
+    PresetPicker #picker-title { padding: 0 1; text-style: bold; }
+    """
+
+    def __init__(self, current: str | None = None):
+        super().__init__()
+        self.current = current
+
+    def compose(self) -> ComposeResult:
+        from ..config import builtin_names, load_preset
+
+        options = []
+        for index, name in enumerate(builtin_names()):
+            key = str(index + 1) if index < 9 else " "
+            try:
+                description = load_preset(name).description
+            except Exception as exc:
+                description = f"(cannot load: {exc})"
+            label = Text()
+            label.append(f"{key} {name}", style="bold")
+            label.append(f"  {description}")
+            options.append(Option(label, id=name))
+        with Vertical():
+            yield Static("Pick a preset (enter to start, esc to cancel)", id="picker-title")
+            yield OptionList(*options, id="picker")
+
+    def on_mount(self) -> None:
+        picker = self.query_one(OptionList)
+        if self.current:
+            try:
+                picker.highlighted = picker.get_option_index(self.current)
+            except Exception:
+                pass
+        picker.focus()
+
+    @on(OptionList.OptionSelected)
+    def _picked(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
+
+
+class Monitor(Screen):
+    """What the dashboard and the compare screen share: the poll timer, sizes, options."""
+
+    DEFAULT_CSS = """
+    Monitor #too-small { display: none; width: 1fr; height: 1fr; content-align: center middle;
+        text-style: bold; }
+    Monitor.too-small > * { display: none; }
+    Monitor.too-small > #too-small { display: block; }
+    """
+
+    selected = 0
+    metric_mode = "both"
+
+    def __init__(self, poll_hz: float = POLL_HZ):
+        super().__init__()
+        self.poll_hz = poll_hz
+        self._plot_at = 0.0
+        self.frame_times: list[float] = []  # seconds per poll that did work (benchmarks read it)
+
+    @property
+    def mono(self) -> bool:
+        return getattr(self.app, "mono", False)
+
+    def on_resize(self, event) -> None:
+        small = event.size.width < MIN_W or event.size.height < MIN_H
+        self.set_class(small, "too-small")
+        if self.is_mounted:
+            self.resized()
+
+    def resized(self) -> None:
+        pass
+
+    def too_small_message(self) -> Static:
+        return Static(f"terminal too small (min {MIN_W}×{MIN_H})", id="too-small")
+
+    def start_polling(self) -> None:
+        self.poll()
+        self.set_interval(1.0 / self.poll_hz, self.poll, name="vgtui-poll")
+
+    def poll(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def plot_due(self) -> bool:
+        now = time.monotonic()
+        if now - self._plot_at >= 1.0 / PLOT_HZ:
+            self._plot_at = now
+            return True
+        return False
+
+
+class Dashboard(Monitor):
+    """One run: live (a trainer thread), replay (seek in a recording), or attach (follow a file)."""
+
+    BINDINGS = [
+        Binding("space", "toggle_pause", "pause"),
+        Binding("n", "single_step", "step"),
+        Binding("r", "restart", "restart"),
+        Binding("p", "picker", "presets"),
+        Binding("v", "cycle_view", "view"),
+        Binding("g", "cycle_metric", "h/W"),
+        Binding("up", "select(-1)", "layer", show=False),
+        Binding("down", "select(1)", "layer", show=False),
+        Binding("plus,equals_sign", "sampling(1)", "sample+", key_display="+"),
+        Binding("minus", "sampling(-1)", "sample-", key_display="-"),
+        Binding("left", "seek(-1)", "back", key_display="←"),
+        Binding("right", "seek(1)", "fwd", key_display="→"),
+        Binding("home", "seek_to('home')", "first", show=False),
+        Binding("end", "seek_to('end')", "last", show=False),
+        Binding("f", "seek_to('nonfinite')", "first NaN"),
+        Binding("x", "hide_errors", "hide errors", show=False),
+        Binding("question_mark", "help", "help", key_display="?"),
+        Binding("q", "quit", "quit"),
+        *[Binding(str(i), f"quick({i})", f"preset {i}", show=False) for i in range(1, 10)],
+    ]
+
+    DEFAULT_CSS = """
+    Dashboard #status { height: auto; max-height: 2; background: $panel; padding: 0 1; }
+    Dashboard #errors { height: auto; max-height: 5; border: round $error; padding: 0 1;
+        display: none; }
+    Dashboard #errors.shown { display: block; }
+    Dashboard #views { height: 1fr; }
+    Dashboard #dash { height: 1fr; }
+    Dashboard #rows-scroll { height: auto; max-height: 70%; padding: 0 1; }
+    Dashboard #loss { height: 1fr; min-height: 4; }
+    Dashboard .view { padding: 0 1; }
+    Dashboard #diagnosis { height: auto; max-height: 5; border-top: solid $primary; padding: 0 1; }
+    """
+
+    def __init__(self, source: Source, poll_hz: float = POLL_HZ):
+        super().__init__(poll_hz)
+        self.source = source
+        self.state = RunState()
+        self.view = "dash"
+        self.errors_hidden_at = -1
+        self.position = -1  # replay cursor (index into the recording's steps)
+        self.playing = False
+        self._status_key = None
+        self._diag_key = None
+        self._errors_key = None
+
+    # -- layout ---------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Static(id="status")
+        yield Static(id="errors")
+        with ContentSwitcher(initial="dash", id="views"):
+            with Vertical(id="dash"):
+                with VerticalScroll(id="rows-scroll"):
+                    yield LayerRows(self, id="rows")
+                yield LossPlot(id="loss")
+            yield Heatmap(self, id="heatmap", classes="view")
+            yield Histogram(self, id="hist", classes="view")
+            yield Activations(self, id="acts", classes="view")
+        yield Static(id="diagnosis")
+        yield self.too_small_message()
+        yield Footer()
+
+    def on_mount(self) -> None:
+        if self.mono:
+            self.query_one(LossPlot).theme = "clear"
+        self.rows_scroll = self.query_one("#rows-scroll", VerticalScroll)
+        self.rows_scroll.can_focus = False
+        if self.source.seekable:
+            self.position = len(self.source.step_index) - 1
+            self.state.feed(self.source.upto(self.position))
+            self.update_all(force=True)
+            self.set_interval(1.0 / self.poll_hz, self.poll, name="vgtui-poll")
+        else:
+            self.source.start()
+            self.start_polling()
+
+    def on_unmount(self) -> None:
+        self.source.close()
+
+    # -- the frame ------------------------------------------------------------------------------
+    def poll(self) -> None:
+        t0 = time.perf_counter()
+        if self.source.seekable:
+            if self.playing:
+                if self.position >= len(self.source.step_index) - 1:
+                    self.playing = False
+                else:
+                    self._seek(self.position + 1)
+                    self.frame_times.append(time.perf_counter() - t0)
+            else:
+                self.update_status()
+            return
+        records = self.source.poll()
+        changed = self.state.feed(records) if records else False
+        self.update_all(changed)
+        if changed:
+            self.frame_times.append(time.perf_counter() - t0)
+
+    def update_all(self, changed: bool = True, force: bool = False) -> None:
+        with self.app.batch_update():
+            self.update_status()
+            self.update_errors()
+            if changed or force:
+                self.update_diagnosis()
+                view = self.query_one(f"#{self.view}") if self.view != "dash" else None
+                if self.view == "dash":
+                    rows = self.query_one(LayerRows)
+                    if rows.changed():
+                        rows.refresh(layout=True)
+                    self.replot(force=force)
+                elif view is not None and view.changed():
+                    view.refresh()
+
+    def replot(self, force: bool = False) -> None:
+        plot = self.query_one(LossPlot)
+        key = (id(self.state), self.state.version, plot.size.width)
+        if plot.plotted_for == key:
+            return
+        if force or not self.source.live or self.plot_due():
+            plot.replot([("", self.state)])
+            plot.plotted_for = key
+
+    def _status_text(self) -> Text:
+        st, src = self.state, self.source
+        last = st.last
+        fields: list[tuple[str, str]] = []
+        if src.kind == "live":
+            if st.errors and (not last or st.errors[-1].step >= last.step):
+                mode = ("✗ failed", "bold white on red")
+            elif st.finished:
+                mode = (f"■ {st.finished}", "bold")
+            elif st.paused:
+                mode = ("⏸ paused", "bold black on yellow")
+            else:
+                mode = ("▶ running", "bold black on green")
+        elif src.kind == "replay":
+            mode = ("▶ replay" if self.playing else "◼ replay", "bold reverse")
+        else:
+            mode = ("◉ attached", "bold reverse")
+        if self.mono:
+            mode = (mode[0], "bold reverse")
+        fields.append((st.preset_name if st.header else src.label, "bold"))
+        if src.kind != "live":
+            fields.append((src.label, ""))
+        if last is not None:
+            where = f"step {last.step}"
+            if src.seekable and src.step_index:
+                where += f" ({self.position + 1}/{len(src.step_index)})"
+            fields.append((where, ""))
+            if math.isfinite(last.steps_per_sec) and src.kind == "live":
+                fields.append((f"{last.steps_per_sec:.1f} steps/s", ""))
+        every = src.sample_every if src.sample_every else (last.sample_every if last else None)
+        if every:
+            fields.append((f"every {every}", ""))
+        if st.header:
+            clip = st.header.preset.get("clip", "none")
+            if clip == "none":
+                fields.append(("clip off", "dim"))
+            else:
+                recent = list(st.steps)[-50:]
+                share = sum(r.clipped for r in recent) / len(recent) if recent else 0.0
+                fields.append((f"clip {clip} {share:.0%}", "bold" if share else ""))
+        if src.dropped:
+            fields.append((f"dropped {src.dropped}", "bold yellow" if not self.mono else "bold"))
+        device = st.header.device if st.header else src.device
+        fields.append((device, ""))
+        if last is not None:
+            fields.append((last.phase, "bold" if last.phase != "train" else ""))
+        fields.append((VIEW_NAMES[self.view], "dim"))
+        width = max(20, (self.size.width or 80) - 2)
+        return wrap_fields([mode] + fields, width)
+
+    def update_status(self) -> None:
+        text = self._status_text()
+        key = (text.plain, len(text.spans))
+        if key != self._status_key:
+            self._status_key = key
+            self.query_one("#status", Static).update(text)
+
+    def resized(self) -> None:
+        self.update_status()
+        self._diag_key = None
+        self.update_diagnosis()
+
+    def _error_lines(self) -> list[tuple[str, str]]:
+        st, src = self.state, self.source
+        lines: list[tuple[str, str]] = []
+        for error in st.errors[-2:]:
+            first = error.message.splitlines()[0] if error.message else "unknown error"
+            lines.append((f"training failed at step {error.step}: {first}", "bold red"))
+        if st.errors and src.live:
+            lines.append(("press r to restart or p to pick another preset", ""))
+        if st.nonfinite is not None:
+            step, layer, where = st.nonfinite
+            lines.append((f"NON-FINITE values since step {step}: first in {layer} ({where} pass)"
+                          f"{'' if not src.seekable else ' — f jumps there'}", "bold magenta"))
+        if src.problems:
+            shown = ", ".join(p.split(": ", 1)[0].rsplit(":", 1)[-1] for p in src.problems[:5])
+            lines.append((f"{len(src.problems)} bad line(s) skipped in {src.label}: line {shown}"
+                          f"{' …' if len(src.problems) > 5 else ''}", "bold yellow"))
+            lines.append((src.problems[0], "dim"))
+        if isinstance(src, FollowSource) and st.header is None:
+            if not src.exists:
+                lines.append((f"waiting for {src.path} to appear…", "yellow"))
+            else:
+                lines.append((f"waiting for the first record in {src.path}…", "yellow"))
+        for message in st.notices[-1:]:
+            lines.append((message, ""))
+        return lines
+
+    def update_errors(self) -> None:
+        lines = self._error_lines()
+        key = tuple(lines)
+        if key == self._errors_key:
+            return
+        self._errors_key = key
+        panel = self.query_one("#errors", Static)
+        visible = bool(lines) and self.errors_hidden_at != len(lines)
+        panel.set_class(visible, "shown")
+        text = Text()
+        for i, (line, style) in enumerate(lines):
+            if i:
+                text.append("\n")
+            text.append(line, style=style if not self.mono else ("bold" if style else ""))
+        panel.update(text)
+
+    def update_diagnosis(self) -> None:
+        last = self.state.last
+        verdicts = last.verdicts if last is not None else []
+        key = (id(last), self.mono)
+        if key == self._diag_key:
+            return
+        self._diag_key = key
+        waiting = "waiting for the first step" if last is None else "the diagnosis needs more steps"
+        limit = 2 if self.size.height < 30 else 3
+        self.query_one("#diagnosis", Static).update(R.verdicts_text(verdicts, self.mono, limit, waiting))
+
+    # -- actions --------------------------------------------------------------------------------
+    def check_action(self, action: str, parameters) -> bool | None:
+        seek = action in ("seek", "seek_to")
+        if seek:
+            return True if self.source.seekable else None
+        if action in ("restart", "picker", "sampling", "quick"):
+            return True if self.source.live else None
+        if action in ("toggle_pause", "single_step"):
+            return True if (self.source.live or self.source.seekable) else None
+        return True
+
+    def _not_here(self, what: str) -> None:
+        self.notify(f"{what} is not available in {self.source.kind} mode", severity="warning", timeout=3)
+
+    def action_toggle_pause(self) -> None:
+        if self.source.seekable:
+            if not self.playing and self.position >= len(self.source.step_index) - 1:
+                self._seek(0)
+            self.playing = not self.playing
+            self.update_status()
+            return
+        if not self.source.live:
+            return self._not_here("pause")
+        if self.state.paused:
+            self.source.resume()
+        else:
+            self.source.pause()
+
+    def action_single_step(self) -> None:
+        if self.source.seekable:
+            self.playing = False
+            return self._seek(self.position + 1)
+        if not self.source.live:
+            return self._not_here("single step")
+        if not self.state.paused:
+            self.source.pause()
+        self.source.single_step()
+
+    def action_restart(self) -> None:
+        if not self.source.live:
+            return self._not_here("restart")
+        self._begin_run()
+        self.source.restart()
+
+    def _begin_run(self) -> None:
+        self.state = RunState(self.state.maxlen)
+        self.selected = min(self.selected, 0)
+        self.errors_hidden_at = -1
+        self.update_all(force=True)
+
+    def switch_to(self, name: str) -> None:
+        from ..config import PresetError, load_preset
+
+        if not self.source.live:
+            return self._not_here("switching presets")
+        try:
+            preset = load_preset(name)
+        except (PresetError, OSError) as exc:
+            self.notify(str(exc), title="bad preset", severity="error", timeout=8)
+            return
+        self._begin_run()
+        self.source.switch(preset)
+        self.notify(f"{preset.name}: {preset.description}", title="preset", timeout=4)
+
+    def action_picker(self) -> None:
+        if not self.source.live:
+            return self._not_here("the preset picker")
+
+        def picked(name: str | None) -> None:
+            if name:
+                self.switch_to(name)
+
+        current = getattr(getattr(self.source, "preset", None), "name", None)
+        self.app.push_screen(PresetPicker(current), picked)
+
+    def action_quick(self, index: int) -> None:
+        names = _quick_presets()
+        if 1 <= index <= len(names):
+            self.switch_to(names[index - 1])
+
+    def action_cycle_view(self) -> None:
+        self.view = VIEWS[(VIEWS.index(self.view) + 1) % len(VIEWS)]
+        self.query_one(ContentSwitcher).current = self.view
+        self._plot_at = 0.0
+        self.update_all(force=True)
+
+    def action_cycle_metric(self) -> None:
+        self.metric_mode = METRIC_MODES[(METRIC_MODES.index(self.metric_mode) + 1) % len(METRIC_MODES)]
+        self.update_all(force=True)
+
+    def action_select(self, delta: int) -> None:
+        n = self.state.n_layers
+        if not n:
+            return
+        self.selected = max(0, min(n - 1, self.selected + delta))
+        self.update_all(force=True)
+        if self.view == "dash":
+            self.rows_scroll.scroll_to(y=max(0, self.selected + 1 - self.rows_scroll.size.height // 2),
+                                       animate=False)
+
+    def action_sampling(self, direction: int) -> None:
+        if not self.source.live:
+            return self._not_here("changing the sampling interval")
+        current = self.source.sample_every or 1
+        if direction > 0:
+            new = next((s for s in SAMPLING_STEPS if s > current), current * 2)
+        else:
+            new = next((s for s in reversed(SAMPLING_STEPS) if s < current), 1)
+        self.source.set_sample_every(new)
+        self.update_status()
+
+    def action_seek(self, delta: int) -> None:
+        if not self.source.seekable:
+            return
+        self.playing = False
+        self._seek(self.position + delta)
+
+    def action_seek_to(self, where: str) -> None:
+        if not self.source.seekable:
+            return
+        self.playing = False
+        if where == "home":
+            self._seek(0)
+        elif where == "end":
+            self._seek(len(self.source.step_index) - 1)
+        else:
+            position = self.source.first_nonfinite()
+            if position is None:
+                self.notify("no non-finite step in this recording", timeout=3)
+            else:
+                self._seek(position)
+
+    def _seek(self, position: int) -> None:
+        n = len(self.source.step_index)
+        if not n:
+            return
+        position = max(0, min(n - 1, position))
+        if position == self.position and self.state.last is not None:
+            return
+        self.position = position
+        state = RunState(self.state.maxlen)
+        state.feed(self.source.upto(position))
+        state.version = self.state.version + 1
+        self.state = state
+        self.update_all(force=True)
+
+    def action_hide_errors(self) -> None:
+        self.errors_hidden_at = len(self._error_lines())
+        self._errors_key = None
+        self.update_errors()
+
+    def action_help(self) -> None:
+        self.app.push_screen(HelpScreen())
+
+    def action_quit(self) -> None:
+        self.app.exit()
+
+
+class Compare(Monitor):
+    """Two live runs side by side on the same batches, and one line saying how they differ."""
+
+    BINDINGS = [
+        Binding("space", "toggle_pause", "pause"),
+        Binding("n", "single_step", "step"),
+        Binding("r", "restart", "restart"),
+        Binding("g", "cycle_metric", "h/W"),
+        Binding("question_mark", "help", "help", key_display="?"),
+        Binding("q", "quit", "quit"),
+    ]
+
+    DEFAULT_CSS = """
+    Compare #status { height: auto; max-height: 2; background: $panel; padding: 0 1; }
+    Compare #columns { height: auto; max-height: 70%; }
+    Compare .column { width: 1fr; height: auto; padding: 0 1; }
+    Compare .column-title { text-style: bold; }
+    Compare .verdict { height: auto; max-height: 3; }
+    Compare #loss { height: 1fr; min-height: 4; }
+    Compare #difference { height: auto; max-height: 4; border-top: solid $primary; padding: 0 1; }
+    Compare #errors { height: auto; max-height: 3; color: $error; padding: 0 1; display: none; }
+    Compare #errors.shown { display: block; }
+    """
+
+    metric_mode = "h"
+
+    class _Side:
+        def __init__(self, owner: "Compare", source: Source):
+            self.owner = owner
+            self.source = source
+            self.state = RunState()
+
+        @property
+        def selected(self):
+            return -1
+
+        @property
+        def metric_mode(self):
+            return self.owner.metric_mode if self.owner.metric_mode != "both" else "h"
+
+        @property
+        def mono(self):
+            return self.owner.mono
+
+    def __init__(self, a: Source, b: Source, poll_hz: float = POLL_HZ):
+        super().__init__(poll_hz)
+        self.sides = [self._Side(self, a), self._Side(self, b)]
+
+    @property
+    def state(self) -> RunState:  # for the shared helpers
+        return self.sides[0].state
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="status")
+        yield Static(id="errors")
+        with Horizontal(id="columns"):
+            for i, side in enumerate(self.sides):
+                with Vertical(classes="column"):
+                    yield Static(id=f"title{i}", classes="column-title")
+                    yield LayerRows(side, id=f"rows{i}")
+                    yield Static(id=f"verdict{i}", classes="verdict")
+        yield LossPlot(id="loss")
+        yield Static(id="difference")
+        yield self.too_small_message()
+        yield Footer()
+
+    def on_mount(self) -> None:
+        if self.mono:
+            self.query_one(LossPlot).theme = "clear"
+        for side in self.sides:
+            side.source.start()
+        self.start_polling()
+
+    def on_unmount(self) -> None:
+        for side in self.sides:
+            side.source.close()
+
+    def poll(self) -> None:
+        t0 = time.perf_counter()
+        changed = False
+        for side in self.sides:
+            records = side.source.poll()
+            if records:
+                changed |= side.state.feed(records)
+        if changed:
+            self.refresh_all()
+            self.frame_times.append(time.perf_counter() - t0)
+
+    def refresh_all(self, force: bool = False) -> None:
+        side_width = (self.size.width or 80) // 2 - 2
+        with self.app.batch_update():
+            names = []
+            for i, side in enumerate(self.sides):
+                st = side.state
+                names.append(st.preset_name if st.header else side.source.label)
+                title = Text(names[-1], style="bold")
+                if st.last is not None:
+                    title.append(f"  step {st.last.step}  loss {fmt(st.last.loss, 0).strip()}", style="")
+                if st.header:
+                    width = max(10, side_width - 2)
+                    title.append("\n" + R.clip_words(str(st.header.preset.get("description", "")), width),
+                                 style="dim")
+                self.query_one(f"#title{i}", Static).update(title)
+                rows = self.query_one(f"#rows{i}", LayerRows)
+                if rows.changed() or force:
+                    rows.refresh(layout=True)
+                verdicts = st.last.verdicts if st.last is not None else []
+                self.query_one(f"#verdict{i}", Static).update(
+                    R.verdicts_text(verdicts, self.mono, limit=1, waiting=""))
+            paused = all(s.state.paused for s in self.sides)
+            fields = [("⏸ paused" if paused else "▶ compare",
+                       "bold reverse" if self.mono or not paused else "bold black on yellow"),
+                      (f"{names[0]} vs {names[1]}", "bold"), ("same seed, same batches", "")]
+            dropped = sum(s.source.dropped for s in self.sides)
+            if dropped:
+                fields.append((f"dropped {dropped}", "bold"))
+            self.query_one("#status", Static).update(wrap_fields(fields, max(20, self.size.width - 2)))
+            self.query_one("#difference", Static).update(self.difference())
+            errors = []
+            for side in self.sides:
+                for error in side.state.errors[-1:]:
+                    errors.append(f"{side.state.preset_name}: training failed at step {error.step}: "
+                                  f"{error.message.splitlines()[0] if error.message else ''}")
+                if side.state.nonfinite:
+                    step, layer, where = side.state.nonfinite
+                    errors.append(f"{side.state.preset_name}: non-finite since step {step} in {layer} ({where})")
+            panel = self.query_one("#errors", Static)
+            panel.update("\n".join(errors))
+            panel.set_class(bool(errors), "shown")
+            plot = self.query_one(LossPlot)
+            key = tuple((id(s.state), s.state.version) for s in self.sides)
+            if plot.plotted_for != key and (force or self.plot_due()):
+                plot.replot([(f"{names[0]} ", self.sides[0].state), (f"{names[1]} ", self.sides[1].state)])
+                plot.plotted_for = key
+
+    def resized(self) -> None:
+        self.refresh_all()
+
+    def difference(self) -> Text:
+        a, b = (s.state for s in self.sides)
+        text = Text()
+        if a.last is None or b.last is None:
+            text.append("waiting for both runs…", style="dim")
+            return text
+        step = min(a.last.step, b.last.step)
+        ra, rb = _at_step(a, step), _at_step(b, step)
+        from ..headless import first_last_ratio
+
+        fa, fb = first_last_ratio(ra), first_last_ratio(rb)
+        text.append(f"at step {step}: ", style="bold")
+        text.append("input/output ‖∂L/∂h‖ ")
+        text.append(f"{fmt(fa, 0).strip()}", style="bold")
+        text.append(f" ({a.preset_name}) vs ")
+        text.append(f"{fmt(fb, 0).strip()}", style="bold")
+        text.append(f" ({b.preset_name})")
+        if fa > 0 and fb > 0 and math.isfinite(fa) and math.isfinite(fb):
+            da, db = abs(math.log10(fa)), abs(math.log10(fb))  # decades away from 1 (healthy)
+            if abs(da - db) >= 0.5:
+                better = b.preset_name if db < da else a.preset_name
+                text.append(f"; {better}'s is {10 ** abs(da - db):.0f}× closer to 1")
+        text.append(" · loss ")
+        text.append(f"{fmt(ra.loss, 0).strip()}", style="bold")
+        text.append(" vs ")
+        text.append(f"{fmt(rb.loss, 0).strip()}", style="bold")
+        return text
+
+    def check_action(self, action: str, parameters) -> bool | None:
+        if action in ("toggle_pause", "single_step", "restart"):
+            return True if all(s.source.live for s in self.sides) else None
+        return True
+
+    def action_toggle_pause(self) -> None:
+        paused = all(s.state.paused for s in self.sides)
+        for side in self.sides:
+            side.source.resume() if paused else side.source.pause()
+
+    def action_single_step(self) -> None:
+        for side in self.sides:
+            if not side.state.paused:
+                side.source.pause()
+            side.source.single_step()
+
+    def action_restart(self) -> None:
+        for side in self.sides:
+            side.state = RunState()
+            side.source.restart()
+        self.refresh_all(force=True)
+
+    def action_cycle_metric(self) -> None:
+        self.metric_mode = "W" if self.metric_mode == "h" else "h"
+        self.refresh_all(force=True)
+
+    def action_help(self) -> None:
+        self.app.push_screen(HelpScreen())
+
+    def action_quit(self) -> None:
+        self.app.exit()
+
+
+def _at_step(state: RunState, step: int):
+    for record in reversed(state.steps):
+        if record.step <= step:
+            return record
+    return state.last
+
+
+class VgtuiApp(App):
+    TITLE = "vgtui"
+    COMMANDS = App.COMMANDS | {PresetCommands}
+    ENABLE_COMMAND_PALETTE = True
+
+    def __init__(self, source: Source | None = None, *, compare: tuple[Source, Source] | None = None,
+                 mono: bool = False, poll_hz: float = POLL_HZ):
+        self.mono = bool(mono or "NO_COLOR" in os.environ)
+        super().__init__()
+        self.source = source
+        self.compare = compare
+        self.poll_hz = poll_hz
+        self.theme = "textual-dark"
+
+    def get_default_screen(self) -> Screen:
+        if self.compare is not None:
+            return Compare(*self.compare, poll_hz=self.poll_hz)
+        return Dashboard(self.source, poll_hz=self.poll_hz)
+
+    def switch_preset(self, name: str) -> None:
+        for screen in self.screen_stack:
+            if isinstance(screen, Dashboard):
+                screen.switch_to(name)
+                return
+        self.notify("switching presets works in the live dashboard", severity="warning")
+
+    @property
+    def monitor(self) -> Monitor | None:
+        for screen in reversed(self.screen_stack):
+            if isinstance(screen, Monitor):
+                return screen
+        return None
+
+
+def make_app(source: Source | None = None, *, compare: tuple[Source, Source] | None = None,
+             mono: bool = False, poll_hz: float = POLL_HZ) -> VgtuiApp:
+    """The one factory behind the CLI, the Pilot tests and the snapshot tests."""
+    if source is None and compare is None:
+        raise ValueError("make_app needs a source or a pair to compare")
+    return VgtuiApp(source, compare=compare, mono=mono, poll_hz=poll_hz)

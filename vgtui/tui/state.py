@@ -1,0 +1,151 @@
+"""What the screen knows about one run: bounded histories fed from records. No Textual here.
+
+The state is fed batches of records (from a channel, a file, or a replay cursor) and keeps the
+newest ``maxlen`` step records. Widgets read columns out of it; a ``version`` counter tells them
+whether anything changed since they last drew.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Iterable
+
+import numpy as np
+
+from ..records import RunError, RunEvent, RunHeader, StepRecord
+
+HISTORY = 1000
+
+
+class RunState:
+    def __init__(self, maxlen: int = HISTORY):
+        self.maxlen = maxlen
+        self.reset()
+
+    def reset(self) -> None:
+        self.header: RunHeader | None = None
+        self.run_id: int | None = None
+        self.steps: deque[StepRecord] = deque(maxlen=self.maxlen)
+        self.last: StepRecord | None = None
+        self.errors: list[RunError] = []
+        self.notices: list[str] = []
+        self.paused = False
+        self.finished: str | None = None  # "finished" | "stopped" once the run ended
+        self.nonfinite: tuple[int, str, str] | None = None  # (step, layer, forward|backward), first seen
+        self.nonfinite_records = 0
+        self.version = 0
+        self._cache: dict = {}
+
+    # -- feeding --------------------------------------------------------------------------------
+    def feed(self, records: Iterable) -> bool:
+        changed = False
+        for record in records:
+            changed |= self._feed_one(record)
+        if changed:
+            self.version += 1
+            self._cache.clear()
+        return changed
+
+    def _feed_one(self, record) -> bool:
+        if isinstance(record, RunHeader):
+            maxlen = self.maxlen
+            self.reset()
+            self.maxlen = maxlen
+            self.header = record
+            self.run_id = record.run_id
+            return True
+        run_id = getattr(record, "run_id", None)
+        if self.run_id is not None and run_id is not None and run_id != self.run_id:
+            return False  # a straggler of a run that was replaced
+        if isinstance(record, StepRecord):
+            if self.header is None:
+                return False
+            self.steps.append(record)
+            self.last = record
+            if record.nonfinite is not None:
+                self.nonfinite_records += 1
+                if self.nonfinite is None:
+                    self.nonfinite = (record.step, record.nonfinite[0], record.nonfinite[1])
+            return True
+        if isinstance(record, RunEvent):
+            if record.kind == "paused":
+                self.paused = True
+            elif record.kind == "resumed":
+                self.paused = False
+            elif record.kind in ("finished", "stopped"):
+                self.finished = record.kind
+            elif record.kind == "notice" and record.message:
+                self.notices.append(record.message)
+            return True
+        if isinstance(record, RunError):
+            self.errors.append(record)
+            return True
+        return False
+
+    # -- reading --------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.header.layers) if self.header else 0
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.header.layers) if self.header else []
+
+    @property
+    def preset_name(self) -> str:
+        return str(self.header.preset.get("name", "?")) if self.header else "?"
+
+    def matrix(self, metric: str, last: int | None = None) -> np.ndarray:
+        """(n_layers, T) values of ``metric`` over the newest ``last`` steps (oldest first)."""
+        key = ("m", metric, last)
+        if key not in self._cache:
+            steps = list(self.steps)
+            if last is not None:
+                steps = steps[-last:] if last > 0 else []
+            if not steps:
+                self._cache[key] = np.zeros((self.n_layers, 0))
+            else:
+                self._cache[key] = np.stack([s.layers[metric] for s in steps], axis=1)
+        return self._cache[key]
+
+    def log_matrix(self, metric: str, last: int | None = None) -> np.ndarray:
+        """log10 of :meth:`matrix`; zeros become -inf, non-finite values become nan."""
+        key = ("l", metric, last)
+        if key not in self._cache:
+            values = self.matrix(metric, last)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                logged = np.where(np.isfinite(values), np.log10(np.abs(values)), np.nan)
+            self._cache[key] = logged
+        return self._cache[key]
+
+    def series(self, name: str, last: int | None = None) -> tuple[list[int], list[float]]:
+        steps = list(self.steps)
+        if last is not None:
+            steps = steps[-last:]
+        return [s.step for s in steps], [float(getattr(s, name)) for s in steps]
+
+
+def log10_or_nan(value: float) -> float:
+    if value is None or not math.isfinite(value):
+        return float("nan")
+    if value == 0:
+        return float("-inf")
+    return math.log10(abs(value))
+
+
+def downsample(values: list[float], width: int) -> tuple[list[int], list[float]]:
+    """At most ``width`` points: the mean of equal buckets (non-finite points are skipped)."""
+    n = len(values)
+    if n <= width or width <= 0:
+        return list(range(n)), list(values)
+    edges = np.linspace(0, n, width + 1).astype(int)
+    arr = np.asarray(values, dtype=float)
+    xs, ys = [], []
+    for a, b in zip(edges[:-1], edges[1:]):
+        chunk = arr[a:b]
+        chunk = chunk[np.isfinite(chunk)]
+        if len(chunk):
+            xs.append(int(b - 1))
+            ys.append(float(chunk.mean()))
+    return xs, ys
