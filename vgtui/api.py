@@ -50,17 +50,20 @@ import threading
 import time
 import warnings
 import weakref
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from .build import LayerSpec
 from .channel import Channel
 from .config import RECTIFYING
-from .probe import SATURATION_MARGIN, Probe
-from .records import RunEvent, RunHeader, StepRecord
+from .probe import SATURATION_MARGIN
+from .records import (HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, LAYER_METRICS, RunEvent, RunHeader,
+                      StepRecord)
 
 __all__ = ["Watcher", "watch", "default_layers"]
 
@@ -333,7 +336,8 @@ class Watcher:
         self._order: list[int] = list(range(len(self.specs)))
         self._units: list[int | None] = [None] * len(self.specs)
         self._acc = _Accumulator(len(self.specs))
-        self._probe: Probe | None = None
+        self._transfer = _Transfer()
+        self._hist = _Histograms()
         self._pre_clip: torch.Tensor | None = None
         self._pending: dict | None = None
         self._no_loss: set[int] = set()  # steps whose loss was not given: NaN there is no alarm
@@ -359,7 +363,7 @@ class Watcher:
     @property
     def transfers(self) -> int:
         """Device-to-host transfers so far: one per sampled step on a writing rank, else zero."""
-        return self._probe.transfers if self._probe is not None else 0
+        return self._transfer.count
 
     def before_clip(self, optimizer=None) -> None:
         """Measure per-layer ``‖∂L/∂W‖``, histograms and the global norm now: call it after
@@ -370,9 +374,7 @@ class Watcher:
             return
         self._unscale(optimizer if optimizer is not None else self.optimizer)
         if self.writes:
-            self._probe.sampled = True
-            self._probe.after_backward()
-            self._pre_clip = self._global_norm()
+            self._pre_clip = self._read_gradients()
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, *, optimizer=None,
                         error_if_nonfinite: bool = False) -> torch.Tensor:
@@ -513,7 +515,6 @@ class Watcher:
             seen = set(self._seen)
             self._order = list(self._seen) + [i for i in range(len(self.specs)) if i not in seen]
         layers = [self.specs[i] for i in self._order]
-        self._probe = Probe(layers, self.params, histograms=self.histograms)
         if self._sink is None:
             return
         device = self.params[0].device if self.params else torch.device("cpu")
@@ -569,34 +570,61 @@ class Watcher:
         """Everything of a sampled step that must be read before the optimiser changes it."""
         acc, self._acc = self._acc, _Accumulator(len(self.specs))
         self._unscale(optimizer)
-        device = self.params[0].device if self.params else torch.device("cpu")
+        device = self._device()
         loss_t = _scalar(loss, device)
         accuracy_t = _scalar(accuracy, device)
-        stats, grads, loss_t, accuracy_t = self._combine(acc, device, loss_t, accuracy_t)
+        stats, act_grad, loss_t, accuracy_t = self._combine(acc, device, loss_t, accuracy_t)
         if not self.writes:
             return
-        probe = self._probe
-        probe.sampled = True
-        if self._pre_clip is None:
-            probe.after_backward()  # nobody clipped between: these are the gradients applied
-            total = self._global_norm()
-            clip = (total, total, torch.zeros((), dtype=torch.bool, device=total.device))
+        if self._pre_clip is None:  # nobody clipped in between: these are the gradients applied
+            wgrad, hist, total = self._read_gradients()
+            clip = (total, total, torch.zeros((), dtype=torch.bool, device=device))
         else:
+            wgrad, hist, total = self._pre_clip
             after = self._global_norm()
-            clip = (self._pre_clip, after, after < self._pre_clip * (1.0 - 1e-6))
-        probe.before_step(optimizer)
+            clip = (total, after, after < total * (1.0 - 1e-6))
         self._pending = {
-            "step": self.step_index, "stats": stats, "grads": grads, "wgrad": probe._wgrad,
-            "hist": probe._hist, "clip": clip, "snapshot": probe._snapshot, "loss": loss_t,
-            "accuracy": accuracy_t, "optimizer": optimizer, "meta": self._meta(),
+            "step": self.step_index, "stats": stats, "act_grad": act_grad, "wgrad": wgrad,
+            "hist": hist, "clip": clip, "loss": loss_t, "accuracy": accuracy_t,
+            "update": self._update_plan(optimizer), "meta": self._meta(),
         }
         if loss is None:
             self._no_loss.add(self.step_index)
-        probe._wgrad = probe._hist = probe._snapshot = None
+
+    def _device(self) -> torch.device:
+        return self.params[0].device if self.params else torch.device("cpu")
+
+    def _weights(self) -> list[torch.Tensor]:
+        return [self.specs[i].weight for i in self._order]
+
+    def _read_gradients(self):
+        """Per-layer ‖∂L/∂W‖ (float32, probe order), histograms, and the global norm: on device."""
+        weights = self._weights()
+        grads = [w.grad.detach() if w.grad is not None else torch.zeros_like(w) for w in weights]
+        wgrad = torch.stack(torch._foreach_norm(grads)).float()
+        hist = self._hist.histograms(grads) if self.histograms else None
+        return wgrad, hist, self._global_norm()
+
+    def _update_plan(self, optimizer):
+        """How to measure ‖ΔW‖ after the optimiser step: SGD with momentum steps by exactly
+        lr·buffer (read the buffers then, no copy of W); otherwise snapshot W now."""
+        weights = self._weights()
+        if isinstance(optimizer, torch.optim.SGD):
+            buffers, lrs = [], []
+            for w in weights:
+                group = next((g for g in optimizer.param_groups if any(p is w for p in g["params"])), None)
+                buf = optimizer.state.get(w, {}).get("momentum_buffer")
+                if group is None or not group["momentum"] or group.get("nesterov") or buf is None:
+                    break
+                buffers.append(buf)
+                lrs.append(group["lr"])  # the lr of this step, read before a scheduler changes it
+            else:
+                return ("momentum", buffers, lrs)
+        return ("snapshot", [w.detach().clone() for w in weights])
 
     def _combine(self, acc: _Accumulator, device, loss_t, accuracy_t):
-        """Per-layer [mean, std, saturated, dead] and ‖∂L/∂h‖ (probe order), pooled over the
-        step's micro-batches and, under DDP, over ranks (one reduce)."""
+        """(n, 4) [mean, std, saturated, dead] and (n,) ‖∂L/∂h‖ in probe order (NaN where the layer
+        produced nothing), pooled over the step's micro-batches and, under DDP, over ranks."""
         n = len(self.specs)
         inv2 = self._inv_scale_sq()
         zero = torch.zeros((), dtype=torch.float64, device=device)
@@ -606,7 +634,8 @@ class Watcher:
         sat = [s if s is not None else zero for s in acc.sat]
         gsq = [g if g is not None else zero for g in acc.grad_sq]
         if inv2 is not None:
-            gsq = [g * inv2.to(device) for g in gsq]
+            inv2 = inv2.to(device)
+            gsq = [g * inv2 for g in gsq]
         alive = []
         for i in range(n):
             if acc.alive[i] is not None:
@@ -615,6 +644,7 @@ class Watcher:
                 alive.append(torch.zeros(self._units[i], dtype=torch.float64, device=device))
             else:
                 alive.append(None)
+        scale = 1.0
         if self._reduce:
             parts = [torch.stack(count), torch.stack(s1), torch.stack(s2), torch.stack(sat),
                      torch.stack(gsq), torch.stack([loss_t.double(), accuracy_t.double()])]
@@ -635,14 +665,11 @@ class Watcher:
                     alive[i] = flat[offset:offset + a.numel()]
                     offset += a.numel()
             scale = 1.0 / self.world_size  # DDP averages: ∂(mean of rank losses)/∂h_r = ∂L_r/∂h_r / R
-        else:
-            scale = 1.0
         nan = torch.full((), float("nan"), device=device)
-        stats: list[torch.Tensor | None] = []
-        grads: list[torch.Tensor | None] = []
+        stats, grads = [], []
         for i in self._order:
-            if acc.count[i] is None:
-                stats.append(None)
+            if acc.count[i] is None:  # not reached on this rank (so, presumably, on any)
+                stats.append(nan.expand(4))
             else:
                 c = count[i]
                 mean = s1[i] / c
@@ -651,40 +678,157 @@ class Watcher:
                 saturated = (sat[i] / c).float() if kind in ("sigmoid", "tanh") else nan
                 dead = (alive[i] == 0).float().mean() if alive[i] is not None and alive[i].numel() else nan
                 stats.append(torch.stack([mean.float(), var.sqrt().float(), saturated, dead]))
-            grads.append(None if acc.grad_sq[i] is None else (gsq[i].sqrt() * scale).float())
-        return stats, grads, loss_t, accuracy_t
+            grads.append(nan if acc.grad_sq[i] is None else (gsq[i].sqrt() * scale).float())
+        # Masks from device constants (torch.tensor(list, device=cuda) would be a blocking copy).
+        yes, no = torch.ones((), dtype=torch.bool, device=device), torch.zeros((), dtype=torch.bool, device=device)
+        reached = torch.stack([yes if acc.count[i] is not None else no for i in self._order])
+        got_grad = torch.stack([yes if acc.grad_sq[i] is not None else no for i in self._order])
+        return (torch.stack(stats), reached), (torch.stack(grads), got_grad), loss_t, accuracy_t
 
     def _meta(self) -> dict:
         return {"phase": "train", "run_id": self.run_id, "time": time.perf_counter() - self._t0,
                 "steps_per_sec": self._rate, "sample_every": self.sample_every}
 
     def _finalize_pending(self, stepped: bool) -> None:
-        """Pack the measured step (now that the optimiser has updated W) and start its transfer."""
+        """Pack the measured step (now that the optimiser has updated W) into one tensor and start
+        its single device-to-host copy. Same columns and checks as :class:`vgtui.probe.Probe`."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        probe = self._probe
-        probe.sampled = True
-        probe._act_stats = pending["stats"]
-        probe._act_grad = pending["grads"]
-        probe._wgrad, probe._hist = pending["wgrad"], pending["hist"]
-        probe._clip = pending["clip"]
-        probe._snapshot = pending["snapshot"]
-        # Without the optimiser's own step hook firing (a skipped AMP step, another optimiser)
-        # its momentum buffers do not describe this step: then only a snapshot can tell.
-        optimizer = pending["optimizer"] if stepped else None
-        probe.finish(pending["step"], pending["loss"], pending["accuracy"], optimizer, **pending["meta"])
-        probe.sampled = self.sampled
+        weights = [w.detach() for w in self._weights()]
+        device = weights[0].device
+        weight_norm = torch.stack(torch._foreach_norm(weights)).float()
+        plan = pending["update"]
+        if plan[0] == "snapshot":
+            update = torch.stack(torch._foreach_norm(torch._foreach_sub(weights, plan[1]))).float()
+        elif stepped:  # the optimiser's step hook fired: its buffers are this step's
+            # lr as a kernel scalar (a float) or a device tensor: no host-to-device copy.
+            norms = torch._foreach_norm(plan[1])
+            update = torch.stack([n.float() * lr for n, lr in zip(norms, plan[2])])
+        else:  # a skipped (AMP) or foreign step: the buffers say nothing about this step
+            update = torch.full_like(weight_norm, float("nan"))
+        stats, reached = pending["stats"]
+        act_grad, got_grad = pending["act_grad"]
+        wgrad = pending["wgrad"]
+        fwd_finite = torch.isfinite(stats[:, 0]) | ~reached  # nothing measured counts as finite
+        bwd_finite = (torch.isfinite(act_grad) | ~got_grad) & torch.isfinite(wgrad)
+        per_layer = torch.stack([
+            wgrad, act_grad, stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3],
+            weight_norm, update / weight_norm.clamp_min(1e-30), fwd_finite.float(), bwd_finite.float(),
+        ], dim=1)
+        total, after, acted = pending["clip"]
+        loss = pending["loss"]
+        scalars = torch.stack([loss, pending["accuracy"], total.float(), after.float(), acted.float(),
+                               torch.isfinite(loss).float()])
+        hist = pending["hist"] if pending["hist"] is not None else torch.zeros(
+            len(weights), HIST_BINS, device=device)
+        packed = torch.cat([scalars, per_layer.reshape(-1), hist.reshape(-1)])
+        self._transfer.start(pending["step"], pending["meta"], packed)
 
     def _emit_ready(self, wait: bool) -> None:
-        if self._probe is None or self._sink is None:
+        if self._sink is None:
             return
-        for record in self._probe.poll(wait=wait):
+        for step, meta, values in self._transfer.poll(wait=wait):
+            record = self._unpack(step, meta, values)
             if record.step in self._no_loss:
                 self._no_loss.discard(record.step)
                 if record.nonfinite == ("loss", "forward"):
                     record.nonfinite = None
             self._sink.put(record)
+
+    def _unpack(self, step: int, meta: dict, values: np.ndarray) -> StepRecord:
+        names = self.layer_names
+        n = len(names)
+        loss, acc, total, after, acted, loss_finite = values[:_SCALARS]
+        per_layer = values[_SCALARS:_SCALARS + n * _COLUMNS].reshape(n, _COLUMNS)
+        hist = values[_SCALARS + n * _COLUMNS:].reshape(n, HIST_BINS)
+        fwd_bad = np.flatnonzero(per_layer[:, len(LAYER_METRICS)] < 0.5)
+        bwd_bad = np.flatnonzero(per_layer[:, len(LAYER_METRICS) + 1] < 0.5)
+        nonfinite = None
+        if len(fwd_bad):
+            nonfinite = (names[fwd_bad[0]], "forward")
+        elif len(bwd_bad):
+            nonfinite = (names[bwd_bad[-1]], "backward")  # output -> input: the last index first
+        elif loss_finite < 0.5:
+            nonfinite = ("loss", "forward")
+        return StepRecord(
+            step=step, loss=float(loss), accuracy=float(acc), grad_norm_total=float(total),
+            grad_norm_clipped=float(after), clipped=bool(acted > 0.5),
+            layers={name: per_layer[:, i].copy() for i, name in enumerate(LAYER_METRICS)},
+            hist=hist, nonfinite=nonfinite, **meta,
+        )
+
+
+_COLUMNS = len(LAYER_METRICS) + 2  # + forward finite flag, backward finite flag
+_SCALARS = 6  # loss, accuracy, grad_norm_total, grad_norm_clipped, clipped, loss finite
+#: Histograms are estimated from at most this many evenly strided entries per layer.
+HIST_MAX_ELEMENTS = 4096
+
+
+class _Histograms:
+    """Every layer's histogram of |∂L/∂W| on the recording's log10 bins in one bucketize and one
+    bincount (exact zeros fall in the lowest bin, NaN and inf in the highest)."""
+
+    def __init__(self):
+        self._plan = None
+
+    def histograms(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        device = grads[0].device
+        shapes = [g.numel() for g in grads]
+        if self._plan is None or self._plan[0] != (device, shapes):
+            strides = [max(1, math.ceil(n / HIST_MAX_ELEMENTS)) for n in shapes]
+            counts = torch.tensor([len(range(0, n, s)) for n, s in zip(shapes, strides)])
+            offsets = torch.repeat_interleave(torch.arange(len(grads)) * HIST_BINS, counts).to(device)
+            inner = torch.logspace(HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS + 1, dtype=torch.float64)[1:-1]
+            self._plan = ((device, shapes), strides, offsets, inner.float().to(device))
+        _, strides, offsets, inner = self._plan
+        samples = torch.cat([g.reshape(-1)[::s].float() for g, s in zip(grads, strides)])
+        magnitudes = samples.abs_().nan_to_num_(nan=math.inf)
+        index = torch.bucketize(magnitudes, inner).add_(offsets)
+        return torch.bincount(index, minlength=len(grads) * HIST_BINS).reshape(len(grads), HIST_BINS).float()
+
+
+class _Transfer:
+    """One device-to-host copy per measured step; on CUDA into pinned memory without waiting,
+    read once a CUDA event says the copy has landed (usually by the next step)."""
+
+    def __init__(self):
+        self._pending: deque = deque()
+        self._pool: dict[int, list[torch.Tensor]] = {}
+        self.count = 0
+
+    def start(self, step: int, meta: dict, packed: torch.Tensor) -> None:
+        if packed.is_cuda:
+            host = self._buffer(packed.numel())
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((step, meta, host, event))
+        else:
+            self._pending.append((step, meta, packed, None))
+        self.count += 1
+
+    def _buffer(self, numel: int) -> torch.Tensor:
+        pool = self._pool.setdefault(numel, [])
+        in_use = {id(p[2]) for p in self._pending}
+        for buf in pool:
+            if id(buf) not in in_use:
+                return buf
+        buf = torch.empty(numel, dtype=torch.float32, pin_memory=True)
+        pool.append(buf)
+        return buf
+
+    def poll(self, wait: bool) -> list[tuple[int, dict, np.ndarray]]:
+        done = []
+        while self._pending:
+            step, meta, buffer, event = self._pending[0]
+            if event is not None and not wait and not event.query():
+                break
+            self._pending.popleft()
+            if event is not None:
+                event.synchronize()
+            done.append((step, meta, buffer.numpy().astype(np.float64, copy=True)))
+        return done
 
 
 def _scalar(value, device) -> torch.Tensor:
@@ -693,7 +837,7 @@ def _scalar(value, device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         value = value.detach()
         return (value if value.dim() == 0 else value.float().mean()).float().to(device)
-    return torch.tensor(float(value), device=device)
+    return torch.full((), float(value), device=device)  # a fill kernel, not a host-to-device copy
 
 
 def _exit_hook(watcher: Watcher):

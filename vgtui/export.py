@@ -1,0 +1,173 @@
+"""`vgtui export`: a recording (JSONL) to a tidy CSV, or to TensorBoard event files.
+
+CSV: one row per observation, columns ``step,layer,metric,value``. Model-wide values (loss,
+accuracy, the global gradient norm before and after clipping, whether clipping acted) have an
+empty ``layer``; per-layer values use the layer names of the recording's header. Non-finite
+values are written as ``nan``, ``inf``, ``-inf`` (what pandas, numpy and Python's float() read).
+A metric that does not apply to a layer (saturation of a ReLU layer, dead units of a sigmoid one,
+accuracy of an autoencoder) is NaN on every step: such series are left out. A measured value that
+became NaN (a blow-up) is always written.
+
+TensorBoard (needs the optional ``tensorboard`` package): scalars ``<metric>/<NN>_<layer>`` (the
+index keeps layers in input-to-output order in TensorBoard's alphabetical listing), model-wide
+scalars under ``global/``, and the gradient histograms of log10|∂L/∂W| under ``grad_log10/``.
+Histograms with no finite entries are skipped, never written empty (TensorBoard cannot show those).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from .record import read_recording
+from .records import LAYER_METRICS, RunHeader, StepRecord
+
+GLOBAL_METRICS = ("loss", "accuracy", "grad_norm_total", "grad_norm_clipped", "clipped")
+#: Metrics that are NaN by design where they do not apply; left out when never measured.
+OPTIONAL_METRICS = frozenset({"accuracy", "saturated", "dead"})
+CSV_COLUMNS = ("step", "layer", "metric", "value")
+
+TENSORBOARD_HINT = "--tensorboard needs the tensorboard package: install vgtui[tensorboard]"
+
+
+def _runs(path: str | Path) -> tuple[OrderedDict[int, tuple[RunHeader, list[StepRecord]]], list[str]]:
+    """The recording's runs in file order: run id -> (header, step records)."""
+    result = read_recording(path)
+    runs: OrderedDict[int, tuple[RunHeader, list[StepRecord]]] = OrderedDict()
+    for record in result.records:
+        if isinstance(record, RunHeader):
+            runs[record.run_id] = (record, [])
+        elif isinstance(record, StepRecord) and record.run_id in runs:
+            runs[record.run_id][1].append(record)
+    problems = list(result.problems)
+    if len(runs) > 1:
+        problems.append(f"{path}: holds {len(runs)} runs (ids {', '.join(map(str, runs))}); "
+                        "their rows follow one another, each run's steps counted from its start")
+    return runs, problems
+
+
+def _global_value(record: StepRecord, metric: str) -> float:
+    value = getattr(record, metric)
+    return float(value) if not isinstance(value, bool) else float(int(value))
+
+
+def _kept_series(header: RunHeader, steps: list[StepRecord]) -> tuple[list[str], list[tuple[int, str]]]:
+    """Global metrics and (layer index, metric) pairs to export: all but never-measured optional ones."""
+    def measured(values) -> bool:
+        return any(not math.isnan(v) for v in values)
+
+    globals_ = [m for m in GLOBAL_METRICS
+                if m not in OPTIONAL_METRICS or measured(_global_value(r, m) for r in steps)]
+    per_layer = []
+    for metric in LAYER_METRICS:
+        for index in range(len(header.layers)):
+            if metric in OPTIONAL_METRICS and not measured(float(r.layers[metric][index]) for r in steps):
+                continue
+            per_layer.append((index, metric))
+    return globals_, per_layer
+
+
+def _text(value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return repr(float(value))  # shortest text that reads back to the same double
+
+
+def export_csv(path: str | Path, out: str | Path) -> tuple[int, list[str]]:
+    """Write the tidy CSV; returns (data rows written, problems found in the recording)."""
+    runs, problems = _runs(path)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    with open(out, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for header, steps in runs.values():
+            globals_, per_layer = _kept_series(header, steps)
+            for record in steps:
+                for metric in globals_:
+                    writer.writerow((record.step, "", metric, _text(_global_value(record, metric))))
+                for index, metric in per_layer:
+                    writer.writerow((record.step, header.layers[index], metric,
+                                     _text(float(record.layers[metric][index]))))
+                rows += len(globals_) + len(per_layer)
+    return rows, problems
+
+
+def read_csv(path: str | Path) -> list[tuple[int, str, str, float]]:
+    """The rows of an exported CSV as (step, layer, metric, value): for tests and notebooks."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        columns = next(reader)
+        if tuple(columns) != CSV_COLUMNS:
+            raise ValueError(f"{path}: columns {columns}, expected {list(CSV_COLUMNS)}")
+        return [(int(s), layer, metric, float(v)) for s, layer, metric, v in reader]
+
+
+def _tensorboard_writer():
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        from .cli import UserError
+
+        raise UserError(TENSORBOARD_HINT)
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter
+
+
+def _histogram_raw(counts: np.ndarray, edges: np.ndarray) -> dict | None:
+    """add_histogram_raw's arguments for counts on log10 bins; None if there is nothing to show."""
+    counts = np.nan_to_num(np.asarray(counts, dtype=float), nan=0.0)
+    total = float(counts.sum())
+    if total <= 0:
+        return None
+    nonzero = np.flatnonzero(counts)
+    first, last = int(nonzero[0]), int(nonzero[-1])
+    centres = (edges[:-1] + edges[1:]) / 2
+    return {
+        "min": float(edges[first]),
+        "max": float(edges[last + 1]),
+        "num": total,
+        "sum": float((counts * centres).sum()),
+        "sum_squares": float((counts * centres**2).sum()),
+        "bucket_limits": [float(e) for e in edges[1:]],  # TensorBoard buckets: right edges
+        "bucket_counts": [float(c) for c in counts],
+    }
+
+
+def export_tensorboard(path: str | Path, outdir: str | Path) -> int:
+    """Write TensorBoard event files (one sub-folder per run when there are several); returns the
+    number of steps written. Raises the CLI's UserError when tensorboard is not installed."""
+    SummaryWriter = _tensorboard_writer()
+    runs, _ = _runs(path)
+    outdir = Path(outdir)
+    written = 0
+    for run_id, (header, steps) in runs.items():
+        logdir = outdir / f"run{run_id}" if len(runs) > 1 else outdir
+        globals_, per_layer = _kept_series(header, steps)
+        edges = np.asarray(header.hist_edges, dtype=float)
+        writer = SummaryWriter(log_dir=str(logdir))
+        try:
+            for record in steps:
+                for metric in globals_:
+                    writer.add_scalar(f"global/{metric}", _global_value(record, metric), record.step)
+                for index, metric in per_layer:
+                    writer.add_scalar(f"{metric}/{index:02d}_{header.layers[index]}",
+                                      float(record.layers[metric][index]), record.step)
+                for index, name in enumerate(header.layers):
+                    if index >= len(record.hist) or len(record.hist[index]) != len(edges) - 1:
+                        continue
+                    hist = _histogram_raw(record.hist[index], edges)
+                    if hist is not None:
+                        writer.add_histogram_raw(f"grad_log10/{index:02d}_{name}", global_step=record.step, **hist)
+                written += 1
+        finally:
+            writer.close()
+    return written
