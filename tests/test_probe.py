@@ -9,7 +9,8 @@ import torch
 from vgtui.build import build_model, make_optimizer
 from vgtui.config import load_preset
 from vgtui.data import SyntheticData
-from vgtui.probe import Probe
+from vgtui.probe import HIST_MAX_ELEMENTS, Probe
+from vgtui.records import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN
 
 RTOL = 1e-5
 
@@ -46,13 +47,13 @@ def reference_norms(preset, x, y):
     n = len(outputs)
     act = np.array([g.norm().item() for g in grads[:n]])
     wgt = np.array([g.norm().item() for g in grads[n:]])
-    return loss.item(), act, wgt
+    return loss.item(), act, wgt, [g.detach().numpy() for g in grads[n:]]
 
 
 def probed_step(preset, x, y, steps=1):
     built = build_model(preset)
     model = built.model
-    probe = Probe(built.layers, list(model.parameters())).attach()
+    probe = Probe(built.layers, list(model.parameters()), detail_every=1).attach()
     optimizer = make_optimizer(model.parameters(), preset)
     records, before, after = [], [], []
     for step in range(steps):
@@ -90,17 +91,19 @@ def probed_step(preset, x, y, steps=1):
 def test_norms_match_autograd(name, changes):
     preset = small(name, **changes)
     x, y = SyntheticData(preset.seed, preset.batch_size).batch(0)
-    loss, act, wgt = reference_norms(preset, x, y)
+    loss, act, wgt, weight_grads = reference_norms(preset, x, y)
     (record,), _, _, built = probed_step(preset, x, y)
     assert record.loss == pytest.approx(loss, rel=RTOL)
     np.testing.assert_allclose(record.layers["act_grad_norm"], act, rtol=RTOL)
     np.testing.assert_allclose(record.layers["weight_grad_norm"], wgt, rtol=RTOL)
     assert record.nonfinite is None
-    # The histogram counts every (sub-sampled) weight-gradient entry exactly once.
-    for i, layer in enumerate(built.layers):
-        n = layer.weight.numel()
-        stride = math.ceil(n / 65_536) if n > 65_536 else 1
-        assert record.hist[i].sum() == len(range(0, n, stride))
+    # Histograms: log-spaced bins of |dL/dW| over the evenly strided sample, counted by numpy.
+    inner = np.logspace(HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS + 1)[1:-1]
+    for i, grad in enumerate(weight_grads):
+        flat = np.abs(grad.reshape(-1))
+        sample = flat[:: max(1, math.ceil(flat.size / HIST_MAX_ELEMENTS))]
+        expected = np.bincount(np.searchsorted(inner.astype(np.float32), sample), minlength=HIST_BINS)
+        np.testing.assert_array_equal(record.hist[i], expected)
 
 
 def test_update_ratio_and_weight_norm_match_the_actual_step():
@@ -218,3 +221,30 @@ def test_nonfinite_backward_names_the_layer_nearest_the_output():
     probe.finish(0, loss, None)
     (record,) = probe.poll()
     assert record.nonfinite == ("hidden2", "backward")
+
+
+def test_detail_tier_every_nth_sampled_step_core_on_all():
+    preset = small("relu-he")
+    built = build_model(preset)
+    probe = Probe(built.layers, list(built.model.parameters()), detail_every=3).attach()
+    optimizer = make_optimizer(built.model.parameters(), preset)
+    data = SyntheticData(0, preset.batch_size)
+    records = []
+    for step in range(7):
+        x, y = data.batch(step)
+        probe.begin(True)
+        optimizer.zero_grad()
+        loss = built.loss_fn(built.model(x), y)
+        loss.backward()
+        probe.after_backward()
+        probe.clip("none")
+        probe.before_step(optimizer)
+        optimizer.step()
+        probe.finish(step, loss, None, optimizer)
+        records += probe.poll()
+    assert [r.detail for r in records] == [True, False, False, True, False, False, True]
+    for r in records:
+        assert np.isfinite(r.layers["act_grad_norm"]).all() and np.isfinite(r.layers["weight_grad_norm"]).all()
+        assert (r.hist is not None) == r.detail
+        assert np.isfinite(r.layers["update_ratio"]).all() == r.detail
+        assert np.isfinite(r.layers["act_mean"]).all() == r.detail

@@ -80,6 +80,7 @@ class Preset:
     # run
     seed: int = 0
     sample_every: int = 1
+    detail_every: int = 10  # activation stats, update ratios, histograms: every Nth sampled step
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,6 +100,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "pretrain_steps": (0, 10_000_000),
     "seed": (0, 2**63 - 1),
     "sample_every": (1, 1_000_000),
+    "detail_every": (1, 1_000_000),
 }
 _FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     # key: (low, high, low is exclusive)

@@ -5,6 +5,12 @@ copied to the host once. On CUDA the copy goes into pinned memory without waitin
 are read when a CUDA event says they have arrived (usually on the next step), so the training
 loop never stalls on the monitor. Unsampled steps cost nothing but a flag test in each hook.
 
+Two tiers keep the cost near zero. Every sampled step measures the core: loss, global norm and
+clipping, per-layer ‖∂L/∂W‖ and ‖∂L/∂h‖, and where values first turn non-finite. Every
+``detail_every``-th sampled step also measures the detail: activation mean/std/saturation/dead
+units, ‖W‖ and the update ratio, and the gradient histograms (NaN / None on the other steps: not
+measured, never invented).
+
 Order of measurement inside a step (it matters; see wandb#4369):
 forward (activation stats) -> backward (‖∂L/∂h‖) -> weight-gradient norms and histograms,
 before clipping -> clipping (global norm before and after) -> optimiser step -> update sizes.
@@ -28,9 +34,14 @@ from .records import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, LAYER_METRICS, S
 #: there sigma'(z) < 0.02 (tanh'(z) < 0.04), i.e. the gradient through it is cut 12-25x beyond the
 #: already-small 0.25 peak of sigma'.
 SATURATION_MARGIN = 0.02
-#: Histograms are estimated from at most this many evenly strided entries per layer: enough for a
-#: 28-bin shape, and it keeps the cost flat for 1000x1000 weight matrices.
-HIST_MAX_ELEMENTS = 65_536
+#: Histograms are estimated from at most this many evenly strided entries per layer: enough for
+#: a 28-bin shape, and it keeps the cost flat whatever the layer's size (measured: exact
+#: histograms of 50 layers cost 3x the training step on a CPU).
+HIST_MAX_ELEMENTS = 1024
+
+#: By default the detail tier (activation statistics, update ratios, histograms) is measured on
+#: every 10th sampled step: at 10-20 steps/s that still refreshes those views about twice a second.
+DETAIL_EVERY = 10
 
 _COLUMNS = len(LAYER_METRICS) + 2  # + forward finite flag, backward finite flag
 _SCALARS = 6  # loss, accuracy, grad_norm_total, grad_norm_clipped, clipped, loss finite
@@ -42,6 +53,7 @@ class _Pending:
     meta: dict
     buffer: torch.Tensor
     event: object | None
+    detail: bool = False
 
 
 class Probe:
@@ -59,22 +71,32 @@ class Probe:
         for rec in probe.poll(): ...   # finished measurements, as StepRecords
     """
 
-    def __init__(self, layers: list[LayerSpec], params: list[nn.Parameter], histograms: bool = True):
+    def __init__(self, layers: list[LayerSpec], params: list[nn.Parameter], histograms: bool = True,
+                 detail_every: int = DETAIL_EVERY):
         self.layers = layers
+        self.detail_every = max(1, int(detail_every))
+        self.detail = False
+        self._sampled_count = 0
         self.names = [layer.name for layer in layers]
         self.params = [p for p in params if p.requires_grad]
         self.histograms = histograms
         self.sampled = False
         self._handles: list = []
-        self._act_stats: list[torch.Tensor | None] = [None] * len(layers)
-        self._act_grad: list[torch.Tensor | None] = [None] * len(layers)
+        # Per sampled step: the tensors themselves, reduced later in a few batched kernels rather
+        # than a handful of small kernels per layer (that costs more than the step on deep nets).
+        self._acts: list[torch.Tensor | None] = [None] * len(layers)
+        self._out_grads: list[torch.Tensor | None] = [None] * len(layers)
+        self._act_grad: torch.Tensor | None = None
+        self._grad_missing: torch.Tensor | None = None
+        self._total: torch.Tensor | None = None
+        self._groups: tuple[object, dict] | None = None
         self._wgrad: torch.Tensor | None = None
         self._hist: torch.Tensor | None = None
+        self._hist_plan: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
         self._clip: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._snapshot: list[torch.Tensor] | None = None
         self._pending: deque[_Pending] = deque()
         self._pinned: dict[int, list[torch.Tensor]] = {}
-        self._hist_edges = torch.linspace(HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS + 1)
         self.transfers = 0
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -83,7 +105,7 @@ class Probe:
             return self
         for index, layer in enumerate(self.layers):
             stats_module = layer.act_module or layer.output_module
-            self._handles.append(stats_module.register_forward_hook(self._stats_hook(index, layer.act_kind)))
+            self._handles.append(stats_module.register_forward_hook(self._keep_activation(index)))
             self._handles.append(layer.output_module.register_forward_hook(self._grad_hook_installer(index)))
         return self
 
@@ -92,33 +114,16 @@ class Probe:
             handle.remove()
         self._handles.clear()
 
-    def _stats_hook(self, index: int, kind: str):
+    def _keep_activation(self, index: int):
         def hook(module, inputs, output):
-            if not self.sampled or not isinstance(output, torch.Tensor):
-                return
-            with torch.no_grad():
-                a = output.detach().float()
-                std, mean = torch.std_mean(a) if a.numel() > 1 else (a.new_zeros(()), a.mean())
-                nan = a.new_full((), float("nan"))
-                if kind == "sigmoid":
-                    saturated = ((a - 0.5).abs_() > 0.5 - SATURATION_MARGIN).float().mean()
-                elif kind == "tanh":
-                    saturated = (a.abs() > 1.0 - SATURATION_MARGIN).float().mean()
-                else:
-                    saturated = nan
-                if kind in RECTIFYING and a.dim() >= 2:
-                    # A unit is dead for this batch when it is inactive on every example.
-                    units = a.transpose(0, 1).reshape(a.shape[1], -1)
-                    dead = (units <= 0).all(dim=1).float().mean()
-                else:
-                    dead = nan
-                self._act_stats[index] = torch.stack([mean, std, saturated, dead])
+            if self.sampled and isinstance(output, torch.Tensor):
+                self._acts[index] = output.detach()
 
         return hook
 
     def _grad_hook_installer(self, index: int):
         def on_grad(grad: torch.Tensor) -> None:
-            self._act_grad[index] = torch.linalg.vector_norm(grad.detach().float())
+            self._out_grads[index] = grad.detach()
 
         def hook(module, inputs, output):
             if self.sampled and isinstance(output, torch.Tensor) and output.requires_grad:
@@ -130,8 +135,10 @@ class Probe:
     def begin(self, sampled: bool) -> None:
         self.sampled = sampled
         if sampled:
-            self._act_stats = [None] * len(self.layers)
-            self._act_grad = [None] * len(self.layers)
+            self.detail = self._sampled_count % self.detail_every == 0
+            self._sampled_count += 1
+            self._acts = [None] * len(self.layers)
+            self._out_grads = [None] * len(self.layers)
             self._clip = None
 
     def _weight_grads(self) -> list[torch.Tensor]:
@@ -139,43 +146,106 @@ class Probe:
                 for layer in self.layers]
 
     def after_backward(self) -> None:
-        """Per-layer ‖∂L/∂W‖ and histograms of log10|∂L/∂W|, before anything rescales them."""
+        """Per-layer ‖∂L/∂W‖, ‖∂L/∂h‖ and histograms of |∂L/∂W|, before anything rescales them."""
         if not self.sampled:
             return
         grads = self._weight_grads()
-        self._wgrad = torch.stack(torch._foreach_norm(grads)).float()
-        if self.histograms:
-            rows = []
-            for g in grads:
-                flat = g.detach().reshape(-1)
-                if flat.numel() > HIST_MAX_ELEMENTS:
-                    flat = flat[:: math.ceil(flat.numel() / HIST_MAX_ELEMENTS)]
-                logs = flat.float().abs().log10_().clamp_(HIST_LOG10_MIN, HIST_LOG10_MAX)
-                rows.append(torch.histc(logs, HIST_BINS, HIST_LOG10_MIN, HIST_LOG10_MAX))
-            self._hist = torch.stack(rows)
+        # One fused norm over every parameter's gradient serves the global norm and, for the
+        # layer weights among them, the per-layer norms.
+        with_grad = [p for p in self.params if p.grad is not None]
+        norms = torch._foreach_norm([p.grad for p in with_grad]) if with_grad else []
+        index = {id(p): i for i, p in enumerate(with_grad)}
+        self._total = torch.linalg.vector_norm(torch.stack(norms)).float() if norms else None
+        if all(id(layer.weight) in index for layer in self.layers):
+            self._wgrad = torch.stack([norms[index[id(layer.weight)]] for layer in self.layers]).float()
+        else:
+            self._wgrad = torch.stack(torch._foreach_norm(grads)).float()
+        self._grad_missing = torch.tensor([g is None for g in self._out_grads], device=self._wgrad.device)
+        present = [g for g in self._out_grads if g is not None]
+        if present:
+            norms = iter(torch._foreach_norm(present))
+            nan = torch.full((), float("nan"), device=self._wgrad.device)
+            self._act_grad = torch.stack([next(norms).float() if g is not None else nan
+                                          for g in self._out_grads])
+        else:
+            self._act_grad = torch.full_like(self._wgrad, float("nan"))
+        self._out_grads = [None] * len(self.layers)
+        if self.histograms and self.detail:
+            self._hist = self._histograms(grads)
+
+    def _histograms(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """All layers' histograms of |g| on log-spaced bins in one bucketize + one bincount."""
+        device = grads[0].device
+        if self._hist_plan is None or self._hist_plan[1].device != device:
+            strides = [max(1, math.ceil(g.numel() / HIST_MAX_ELEMENTS)) for g in grads]
+            counts = torch.tensor([len(range(0, g.numel(), s)) for g, s in zip(grads, strides)])
+            offsets = torch.repeat_interleave(torch.arange(len(grads)) * HIST_BINS, counts).to(device)
+            inner = torch.logspace(HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS + 1, dtype=torch.float64)[1:-1]
+            self._hist_plan = (strides, offsets, inner.float().to(device))
+        strides, offsets, inner = self._hist_plan
+        samples = torch.cat([g.detach().reshape(-1)[::s].float() for g, s in zip(grads, strides)])
+        # NaN counts in the top bin with the infinities: "too large to measure".
+        magnitudes = samples.abs_().nan_to_num_(nan=math.inf)
+        index = torch.bucketize(magnitudes, inner).add_(offsets)
+        return torch.bincount(index, minlength=len(grads) * HIST_BINS).reshape(len(grads), HIST_BINS).float()
+
+    def _activation_stats(self, device) -> torch.Tensor:
+        """(n_layers, 4): mean, std, saturated fraction, dead fraction, batched by shape and kind."""
+        stats = torch.full((len(self.layers), 4), float("nan"), device=device)
+        if not self.detail:
+            return stats
+        groups: dict[tuple, list[int]] = {}
+        for index, act in enumerate(self._acts):
+            if act is not None:
+                groups.setdefault((tuple(act.shape), self.layers[index].act_kind), []).append(index)
+        for (shape, kind), members in groups.items():
+            stacked = torch.stack([self._acts[i] for i in members]).float()
+            flat = stacked.reshape(len(members), -1)
+            # mean and std from a sum and a norm: two fast reductions (std_mean is ~10x slower on CPU).
+            n = flat.shape[1]
+            mean = flat.mean(1)
+            mean_sq = torch.linalg.vector_norm(flat, dim=1).square_().div_(n)
+            std = (mean_sq - mean.square()).clamp_min_(0).mul_(n / max(n - 1, 1)).sqrt_()
+            columns = [mean, std]
+            if kind == "sigmoid":
+                columns.append(((flat - 0.5).abs_() > 0.5 - SATURATION_MARGIN).float().mean(1))
+            elif kind == "tanh":
+                columns.append((flat.abs() > 1.0 - SATURATION_MARGIN).float().mean(1))
+            else:
+                columns.append(torch.full_like(mean, float("nan")))
+            if kind in RECTIFYING and len(shape) >= 2:
+                # A unit (feature or channel) is dead for this batch when inactive on every example.
+                units = stacked.reshape(len(members), shape[0], shape[1], -1)
+                columns.append((units.amax(dim=(1, 3)) <= 0).float().mean(1))
+            else:
+                columns.append(torch.full_like(mean, float("nan")))
+            stats[torch.tensor(members, device=device)] = torch.stack(columns, dim=1)
+        self._acts = [None] * len(self.layers)
+        return stats
 
     def clip(self, kind: str = "none", threshold: float = 1.0) -> None:
-        """Clip all gradients (every step, sampled or not) and measure the global norm on sampled ones."""
+        """Clip all gradients (every step, sampled or not) and measure the global norm on sampled
+        ones. Clip-by-norm scales by min(1, threshold / (‖g‖ + 1e-6)), as clip_grad_norm_ does."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
+        if not grads or (kind == "none" and not self.sampled):
             return
+        total = self._total if self.sampled and self._total is not None else None
+        if total is None and (kind == "norm" or self.sampled):
+            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float()
         if kind == "norm":
-            total = torch.nn.utils.clip_grad_norm_(self.params, threshold, foreach=True)
+            coef = torch.clamp(threshold / (total + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+            self._clip = (total, total * coef, total > threshold)
+        elif kind == "value":
+            largest = torch.stack(torch._foreach_norm(grads, ord=math.inf)).max() if self.sampled else None
+            torch._foreach_clamp_min_(grads, -threshold)
+            torch._foreach_clamp_max_(grads, threshold)
             if self.sampled:
-                coef = torch.clamp(threshold / (total + 1e-6), max=1.0)
-                self._clip = (total, total * coef, total > threshold)
-            return
-        if not self.sampled and kind == "none":
-            return
-        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        if kind == "value":
-            largest = torch.stack(torch._foreach_norm(grads, ord=math.inf)).max()
-            torch.nn.utils.clip_grad_value_(self.params, threshold, foreach=True)
-            if self.sampled:
-                after = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                after = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float()
                 self._clip = (total, after, largest > threshold)
-            return
-        self._clip = (total, total, torch.zeros((), dtype=torch.bool, device=total.device))
+        else:
+            self._clip = (total, total, torch.zeros((), dtype=torch.bool, device=total.device))
+        self._total = None
 
     def observe_clip(self, total_before: torch.Tensor, total_after: torch.Tensor, acted: torch.Tensor) -> None:
         """Record clipping done by someone else (a user's own ``clip_grad_norm_`` call)."""
@@ -197,17 +267,20 @@ class Probe:
             lrs.append(float(group["lr"]))
         return buffers, lrs
 
-    @staticmethod
-    def _group_of(optimizer, param):
-        for group in optimizer.param_groups:
-            if any(p is param for p in group["params"]):
-                return group
-        return None
+    def _group_of(self, optimizer, param):
+        """The param group holding ``param``; the lookup table is built once per optimiser."""
+        cached = self._groups
+        if cached is None or cached[0] is not optimizer:
+            table = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+            self._groups = cached = (optimizer, table)
+        return cached[1].get(id(param))
 
     def before_step(self, optimizer) -> None:
         """Snapshot the layer weights when the update cannot be read from the optimiser's state."""
         self._snapshot = None
         if not self.sampled:
+            return
+        if not self.detail:
             return
         if isinstance(optimizer, torch.optim.SGD) and self._momentum_buffers(optimizer) is not None:
             return  # momentum buffers exist already (from the second step on)
@@ -220,24 +293,32 @@ class Probe:
             return
         weights = [layer.weight.detach() for layer in self.layers]
         device = weights[0].device
-        weight_norm = torch.stack(torch._foreach_norm(weights)).float()
-        if self._snapshot is not None:
-            update = torch.stack(torch._foreach_norm(torch._foreach_sub(weights, self._snapshot))).float()
-        elif optimizer is not None and (mom := self._momentum_buffers(optimizer)) is not None:
-            buffers, lrs = mom
-            update = torch.stack(torch._foreach_norm(buffers)).float() * torch.tensor(lrs, device=device)
-        else:
-            update = torch.full((len(weights),), float("nan"), device=device)
-        self._snapshot = None
         nan = torch.full((), float("nan"), device=device)
-        stats = torch.stack([s if s is not None else nan.expand(4) for s in self._act_stats])
-        act_grad = torch.stack([g if g is not None else nan for g in self._act_grad])
-        wgrad = self._wgrad if self._wgrad is not None else torch.full_like(weight_norm, float("nan"))
-        # A layer that produced no measurement (not reached this step) counts as finite.
-        missing_stats = torch.tensor([s is None for s in self._act_stats], device=device)
-        missing_grad = torch.tensor([g is None for g in self._act_grad], device=device)
-        fwd_finite = torch.isfinite(stats[:, 0]) | missing_stats
-        bwd_finite = (torch.isfinite(act_grad) | missing_grad) & torch.isfinite(wgrad)
+        nans = torch.full((len(weights),), float("nan"), device=device)
+        update = weight_norm = nans
+        if self.detail:
+            weight_norm = torch.stack(torch._foreach_norm(weights)).float()
+            if self._snapshot is not None:
+                update = torch.stack(torch._foreach_norm(torch._foreach_sub(weights, self._snapshot))).float()
+            elif optimizer is not None and (mom := self._momentum_buffers(optimizer)) is not None:
+                buffers, lrs = mom
+                update = torch.stack(torch._foreach_norm(buffers)).float() * torch.tensor(lrs, device=device)
+        self._snapshot = None
+        # Forward finiteness on every sampled step: one fused norm over the kept activations
+        # (non-finite iff some entry is, short of float32 overflow, which is itself an explosion).
+        kept = [a for a in self._acts if a is not None]
+        reached = torch.tensor([a is not None for a in self._acts], device=device)
+        act_finite = torch.ones(len(weights), dtype=torch.bool, device=device)
+        if kept:
+            act_finite[reached] = torch.isfinite(torch.stack(torch._foreach_norm(kept)))
+        stats = self._activation_stats(device)
+        self._acts = [None] * len(self.layers)
+        act_grad = self._act_grad if self._act_grad is not None else nans
+        wgrad = self._wgrad if self._wgrad is not None else nans
+        # A layer that produced nothing this step (not reached, frozen) counts as finite.
+        fwd_finite = act_finite
+        missing = self._grad_missing if self._act_grad is not None else torch.ones_like(reached)
+        bwd_finite = (torch.isfinite(act_grad) | missing) & torch.isfinite(wgrad)
         per_layer = torch.stack([
             wgrad, act_grad, stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3],
             weight_norm, update / weight_norm.clamp_min(1e-30),
@@ -250,18 +331,19 @@ class Probe:
         total, after, acted = self._clip if self._clip is not None else (nan, nan, nan)
         scalars = torch.stack([loss, acc, total.float(), after.float(), acted.float(),
                                torch.isfinite(loss).float()])
-        hist = self._hist if (self.histograms and self._hist is not None) else torch.zeros(
-            len(weights), HIST_BINS, device=device)
-        packed = torch.cat([scalars, per_layer.reshape(-1), hist.reshape(-1)])
-        self._wgrad = self._hist = None
+        parts = [scalars, per_layer.reshape(-1)]
+        if self._hist is not None:
+            parts.append(self._hist.reshape(-1))
+        packed = torch.cat(parts)
+        self._wgrad = self._hist = self._act_grad = None
         if packed.is_cuda:
             host = self._pinned_buffer(packed.numel())
             host.copy_(packed, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._pending.append(_Pending(step, meta, host, event))
+            self._pending.append(_Pending(step, meta, host, event, self.detail))
         else:
-            self._pending.append(_Pending(step, meta, packed, None))
+            self._pending.append(_Pending(step, meta, packed, None, self.detail))
         self.transfers += 1
 
     def _pinned_buffer(self, numel: int) -> torch.Tensor:
@@ -292,7 +374,8 @@ class Probe:
         n = len(self.layers)
         loss, acc, total, after, acted, loss_finite = values[:_SCALARS]
         per_layer = values[_SCALARS : _SCALARS + n * _COLUMNS].reshape(n, _COLUMNS)
-        hist = values[_SCALARS + n * _COLUMNS :].reshape(n, HIST_BINS)
+        rest = values[_SCALARS + n * _COLUMNS :]
+        hist = rest.reshape(n, HIST_BINS) if rest.size else None
         layers = {name: per_layer[:, i].copy() for i, name in enumerate(LAYER_METRICS)}
         nonfinite = None
         fwd_bad = np.flatnonzero(per_layer[:, len(LAYER_METRICS)] < 0.5)
@@ -313,5 +396,6 @@ class Probe:
             layers=layers,
             hist=hist,
             nonfinite=nonfinite,
+            detail=pending.detail,
             **pending.meta,
         )

@@ -47,10 +47,11 @@ def to_json(record: Record, layer_names: list[str] | None = None) -> dict:
             "source": record.source,
         }
     if isinstance(record, StepRecord):
-        names = layer_names or [f"layer{i}" for i in range(len(record.hist))]
+        count = len(record.layers[LAYER_METRICS[0]])
+        names = layer_names or [f"layer{i}" for i in range(count)]
         layers = {
             name: {metric: jsonable(record.layers[metric][i]) for metric in LAYER_METRICS}
-            | {"hist": jsonable(record.hist[i])}
+            | ({"hist": jsonable(record.hist[i])} if record.hist is not None else {})
             for i, name in enumerate(names)
         }
         return {
@@ -66,6 +67,7 @@ def to_json(record: Record, layer_names: list[str] | None = None) -> dict:
             "grad_norm_total": jsonable(record.grad_norm_total),
             "grad_norm_clipped": jsonable(record.grad_norm_clipped),
             "clipped": record.clipped,
+            "detail": record.detail,
             "nonfinite": list(record.nonfinite) if record.nonfinite else None,
             "layers": layers,
             "verdicts": [v.to_json() for v in record.verdicts],
@@ -107,9 +109,12 @@ def from_json(data: dict, layer_names: list[str] | None) -> Record:
             metric: np.array([_num(per_layer[n].get(metric, "nan")) for n in names], dtype=float)
             for metric in LAYER_METRICS
         }
-        hist_rows = [unjson(per_layer[n].get("hist", [])) for n in names]
-        width = max((len(r) for r in hist_rows), default=0)
-        hist = np.array([r if len(r) == width else [0.0] * width for r in hist_rows], dtype=float)
+        hist = None
+        if names and all("hist" in per_layer[n] for n in names):
+            rows = [unjson(per_layer[n]["hist"]) for n in names]
+            if len({len(r) for r in rows}) != 1:
+                raise ValueError("histograms of different lengths")
+            hist = np.array(rows, dtype=float).reshape(len(names), len(rows[0]))
         nonfinite = data.get("nonfinite")
         return StepRecord(
             step=int(data["step"]),
@@ -119,7 +124,8 @@ def from_json(data: dict, layer_names: list[str] | None) -> Record:
             grad_norm_clipped=_num(data.get("grad_norm_clipped", "nan")),
             clipped=bool(data.get("clipped", False)),
             layers=columns,
-            hist=hist.reshape(len(names), width),
+            hist=hist,
+            detail=bool(data.get("detail", hist is not None)),
             nonfinite=(str(nonfinite[0]), str(nonfinite[1])) if nonfinite else None,
             phase=str(data.get("phase", "train")),
             run_id=int(data.get("run_id", 0)),

@@ -93,7 +93,7 @@ class StepRecord:
     grad_norm_clipped: float  # global ‖g‖ after clipping (== total when not clipping)
     clipped: bool  # whether clipping changed the gradient this step
     layers: dict[str, np.ndarray]  # metric name -> (n_layers,) float array, see LAYER_METRICS
-    hist: np.ndarray  # (n_layers, HIST_BINS) counts
+    hist: np.ndarray | None  # (n_layers, HIST_BINS) counts; None where not measured this step
     nonfinite: tuple[str, str] | None = None  # (layer name, "forward" | "backward"), first seen
     phase: str = "train"  # "train", or "pretrain:<layer>" during layer-wise pre-training
     run_id: int = 0
@@ -101,6 +101,9 @@ class StepRecord:
     steps_per_sec: float = float("nan")
     sample_every: int = 1
     verdicts: list[Verdict] = field(default_factory=list)
+    #: True when the detail tier (activation stats, ‖W‖, update ratio, histograms) was measured;
+    #: on other sampled steps those columns are NaN and ``hist`` is None.
+    detail: bool = True
 
     def metric(self, name: str) -> np.ndarray:
         return self.layers[name]

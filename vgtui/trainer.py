@@ -144,7 +144,7 @@ class Trainer(threading.Thread):
         self._emit(RunEvent("started", f"{preset.name} on {device}", run_id=self.run_id))
         if self.paused:
             self._emit(RunEvent("paused", step=0, run_id=self.run_id))
-        probe = Probe(built.layers, list(built.model.parameters())).attach()
+        probe = Probe(built.layers, list(built.model.parameters()), detail_every=preset.detail_every).attach()
         diagnoser = Diagnoser(header)
         self._t0 = time.perf_counter()
         self._rate = float("nan")
@@ -222,13 +222,21 @@ class Trainer(threading.Thread):
 
     def _pretrain_phase(self, built: Built, data, probe: Probe, index: int):
         """Greedy layer-wise pre-training of encoder layer ``index`` as a shallow autoencoder
-        that reconstructs the (frozen) codes of the layers below it (Hinton & Salakhutdinov 2006)."""
+        that reconstructs the (frozen) codes of the layers below it (Hinton & Salakhutdinov 2006).
+
+        The shallow autoencoder's decoder is the deep autoencoder's own mirror layer (the head for
+        the first layer, else the decoder block of the same widths), so that fine-tuning starts
+        from the "unrolled" pre-trained stack, decoder included, as in Hinton & Salakhutdinov."""
         preset = self.preset
         model = built.model
         block = model.encoder[index]
-        fan_in = block.linear.in_features
-        decoder = nn.Linear(block.linear.out_features, fan_in).to(block.linear.weight.device)
-        squash = index == 0 or preset.activation == "sigmoid"  # targets lie in [0, 1]
+        mirror = len(model.encoder) - 1 - index
+        if mirror < len(model.decoder):
+            decoder = model.decoder[mirror]  # Linear -> (BN) -> activation, widths out -> in
+            squash = False
+        else:
+            decoder = model.head  # the deep model squashes the head's output with a sigmoid
+            squash = True
         optimizer = make_optimizer(list(block.parameters()) + list(decoder.parameters()), preset)
         name = built.layers[index].name
         remaining = [preset.pretrain_steps]
