@@ -156,6 +156,7 @@ def test_user_loop_matches_autograd(tmp_path):
     records, steps = steps_of(tmp_path / "run.jsonl")
     header = records[0]
     assert isinstance(header, RunHeader) and header.layers == LAYERS and header.source == "api"
+    assert header.preset["clip"] == "norm" and header.preset["lr"] == 0.1 and header.preset["name"] == "SmallCNN"
     assert [r.step for r in steps] == [0, 1, 2]
     assert [r.kind for r in records if isinstance(r, RunEvent)] == ["started", "finished"]
     ref = reference_run()
@@ -380,6 +381,60 @@ def test_nonfinite_is_reported_and_the_file_stays_strict_json(tmp_path):
     watcher.close()
     _, steps = steps_of(tmp_path / "bad.jsonl")
     assert steps[0].nonfinite is not None
+
+
+def test_a_run_of_zero_steps_is_a_valid_recording(tmp_path):
+    vgtui.watch(_mlp(), record=tmp_path / "empty.jsonl").close()
+    records, steps = steps_of(tmp_path / "empty.jsonl")
+    assert isinstance(records[0], RunHeader) and steps == []
+    assert [r.kind for r in records[1:]] == ["started", "finished"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: checks that the watcher never syncs the device")
+def test_no_device_sync_on_cuda():
+    """With torch.cuda.set_sync_debug_mode("error") any synchronising call raises: forward hooks,
+    activation-gradient hooks, before_clip and step (sampled or not) must not make one."""
+    device = torch.device("cuda")
+    model = _mlp().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    watcher = vgtui.watch(model, optimizer=opt, sample_every=2, diagnose=False, channel=Channel())
+    data = [tuple(t.to(device) for t in _mlp_data(step)) for step in range(6)]  # copies sync: before
+
+    def one_step(step):
+        x, y = data[step]
+        F.mse_loss(model(x), y).backward()
+        watcher.before_clip()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5, foreach=True)
+        watcher.step(opt)
+        opt.step()
+        opt.zero_grad()
+
+    for step in range(2):  # warm-up: cached plans, cuBLAS handles, pinned buffers
+        one_step(step)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(2, 6):
+            one_step(step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    watcher.close()
+    assert watcher.transfers == 3 and np.isfinite(watcher.latest.layers["act_grad_norm"]).all()
+
+
+def test_the_readme_example_runs(tmp_path):
+    import os
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "watch_my_model.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, str(example), "--steps", "3", "--accum", "2", "--sample-every", "1",
+                          "--record", str(tmp_path / "run.jsonl")], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    records, steps = steps_of(tmp_path / "run.jsonl")
+    assert [r.step for r in steps] == [0, 1, 2] and records[0].layers[0] == "stem"
+    assert "vgtui replay" in out.stdout
 
 
 def test_import_vgtui_does_not_import_torch():

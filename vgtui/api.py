@@ -105,6 +105,8 @@ def _spec(name: str, module: nn.Module) -> LayerSpec:
     weight = getattr(module, "weight", None)
     if not (isinstance(weight, nn.Parameter) and weight.requires_grad):
         weight = params[0]
+    # A compiled submodule shows up as "<name>._orig_mod.<child>": name the user's module instead.
+    name = name.replace("._orig_mod", "").replace("_orig_mod.", "")
     return LayerSpec(name or type(module).__name__, module, weight)
 
 
@@ -341,6 +343,7 @@ class Watcher:
         self._pre_clip: torch.Tensor | None = None
         self._pending: dict | None = None
         self._no_loss: set[int] = set()  # steps whose loss was not given: NaN there is no alarm
+        self._clip_info: tuple[str, float | None] | None = None  # known once the user clips
         self.sampled = self._is_sampled(self.step_index)
         self._t0 = time.perf_counter()
         self._last = self._t0
@@ -369,19 +372,18 @@ class Watcher:
         """Measure per-layer ``‖∂L/∂W‖``, histograms and the global norm now: call it after
         ``scaler.unscale_(opt)`` and before your own ``clip_grad_norm_``."""
         self._check_open()
+        if self._clip_info is None:
+            self._clip_info = ("norm", None)  # the usual clip_grad_norm_; its threshold is the user's
         self._start()
-        if not self.sampled:
-            return
-        self._unscale(optimizer if optimizer is not None else self.optimizer)
-        if self.writes:
+        self._unscale(optimizer if optimizer is not None else self.optimizer)  # sampled or not
+        if self.sampled and self.writes:
             self._pre_clip = self._read_gradients()
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, *, optimizer=None,
                         error_if_nonfinite: bool = False) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over the model's parameters, measured before and after
         (unscaling first when the watcher knows the GradScaler). Returns the total norm, like torch."""
-        self._check_open()
-        self._unscale(optimizer if optimizer is not None else self.optimizer)  # sampled or not
+        self._clip_info = ("norm", float(max_norm))
         self.before_clip(optimizer)
         return torch.nn.utils.clip_grad_norm_(self.params, max_norm, norm_type,
                                               error_if_nonfinite=error_if_nonfinite)
@@ -392,11 +394,14 @@ class Watcher:
         last micro-batch's backward (and your clipping), before ``optimizer.step()``.
         ``loss`` is recorded as given (under DDP: averaged over ranks)."""
         self._check_open()
+        if self.optimizer is None:
+            self.optimizer = optimizer  # the default from now on (and the header's lr)
+        optimizer = optimizer if optimizer is not None else self.optimizer
         self._start()
         self._finalize_pending(stepped=False)
-        optimizer = optimizer if optimizer is not None else self.optimizer
         if optimizer is not None and self.writes:
             self._hook_optimizer(optimizer)
+        self._unscale(optimizer)  # sampled or not, so that every step behaves the same
         if self.sampled and self._measures:
             self._measure(optimizer, loss, accuracy)
         self._pre_clip = None
@@ -414,6 +419,8 @@ class Watcher:
         if self._closed:
             return
         try:
+            if self._sink is not None:
+                self._start()  # a run of zero steps is still a valid recording (header, events)
             if self._started:
                 self._finalize_pending(stepped=False)
                 self._emit_ready(wait=True)
@@ -507,7 +514,7 @@ class Watcher:
             raise RuntimeError("this Watcher is closed")
 
     def _start(self) -> None:
-        """On the first step: fix the layer order (forward order), build the probe, write the header."""
+        """On the first step: fix the layer order (forward order) and write the header."""
         if self._started:
             return
         self._started = True
@@ -519,15 +526,7 @@ class Watcher:
             return
         device = self.params[0].device if self.params else torch.device("cpu")
         header = RunHeader(
-            preset={
-                "name": self.name,
-                "source": "vgtui.watch",
-                "sample_every": self.sample_every,
-                "world_size": self.world_size,
-                "rank": self.rank if self.per_rank else 0,
-                "per_rank": self.per_rank,
-                "compiled": self.compiled,
-            },
+            preset=self._preset(),
             layers=[spec.name for spec in layers],
             layer_kinds=[spec.act_kind for spec in layers],
             device=str(device),
@@ -540,6 +539,29 @@ class Watcher:
         where = f" (rank {self.rank} of {self.world_size})" if self.world_size > 1 else ""
         self._sink.put(RunEvent("started", f"watching {self.name}{where}: {len(layers)} layers",
                                 self.step_index, self.run_id))
+
+    def _preset(self) -> dict:
+        """What the header can say about the user's run (the TUI and the diagnosis read it)."""
+        preset = {
+            "name": self.name,
+            "description": f"{self.name}, watched in its own training loop (vgtui.watch)",
+            "source": "vgtui.watch",
+            "task": "custom",
+            "sample_every": self.sample_every,
+            "clip": self._clip_info[0] if self._clip_info else "none",
+            "world_size": self.world_size,
+            "rank": self.rank if self.per_rank else 0,
+            "per_rank": self.per_rank,
+            "compiled": self.compiled,
+        }
+        if self._clip_info and self._clip_info[1] is not None:
+            preset["clip_threshold"] = self._clip_info[1]
+        if self.optimizer is not None:
+            preset["optimizer"] = type(self.optimizer).__name__
+            lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
+            if isinstance(lr, (int, float)):
+                preset["lr"] = float(lr)
+        return preset
 
     def _unscale(self, optimizer) -> None:
         """Unscale the gradients now if a GradScaler is known and has not unscaled them yet."""
@@ -569,7 +591,6 @@ class Watcher:
     def _measure(self, optimizer, loss, accuracy) -> None:
         """Everything of a sampled step that must be read before the optimiser changes it."""
         acc, self._acc = self._acc, _Accumulator(len(self.specs))
-        self._unscale(optimizer)
         device = self._device()
         loss_t = _scalar(loss, device)
         accuracy_t = _scalar(accuracy, device)
