@@ -159,3 +159,23 @@ def test_channel_drops_oldest_and_counts():
         channel.put(i)
     assert channel.drain() == [7, 8, 9]
     assert channel.dropped == 7
+
+
+def test_overhead_budget_widens_and_narrows_the_interval(monkeypatch):
+    from vgtui import trainer as trainer_module
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock["now"])
+    budget = trainer_module.OverheadBudget(0.02, floor=1)
+    interval, probe_seconds = 1, 0.0
+    # The probe takes 10% of each 0.1 s step: five times the budget.
+    for _ in range(40):
+        clock["now"] += 0.1
+        probe_seconds += 0.01 / interval
+        interval = budget.update(interval, probe_seconds)
+    assert budget.share < 0.02 and interval >= 5
+    # Now it costs nearly nothing: the interval comes back down to the user's floor.
+    for _ in range(400):
+        clock["now"] += 0.1
+        interval = budget.update(interval, probe_seconds)
+    assert interval == 1

@@ -31,6 +31,9 @@ def _add_training_options(parser: argparse.ArgumentParser, preset_default: str |
     parser.add_argument("--sample-every", type=int, default=None, metavar="N",
                         help="measure every N-th step (overrides the preset)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (overrides the preset)")
+    parser.add_argument("--budget", type=float, default=2.0, metavar="PCT",
+                        help="probe overhead budget in %% of training time: the sampling interval "
+                             "widens to stay under it (0 = off, sample exactly as asked; default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +94,12 @@ def _load(args) -> "object":
     return preset.replace(**changes) if changes else preset
 
 
+def _budget(args) -> float | None:
+    if not 0 <= args.budget <= 100:
+        raise UserError(f"--budget: must be a percentage in 0..100, got {args.budget:g}")
+    return args.budget / 100 if args.budget else None
+
+
 def _check_device(name: str) -> None:
     if name not in ("cpu", "cuda", "auto") and not name.startswith("cuda:"):
         raise UserError(f"--device: must be cpu, cuda, cuda:N or auto; got {name!r}")
@@ -130,7 +139,8 @@ def cmd_run(args) -> int:
     from .headless import run_headless
 
     return run_headless(preset, args.steps, record=args.record, device=args.device,
-                        print_every=args.print_every, data_root=args.data_root, download=args.download)
+                        print_every=args.print_every, data_root=args.data_root, download=args.download,
+                        overhead_budget=_budget(args))
 
 
 def _tui_entry(name: str):

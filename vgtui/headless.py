@@ -98,6 +98,7 @@ def run_headless(
     data_root: Path | None = None,
     download: bool = False,
     table_every: int | None = None,
+    overhead_budget: float | None = None,
 ) -> int:
     """Train ``steps`` steps; returns the process exit code (0, 1 on a training error,
     128 + signal number when stopped by a signal)."""
@@ -105,7 +106,7 @@ def run_headless(
 
     channel: Channel = Channel(maxlen=100_000)
     controller = TrainerController(channel, device=device, data_root=data_root, download=download,
-                                   max_steps=steps)
+                                   max_steps=steps, overhead_budget=overhead_budget)
     print_every = print_every or max(1, steps // 20)
     table_every = table_every or max(print_every, steps // 4)
     writer = JsonlWriter(record) if record else None
@@ -154,6 +155,10 @@ def run_headless(
             print(f"  [{verdict.severity}] {verdict.kind}: {verdict.summary}", file=out)
             if verdict.suggestions:
                 print(f"      try: {', '.join(verdict.suggestions)}", file=out)
+    if last is not None and overhead_budget:
+        share = "not measured yet" if math.isnan(last.probe_overhead) else f"{last.probe_overhead:.1%}"
+        print(f"  probe overhead {share} of wall time (budget {overhead_budget:.0%}), "
+              f"sampling every {last.sample_every} step(s)", file=out)
     if channel.dropped:
         print(f"  ({channel.dropped} records dropped by a slow consumer)", file=out)
     if record:

@@ -62,6 +62,7 @@ def to_json(record: Record, layer_names: list[str] | None = None) -> dict:
             "time": jsonable(record.time),
             "steps_per_sec": jsonable(record.steps_per_sec),
             "sample_every": record.sample_every,
+            "probe_overhead": jsonable(record.probe_overhead),
             "loss": jsonable(record.loss),
             "accuracy": jsonable(record.accuracy),
             "grad_norm_total": jsonable(record.grad_norm_total),
@@ -132,6 +133,7 @@ def from_json(data: dict, layer_names: list[str] | None) -> Record:
             time=_num(data.get("time", 0.0)),
             steps_per_sec=_num(data.get("steps_per_sec", "nan")),
             sample_every=int(data.get("sample_every", 1)),
+            probe_overhead=_num(data.get("probe_overhead", "nan")),
             verdicts=[Verdict.from_json(v) for v in data.get("verdicts", [])],
         )
     if kind == "event":

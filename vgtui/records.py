@@ -100,6 +100,7 @@ class StepRecord:
     time: float = 0.0  # seconds since the run started
     steps_per_sec: float = float("nan")
     sample_every: int = 1
+    probe_overhead: float = float("nan")  # the probe's measured share of wall time (budget mode)
     verdicts: list[Verdict] = field(default_factory=list)
     #: True when the detail tier (activation stats, ‖W‖, update ratio, histograms) was measured;
     #: on other sampled steps those columns are NaN and ``hist`` is None.

@@ -7,6 +7,7 @@ inside becomes a RunError record: the consumer decides how to show it.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -23,6 +24,45 @@ from .data import DataError, make_data
 from .diagnosis import Diagnoser
 from .probe import Probe
 from .records import RunError, RunEvent, RunHeader, StepRecord
+
+
+class OverheadBudget:
+    """Keeps the probe's share of wall time under ``budget`` by widening the sampling interval
+    (and narrowing it back, never below the user's ``floor``) once per window of a second.
+
+    The share is the probe's own measured time (its calls after backward, around the optimiser
+    step, the packing and read-back, and the diagnosis) over the window's wall time. Hooks that
+    only keep references during forward and backward are not timed; they cost microseconds.
+    """
+
+    WINDOW_SECONDS = 1.0
+    TARGET = 0.7  # aim below the budget so that noise does not flip the interval back and forth
+    MAX_INTERVAL = 10_000
+
+    def __init__(self, budget: float, floor: int):
+        self.budget = budget
+        self.floor = floor
+        self.share = float("nan")
+        self._start = time.perf_counter()
+        self._probe_at_start = 0.0
+        self._steps = 0
+
+    def update(self, interval: int, probe_seconds: float) -> int:
+        """Called once per step; returns the interval to use from now on."""
+        self._steps += 1
+        now = time.perf_counter()
+        elapsed = now - self._start
+        # A window spans a second and several sampled steps, so that it sees the probe's real cost.
+        if elapsed < self.WINDOW_SECONDS or self._steps < 3 * interval:
+            return interval
+        self.share = (probe_seconds - self._probe_at_start) / elapsed
+        self._start, self._probe_at_start, self._steps = now, probe_seconds, 0
+        goal = self.TARGET * self.budget
+        if self.share > self.budget:
+            interval = math.ceil(interval * self.share / goal)
+        elif self.share < 0.4 * self.budget and interval > self.floor:
+            interval = max(self.floor, interval // 2, math.floor(interval * self.share / goal))
+        return max(self.floor, min(interval, self.MAX_INTERVAL))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,8 +88,10 @@ class Trainer(threading.Thread):
         start_paused: bool = False,
         data_root: Path | None = None,
         download: bool = False,
+        overhead_budget: float | None = None,
     ):
         super().__init__(name=f"vgtui-trainer-{run_id}", daemon=True)
+        self.overhead_budget = overhead_budget
         self.preset = preset
         self.channel = channel
         self.device_name = device
@@ -63,6 +105,8 @@ class Trainer(threading.Thread):
         self.step = 0
         self._stop_requested = threading.Event()
         self._single_steps = 0
+        self._budget: OverheadBudget | None = None
+        self._probe_seconds = 0.0
 
     # -- controls (any thread) ------------------------------------------------------------------
     def pause(self) -> None:
@@ -101,6 +145,8 @@ class Trainer(threading.Thread):
             self._single_steps += 1
         elif command == "sample_every":
             self.sample_every = int(value)
+            if self._budget is not None:
+                self._budget.floor = self.sample_every
         elif command == "stop":
             self._stop_requested.set()
 
@@ -146,6 +192,8 @@ class Trainer(threading.Thread):
             self._emit(RunEvent("paused", step=0, run_id=self.run_id))
         probe = Probe(built.layers, list(built.model.parameters()), detail_every=preset.detail_every).attach()
         diagnoser = Diagnoser(header)
+        if self.overhead_budget:
+            self._budget = OverheadBudget(self.overhead_budget, self.sample_every)
         self._t0 = time.perf_counter()
         self._rate = float("nan")
         self._last_time = self._t0
@@ -161,10 +209,14 @@ class Trainer(threading.Thread):
                     if self._single_steps:
                         self._single_steps -= 1
                     more = step_fn()
+                    started = time.perf_counter()
                     for record in probe.poll():
                         record.verdicts = diagnoser.update(record)
                         self._emit(record)
+                    self._probe_seconds += time.perf_counter() - started
                     self.step += 1
+                    if self._budget is not None:
+                        self.sample_every = self._budget.update(self.sample_every, self._probe_seconds)
                     now = time.perf_counter()
                     dt = now - self._last_time
                     self._last_time = now
@@ -184,6 +236,7 @@ class Trainer(threading.Thread):
             "time": time.perf_counter() - self._t0,
             "steps_per_sec": self._rate,
             "sample_every": self.sample_every,
+            "probe_overhead": self._budget.share if self._budget is not None else float("nan"),
         }
 
     def _phases(self, built: Built, data, probe: Probe):
@@ -209,13 +262,20 @@ class Trainer(threading.Thread):
             out = model(x)
             loss = built.loss_fn(out, x if autoencoder else y)
             loss.backward()
+            t0 = time.perf_counter()
             probe.after_backward()
+            t1 = time.perf_counter()
             probe.clip(preset.clip, preset.clip_threshold)
+            t2 = time.perf_counter()
             probe.before_step(optimizer)
+            t3 = time.perf_counter()
             optimizer.step()
             if sampled:
+                t4 = time.perf_counter()
                 accuracy = None if autoencoder else (out.detach().argmax(1) == y).float().mean()
                 probe.finish(self.step, loss, accuracy, optimizer, **self._meta("train"))
+                self._probe_seconds += time.perf_counter() - t4
+            self._probe_seconds += (t1 - t0) + (t3 - t2) + ((t2 - t1) if preset.clip == "none" else 0.0)
             return True
 
         return step
@@ -274,7 +334,9 @@ class TrainerController:
     """
 
     def __init__(self, channel: Channel | None = None, *, device: str = "cpu", data_root=None,
-                 download: bool = False, max_steps: int | None = None):
+                 download: bool = False, max_steps: int | None = None,
+                 overhead_budget: float | None = None):
+        self.overhead_budget = overhead_budget
         self.channel = channel if channel is not None else Channel()
         self.device = device
         self.data_root = data_root
@@ -288,7 +350,8 @@ class TrainerController:
         self.run_id += 1
         self.trainer = Trainer(preset, self.channel, device=self.device, run_id=self.run_id,
                                max_steps=self.max_steps, start_paused=paused,
-                               data_root=self.data_root, download=self.download)
+                               data_root=self.data_root, download=self.download,
+                               overhead_budget=self.overhead_budget)
         self.trainer.start()
         return self.trainer
 
