@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -43,8 +43,9 @@ HIST_MAX_ELEMENTS = 1024
 #: every 10th sampled step: at 10-20 steps/s that still refreshes those views about twice a second.
 DETAIL_EVERY = 10
 
-_COLUMNS = len(LAYER_METRICS) + 2  # + forward finite flag, backward finite flag
-_SCALARS = 6  # loss, accuracy, grad_norm_total, grad_norm_clipped, clipped, loss finite
+# Packed per layer: wgrad, act_grad, mean, std, saturated, dead, weight_norm, update, act_norm.
+_COLUMNS = 9
+_SCALARS = 5  # loss, accuracy, grad_norm_total, grad_norm_clipped, clipped
 
 
 @dataclass
@@ -54,6 +55,7 @@ class _Pending:
     buffer: torch.Tensor
     event: object | None
     detail: bool = False
+    host_side: dict = field(default_factory=dict)
 
 
 class Probe:
@@ -87,7 +89,7 @@ class Probe:
         self._acts: list[torch.Tensor | None] = [None] * len(layers)
         self._out_grads: list[torch.Tensor | None] = [None] * len(layers)
         self._act_grad: torch.Tensor | None = None
-        self._grad_missing: torch.Tensor | None = None
+        self._grad_missing: list[bool] | None = None
         self._total: torch.Tensor | None = None
         self._groups: tuple[object, dict] | None = None
         self._wgrad: torch.Tensor | None = None
@@ -160,7 +162,7 @@ class Probe:
             self._wgrad = torch.stack([norms[index[id(layer.weight)]] for layer in self.layers]).float()
         else:
             self._wgrad = torch.stack(torch._foreach_norm(grads)).float()
-        self._grad_missing = torch.tensor([g is None for g in self._out_grads], device=self._wgrad.device)
+        self._grad_missing = [g is None for g in self._out_grads]
         present = [g for g in self._out_grads if g is not None]
         if present:
             norms = iter(torch._foreach_norm(present))
@@ -191,9 +193,10 @@ class Probe:
 
     def _activation_stats(self, device) -> torch.Tensor:
         """(n_layers, 4): mean, std, saturated fraction, dead fraction, batched by shape and kind."""
-        stats = torch.full((len(self.layers), 4), float("nan"), device=device)
+        missing = torch.full((4,), float("nan"), device=device)
         if not self.detail:
-            return stats
+            return missing.expand(len(self.layers), 4)
+        rows = [missing] * len(self.layers)
         groups: dict[tuple, list[int]] = {}
         for index, act in enumerate(self._acts):
             if act is not None:
@@ -219,9 +222,9 @@ class Probe:
                 columns.append((units.amax(dim=(1, 3)) <= 0).float().mean(1))
             else:
                 columns.append(torch.full_like(mean, float("nan")))
-            stats[torch.tensor(members, device=device)] = torch.stack(columns, dim=1)
-        self._acts = [None] * len(self.layers)
-        return stats
+            for row, index in zip(torch.stack(columns, dim=1), members):
+                rows[index] = row
+        return torch.stack(rows)
 
     def clip(self, kind: str = "none", threshold: float = 1.0) -> None:
         """Clip all gradients (every step, sampled or not) and measure the global norm on sampled
@@ -288,7 +291,11 @@ class Probe:
 
     def finish(self, step: int, loss: torch.Tensor, accuracy: torch.Tensor | None, optimizer=None,
                **meta) -> None:
-        """Pack this step's measurements into one tensor and start its single device->host copy."""
+        """Pack this step's measurements into one tensor and start its single device->host copy.
+
+        Nothing here copies host data to the device (on CUDA a plain host->device copy waits for
+        the whole queue): masks and learning rates stay on the host and are applied on unpacking.
+        """
         if not self.sampled:
             return
         weights = [layer.weight.detach() for layer in self.layers]
@@ -296,54 +303,48 @@ class Probe:
         nan = torch.full((), float("nan"), device=device)
         nans = torch.full((len(weights),), float("nan"), device=device)
         update = weight_norm = nans
+        lrs = None
         if self.detail:
             weight_norm = torch.stack(torch._foreach_norm(weights)).float()
             if self._snapshot is not None:
                 update = torch.stack(torch._foreach_norm(torch._foreach_sub(weights, self._snapshot))).float()
+                lrs = [1.0] * len(weights)
             elif optimizer is not None and (mom := self._momentum_buffers(optimizer)) is not None:
                 buffers, lrs = mom
-                update = torch.stack(torch._foreach_norm(buffers)).float() * torch.tensor(lrs, device=device)
+                update = torch.stack(torch._foreach_norm(buffers)).float()  # times lr, on the host
         self._snapshot = None
         # Forward finiteness on every sampled step: one fused norm over the kept activations
         # (non-finite iff some entry is, short of float32 overflow, which is itself an explosion).
+        reached = [a is not None for a in self._acts]
         kept = [a for a in self._acts if a is not None]
-        reached = torch.tensor([a is not None for a in self._acts], device=device)
-        act_finite = torch.ones(len(weights), dtype=torch.bool, device=device)
-        if kept:
-            act_finite[reached] = torch.isfinite(torch.stack(torch._foreach_norm(kept)))
+        act_norms = iter(torch._foreach_norm(kept) if kept else [])
+        act_norm = torch.stack([next(act_norms).float() if r else nan for r in reached])
         stats = self._activation_stats(device)
         self._acts = [None] * len(self.layers)
         act_grad = self._act_grad if self._act_grad is not None else nans
         wgrad = self._wgrad if self._wgrad is not None else nans
-        # A layer that produced nothing this step (not reached, frozen) counts as finite.
-        fwd_finite = act_finite
-        missing = self._grad_missing if self._act_grad is not None else torch.ones_like(reached)
-        bwd_finite = (torch.isfinite(act_grad) | missing) & torch.isfinite(wgrad)
-        per_layer = torch.stack([
-            wgrad, act_grad, stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3],
-            weight_norm, update / weight_norm.clamp_min(1e-30),
-            fwd_finite.float(), bwd_finite.float(),
-        ], dim=1)
+        per_layer = torch.stack([wgrad, act_grad, stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3],
+                                 weight_norm, update, act_norm], dim=1)
         loss = loss.detach().float().reshape(())
         acc = accuracy.detach().float().reshape(()) if accuracy is not None else nan
         if self._clip is None:
             self.clip("none")
         total, after, acted = self._clip if self._clip is not None else (nan, nan, nan)
-        scalars = torch.stack([loss, acc, total.float(), after.float(), acted.float(),
-                               torch.isfinite(loss).float()])
+        scalars = torch.stack([loss, acc, total.float(), after.float(), acted.float()])
         parts = [scalars, per_layer.reshape(-1)]
         if self._hist is not None:
             parts.append(self._hist.reshape(-1))
         packed = torch.cat(parts)
-        self._wgrad = self._hist = self._act_grad = None
+        host_side = {"reached": reached, "grad_missing": self._grad_missing, "lrs": lrs}
+        self._wgrad = self._hist = self._act_grad = self._grad_missing = None
         if packed.is_cuda:
             host = self._pinned_buffer(packed.numel())
             host.copy_(packed, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._pending.append(_Pending(step, meta, host, event, self.detail))
+            self._pending.append(_Pending(step, meta, host, event, self.detail, host_side))
         else:
-            self._pending.append(_Pending(step, meta, packed, None, self.detail))
+            self._pending.append(_Pending(step, meta, packed, None, self.detail, host_side))
         self.transfers += 1
 
     def _pinned_buffer(self, numel: int) -> torch.Tensor:
@@ -372,19 +373,32 @@ class Probe:
     def _unpack(self, pending: _Pending) -> StepRecord:
         values = pending.buffer.numpy().astype(np.float64, copy=True)
         n = len(self.layers)
-        loss, acc, total, after, acted, loss_finite = values[:_SCALARS]
+        loss, acc, total, after, acted = values[:_SCALARS]
         per_layer = values[_SCALARS : _SCALARS + n * _COLUMNS].reshape(n, _COLUMNS)
         rest = values[_SCALARS + n * _COLUMNS :]
         hist = rest.reshape(n, HIST_BINS) if rest.size else None
-        layers = {name: per_layer[:, i].copy() for i, name in enumerate(LAYER_METRICS)}
+        wgrad, act_grad, mean, std, saturated, dead, weight_norm, update, act_norm = per_layer.T
+        lrs = pending.host_side["lrs"]
+        if lrs is not None:
+            update = update * np.asarray(lrs) / np.maximum(weight_norm, 1e-30)
+        layers = {
+            "weight_grad_norm": wgrad, "act_grad_norm": act_grad, "act_mean": mean, "act_std": std,
+            "saturated": saturated, "dead": dead, "weight_norm": weight_norm, "update_ratio": update,
+        }
+        layers = {name: layers[name].copy() for name in LAYER_METRICS}
+        # Where non-finite values began: forward input -> output first, then backward output -> input.
+        # A layer that produced nothing this step (not reached, frozen) counts as finite.
+        reached = np.asarray(pending.host_side["reached"], dtype=bool)
+        missing = pending.host_side["grad_missing"]
+        has_grad = ~np.asarray(missing, dtype=bool) if missing is not None else np.zeros(n, dtype=bool)
+        fwd_bad = np.flatnonzero(reached & ~np.isfinite(act_norm))
+        bwd_bad = np.flatnonzero((has_grad & ~np.isfinite(act_grad)) | ~np.isfinite(wgrad))
         nonfinite = None
-        fwd_bad = np.flatnonzero(per_layer[:, len(LAYER_METRICS)] < 0.5)
-        bwd_bad = np.flatnonzero(per_layer[:, len(LAYER_METRICS) + 1] < 0.5)
         if len(fwd_bad):
             nonfinite = (self.names[fwd_bad[0]], "forward")
         elif len(bwd_bad):
-            nonfinite = (self.names[bwd_bad[-1]], "backward")  # output -> input: the last index first
-        elif loss_finite < 0.5:
+            nonfinite = (self.names[bwd_bad[-1]], "backward")
+        elif not np.isfinite(loss):
             nonfinite = ("loss", "forward")
         return StepRecord(
             step=pending.step,
