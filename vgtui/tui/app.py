@@ -85,6 +85,10 @@ def _quick_presets() -> list[str]:
     return builtin_names()[:9]
 
 
+class RowsScroll(VerticalScroll, can_focus=False):
+    """Scrolls the per-layer rows (deep nets); never takes the keys (↑/↓ select layers)."""
+
+
 class PresetCommands(Provider):
     """Every built-in preset in the command palette."""
 
@@ -293,7 +297,7 @@ class Dashboard(Monitor):
         yield Static(id="errors")
         with ContentSwitcher(initial="dash", id="views"):
             with Vertical(id="dash"):
-                with VerticalScroll(id="rows-scroll"):
+                with RowsScroll(id="rows-scroll"):
                     yield LayerRows(self, id="rows")
                 yield LossPlot(id="loss")
             yield Heatmap(self, id="heatmap", classes="view")
@@ -306,8 +310,7 @@ class Dashboard(Monitor):
     def on_mount(self) -> None:
         if self.mono:
             self.query_one(LossPlot).theme = "clear"
-        self.rows_scroll = self.query_one("#rows-scroll", VerticalScroll)
-        self.rows_scroll.can_focus = False
+        self.rows_scroll = self.query_one("#rows-scroll", RowsScroll)
         if self.source.seekable:
             self.position = len(self.source.step_index) - 1
             self.state.feed(self.source.upto(self.position))

@@ -262,10 +262,12 @@ class ScriptedSource(Source):
 
     def restart(self) -> bool:
         self.calls.append(("restart",))
+        self.pending = list(self.records)  # "the new run": the same records again
         return True
 
     def switch(self, preset) -> bool:
         self.calls.append(("switch", preset.name))
+        self.pending = list(self.records)
         return True
 
     def set_sample_every(self, every: int) -> bool:

@@ -1,0 +1,184 @@
+"""Fast TUI tests with no training thread: replay seeking, bad recordings, palette, errors,
+renderers, and that textual stays out of the core import path."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from vgtui.records import StepRecord
+from vgtui.tui import render as R
+from vgtui.tui.app import Dashboard, make_app
+from vgtui.tui.sources import ReplaySource
+from vgtui.tui.state import RunState
+
+from tui_snapshot_app import recording, records, scripted_app, screen_text, training_error
+
+
+def sync(coro_fn):
+    @functools.wraps(coro_fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(coro_fn(*args, **kwargs))
+
+    return wrapper
+
+
+def dashboard(app) -> Dashboard:
+    return next(s for s in app.screen_stack if isinstance(s, Dashboard))
+
+
+@sync
+async def test_replay_seeking():
+    source = ReplaySource(recording("exploding"))
+    app = make_app(source)
+    async with app.run_test(size=(80, 24)) as pilot:
+        dash = dashboard(app)
+        last = len(source.step_index) - 1
+        assert dash.position == last and dash.state.last.step == 19
+        await pilot.press("left", "left")
+        assert dash.state.last.step == 17
+        await pilot.press("home")
+        assert dash.state.last.step == 0 and len(dash.state.steps) == 1
+        await pilot.press("right")
+        assert dash.state.last.step == 1
+        await pilot.press("f")
+        assert dash.state.last.nonfinite is not None
+        assert dash.state.last.step == dash.state.nonfinite[0]
+        previous = source.records[source.step_index[dash.position - 1]]
+        assert previous.nonfinite is None
+        await pilot.press("end")
+        assert dash.state.last.step == 19
+        await pilot.press("n")  # at the end: stays
+        assert dash.position == last
+        await pilot.press("r")  # not available in replay: the app says so and carries on
+        await pilot.press("q")
+
+
+@sync
+async def test_bad_lines_are_reported(tmp_path):
+    lines = recording("relu-he").read_text().splitlines()
+    lines[3] = "{not json"
+    lines[7] = '{"type": "step", "step": "x"}'
+    path = tmp_path / "broken.jsonl"
+    path.write_text("\n".join(lines[:20]) + "\n" + lines[20][:50])
+    source = ReplaySource(path)
+    assert len(source.problems) == 3
+    app = make_app(source)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        text = screen_text(app)
+        assert "3 bad line(s) skipped" in text
+        assert "line 4, 8, 21" in text
+        await pilot.press("q")
+
+
+@sync
+async def test_error_panel_and_switch_after_error():
+    app = scripted_app("sigmoid-deep", extra=[training_error()])
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        text = screen_text(app)
+        assert "training failed at step 60" in text and "failed" in text.splitlines()[0]
+        await pilot.press("2")
+        assert ("switch", "relu-he") in app.source.calls
+        await pilot.press("x")
+
+
+@sync
+async def test_command_palette_switches_preset():
+    app = scripted_app("sigmoid-deep")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"relu-30-he")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert ("switch", "relu-30-he") in app.source.calls
+
+
+@sync
+async def test_keys_reach_the_source():
+    app = scripted_app("relu-he")
+    async with app.run_test(size=(80, 24)) as pilot:
+        dash = dashboard(app)
+        await pilot.press("space")
+        await pilot.pause()
+        assert dash.state.paused
+        await pilot.press("space", "n", "plus", "plus", "minus", "r")
+        calls = app.source.calls
+        assert ("pause",) in calls and ("resume",) in calls and ("step",) in calls
+        assert [c for c in calls if c[0] == "sample_every"] == [("sample_every", 2), ("sample_every", 5),
+                                                                  ("sample_every", 2)]
+        assert ("restart",) in calls
+        for _ in range(4):
+            await pilot.press("v")
+        assert dash.view == "dash"
+        await pilot.press("down", "down", "down")
+        assert dash.selected == 3
+        await pilot.press("question_mark")
+        assert "vgtui — keys" in screen_text(app)
+        await pilot.press("escape")
+        await pilot.press("q")
+
+
+@sync
+async def test_too_small_then_big_again():
+    app = scripted_app("sigmoid-deep")
+    async with app.run_test(size=(30, 8)) as pilot:
+        await pilot.pause()
+        assert "terminal too small" in screen_text(app)
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause()
+        assert "terminal too small" not in screen_text(app)
+        assert "hidden1" in screen_text(app)
+
+
+def test_no_color_means_mono(monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = scripted_app("sigmoid-deep")
+    assert app.mono
+
+
+def test_core_imports_stay_free_of_textual():
+    code = ("import sys, vgtui, vgtui.cli, vgtui.tui, vgtui.trainer, vgtui.record; "
+            "vgtui.cli.build_parser(); "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'textual_plotext', 'plotext'))))")
+    out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out) == []
+
+
+def test_state_ignores_stragglers_and_bounds_history():
+    recs = records("relu-he")
+    state = RunState(maxlen=10)
+    state.feed(recs)
+    assert len(state.steps) == 10 and state.last.step == 59
+    straggler = next(r for r in recs if isinstance(r, StepRecord))
+    straggler.run_id = 99
+    assert not state.feed([straggler])
+
+
+def test_renderers_fit_their_width():
+    recs = records("relu-30-xavier")
+    state = RunState()
+    state.feed(recs)
+    for width in (40, 80, 200):
+        for text in (R.layer_rows(state, width, ["act_grad_norm", "weight_grad_norm"], 0, False),
+                     R.heatmap(state, width, 20, "act_grad_norm", False),
+                     R.histogram(state, 0, width, 14, False),
+                     R.activations(state, width, 0, False)):
+            assert max(len(line) for line in text.plain.splitlines()) <= max(width, 52)
+
+
+def test_heatmap_groups_many_layers():
+    logged = np.log10(np.abs(np.random.default_rng(0).normal(size=(120, 50))) + 1e-3)
+    cells, groups = R.bin_rows(logged, 30)
+    assert cells.shape == (30, 50) and groups[0][0] == 0 and groups[-1][1] == 119
+    logged[5, 3] = np.nan
+    assert np.isnan(R.bin_columns(logged, 10)[5]).any()
