@@ -179,3 +179,42 @@ def test_overhead_budget_widens_and_narrows_the_interval(monkeypatch):
         clock["now"] += 0.1
         interval = budget.update(interval, probe_seconds)
     assert interval == 1
+
+
+def test_slow_consumer_memory_is_bounded_and_newest_data_kept():
+    """Nobody drains the channel while 300 steps train: it holds 50, counts the rest as dropped."""
+    channel = Channel(50)
+    trainer = Trainer(tiny(depth=1, width=8), channel, max_steps=300)
+    trainer.start()
+    trainer.join(60)
+    records = channel.drain()
+    assert len(records) == 50
+    assert channel.dropped > 250
+    assert max(r.step for r in steps_of(records)) == 299
+    assert isinstance(records[-1], RunEvent) and records[-1].kind == "finished"
+
+
+def test_out_of_memory_in_the_thread_is_delivered(monkeypatch):
+    import torch
+
+    from vgtui import trainer as trainer_module
+
+    real_build = trainer_module.build_model
+
+    def build_that_runs_out(preset, device):
+        built = real_build(preset, device)
+
+        def forward(x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+        built.model.forward = forward
+        return built
+
+    monkeypatch.setattr(trainer_module, "build_model", build_that_runs_out)
+    channel = Channel(1000)
+    trainer = Trainer(tiny(), channel, max_steps=5)
+    trainer.start()
+    trainer.join(30)
+    errors = [r for r in channel.drain() if isinstance(r, RunError)]
+    assert len(errors) == 1 and "out of memory" in errors[0].message
+    assert not trainer.is_alive()
