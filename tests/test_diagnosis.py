@@ -254,7 +254,7 @@ def test_vanishing_hysteresis_does_not_flicker():
 
 def test_nonfinite_is_latched_with_first_step_layer_direction():
     d = Diagnoser(_header(activation="relu", init="normal"))
-    recs = [_record(i, ratio=30.0, gnorm=10.0 ** i) for i in range(4)]
+    recs = [_record(i, ratio=100.0, gnorm=10.0 ** i) for i in range(4)]
     recs.append(_record(4, ratio=float("nan"), loss=float("nan"), gnorm=float("inf"),
                         nonfinite=("hidden3", "backward")))
     recs += [_record(5 + i, ratio=float("nan"), loss=float("nan"), gnorm=float("nan"),
