@@ -247,6 +247,29 @@ def test_step_alone_measures_the_applied_gradient():
     assert rec.grad_norm_total == rec.grad_norm_clipped and not rec.clipped
 
 
+def test_amp_skipped_step_is_a_notice_not_an_alarm():
+    """A loss scale so large that the scaled gradients overflow: GradScaler skips the step (its
+    normal calibration). The record keeps the inf values but raises no non-finite alarm."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126)
+    channel = Channel()
+    watcher = vgtui.watch(model, optimizer=opt, scaler=scaler, channel=channel, diagnose=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _mlp_data(0)
+    scaler.scale(F.mse_loss(model(x), y * 100)).backward()
+    watcher.step()
+    scaler.step(opt)  # skipped: the optimiser's step hook does not fire
+    scaler.update()
+    watcher.close()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    records = channel.drain()
+    notices = [r for r in records if isinstance(r, RunEvent) and r.kind == "notice"]
+    step = next(r for r in records if isinstance(r, StepRecord))
+    assert len(notices) == 1 and "GradScaler skipped" in notices[0].message and notices[0].step == 0
+    assert step.nonfinite is None and not np.isfinite(step.grad_norm_total)
+
+
 def _hooks(model, opt=None):
     count = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
     return count + (len(opt._optimizer_step_post_hooks) if opt is not None else 0)
@@ -346,7 +369,10 @@ def test_compiled_model_forward_runs_and_weight_gradients_are_measured():
 
     Inside the compiled region the hooks do nothing, so no graph break: activation statistics and
     ‖∂L/∂h‖ are NaN ("not measured"); everything read outside the forward is measured."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     eager, model = _mlp(), _mlp()
     compiled = torch.compile(model, backend="aot_eager")
     results = []
@@ -368,6 +394,18 @@ def test_compiled_model_forward_runs_and_weight_gradients_are_measured():
     assert compiled_rec.nonfinite is None
     assert np.isfinite(eager_rec.layers["act_grad_norm"]).all()
     assert _hooks(model) == 0
+    # Watching the plain module and compiling it afterwards works the same way.
+    torch._dynamo.reset()
+    late = _mlp()
+    watcher = vgtui.watch(late, diagnose=False, channel=Channel())
+    runner = torch.compile(late, backend="aot_eager")
+    x, y = _mlp_data(0)
+    F.mse_loss(runner(x), y).backward()
+    watcher.step()
+    watcher.close()
+    assert np.isfinite(watcher.latest.layers["weight_grad_norm"]).all()
+    assert np.isnan(watcher.latest.layers["act_mean"]).all() and watcher.latest.nonfinite is None
+    assert not counters["graph_break"]  # the hooks never split the compiled graph
 
 
 def test_nonfinite_is_reported_and_the_file_stays_strict_json(tmp_path):
