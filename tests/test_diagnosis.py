@@ -330,3 +330,32 @@ def test_phase_change_restarts_the_windows():
     assert out[-1][0].kind == "healthy" and "pre-training" in out[-1][0].summary
     out = _feed(d, [_record(4 + i, ratio=1e-4) for i in range(MIN_RECORDS)])
     assert out[0] == [] and out[-1][0].kind == "vanishing"
+
+
+def test_a_users_model_without_a_preset():
+    """vgtui.watch headers carry layer kinds but no activation or init: explanations stay generic."""
+    header = RunHeader(preset={"name": "my-net", "task": "custom", "clip": "none"},
+                       layers=["conv1", "conv2", "fc1", "fc2"],
+                       layer_kinds=["relu", "relu", "relu", "linear"], device="cpu")
+    d = Diagnoser(header)
+    out = _feed(d, [_record(i, n=4, ratio=1e-4, dead=0.6) for i in range(WINDOW)])
+    kinds = [v.kind for v in out[-1]]
+    assert kinds == ["vanishing", "dead"]
+    vanishing = out[-1][0]
+    assert "relu does not saturate" in vanishing.explanation
+    assert "None" not in vanishing.explanation and "default init" not in vanishing.explanation
+    assert out[-1][1].evidence["worst_layer"] in header.layers
+
+
+def test_verdicts_survive_a_json_round_trip():
+    d = Diagnoser(_header(activation="relu", clip="norm"))
+    recs = [_record(i, ratio=1e-4, dead=0.97, loss=2.3, clipped=True) for i in range(PLATEAU_WINDOW)]
+    recs.append(_record(PLATEAU_WINDOW, ratio=float("nan"), loss=float("nan"),
+                        nonfinite=("hidden2", "backward")))
+    verdicts = _feed(d, recs)[-1]
+    assert {v.kind for v in verdicts} == {"nonfinite", "exploding", "vanishing", "dead", "plateau"}
+    for v in verdicts:
+        text = json.dumps(v.to_json(), allow_nan=False)
+        back = Verdict.from_json(json.loads(text))
+        assert (back.kind, back.severity, back.summary, back.suggestions) == (
+            v.kind, v.severity, v.summary, v.suggestions)

@@ -239,6 +239,15 @@ class _Ring:
         return 0.5 * (ordered[lo, cols] + ordered[hi, cols])
 
 
+def _main_kind(kinds: list[str]) -> str:
+    """The most common activation among the layers (ties: the first), "" if all are linear."""
+    counts: dict[str, int] = {}
+    for kind in kinds:
+        if kind and kind != "linear":
+            counts[kind] = counts.get(kind, 0) + 1
+    return max(counts, key=counts.get) if counts else ""
+
+
 def _argmax(values: np.ndarray) -> int:
     """Index of the largest non-nan value, -1 when all are nan."""
     filled = np.where(np.isnan(values), -np.inf, values)
@@ -271,7 +280,8 @@ class Diagnoser:
         self.names = list(header.layers)
         self.kinds = list(header.layer_kinds)
         self.n = len(self.names)
-        self.activation = self.preset.get("activation", "")
+        # A preset names its activation; a user's model (vgtui.watch) only has the layer kinds.
+        self.activation = self.preset.get("activation") or _main_kind(self.kinds)
         self.task = self.preset.get("task", "classifier")
         self.clip = self.preset.get("clip", "none")
         self.first_nonfinite: dict | None = None
@@ -442,7 +452,7 @@ class Diagnoser:
                            critical, frozen) -> Verdict:
         act = self.activation
         saturating = act in ("sigmoid", "tanh")
-        init = self.preset.get("init", "default")
+        init = self.preset.get("init")  # None: a user's model, init unknown
         depth = self.n - 1
         dead_all = ratio == 0.0
         if dead_all:
@@ -462,7 +472,7 @@ class Diagnoser:
             causes.append(f"{act} is a saturating activation: its derivative is at most {peak}"
                           " and falls towards 0 on its flat tails, so every layer shrinks the"
                           " gradient (Glorot & Bengio 2010).")
-            if init == "default":
+            if init == "default" and self.preset.get("task") in ("classifier", "autoencoder"):
                 causes.append("The default init U(±1/√fan_in) keeps pre-activations small, so each"
                               " layer's Jacobian is well below 1; Xavier init helps, but sigmoid"
                               " still shrinks it.")
@@ -472,10 +482,11 @@ class Diagnoser:
                               " the loss of signal comes from somewhere else (dead units, a"
                               " negative bias, or the learning rate).")
             else:
-                causes.append(f"{act} does not saturate, but the init ({init}) is too small for"
-                              " it: a ReLU passes half the variance, so weights need variance"
-                              " 2/fan_in (He et al. 2015) or the gradient shrinks every layer,"
-                              " and more so the deeper the net.")
+                which = f"the init ({init})" if init else "the init"
+                causes.append(f"{act} does not saturate, so the likely cause is that {which} is"
+                              " too small for it: a ReLU passes half the variance, so weights"
+                              " need variance 2/fan_in (He et al. 2015) or the gradient shrinks"
+                              " every layer, and more so the deeper the net.")
         if dead_all:
             causes.append("A layer whose units are all inactive passes exactly zero gradient back.")
         causes.append("Early layers then barely change: their updates are tiny relative to their"
