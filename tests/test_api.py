@@ -475,7 +475,22 @@ def test_the_readme_example_runs(tmp_path):
     assert "vgtui replay" in out.stdout
 
 
-def test_import_vgtui_does_not_import_torch():
-    code = "import sys, vgtui; assert 'torch' not in sys.modules; assert callable(vgtui.watch); print('ok')"
+def test_import_vgtui_is_lazy_and_a_forgotten_close_still_completes_the_file(tmp_path):
+    """`import vgtui` must not import torch (`vgtui --help` stays fast); a script that never calls
+    close() still leaves a complete recording when the interpreter exits."""
+    code = f"""
+import sys, vgtui
+assert 'torch' not in sys.modules
+import torch
+model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+watcher = vgtui.watch(model, record={str(tmp_path / 'left.jsonl')!r})
+for _ in range(2):
+    model(torch.randn(4, 3)).sum().backward()
+    watcher.step()
+print('ok')
+"""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    records, steps = steps_of(tmp_path / "left.jsonl")
+    assert [r.step for r in steps] == [0, 1]
+    assert isinstance(records[-1], RunEvent) and records[-1].kind == "finished"

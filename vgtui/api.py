@@ -52,7 +52,7 @@ import warnings
 import weakref
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -344,6 +344,7 @@ class Watcher:
         self._handles: list = []
         self._opt_handles: dict[int, Any] = {}
         self._seen: list[int] = []  # registration indices in first-forward order
+        self._seen_set: set[int] = set()
         self._started = False
         self._closed = False
         self._order: list[int] = list(range(len(self.specs)))
@@ -498,7 +499,8 @@ class Watcher:
         def hook(module, inputs, output):
             if torch.compiler.is_compiling():
                 return
-            if not self._started and index not in self._seen:
+            if not self._started and index not in self._seen_set:
+                self._seen_set.add(index)
                 self._seen.append(index)
             if not self.sampled or self._closed:
                 return
