@@ -87,6 +87,9 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, nn.Module | None, bool]:
             inner = inner.module
             continue
         if isinstance(inner, nn.DataParallel):
+            if len(inner.device_ids or []) > 1:  # replicas run the hooks on several threads at once
+                raise ValueError("vgtui.watch does not support nn.DataParallel over several GPUs: "
+                                 "use DistributedDataParallel (torchrun), which it supports")
             inner = inner.module
             continue
         break
