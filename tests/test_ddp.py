@@ -72,8 +72,9 @@ def batch(step, micro):
 
 
 def train(model, watcher, rank=0, world=1):
-    """The user's loop: accumulation over ACCUM micro-batches, their own clipping, SGD momentum."""
-    import vgtui
+    """The user's loop: accumulation over ACCUM micro-batches (under DDP without the all-reduce on
+    all but the last, as usual), their own clipping, SGD with momentum."""
+    import contextlib
     params = model.parameters()
     opt = torch.optim.SGD(params, lr=0.2, momentum=0.9)
     share = MICRO // world
@@ -82,8 +83,10 @@ def train(model, watcher, rank=0, world=1):
         for micro in range(ACCUM):
             x, y = batch(step, micro)
             x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
-            loss = F.cross_entropy(model(x), y) / ACCUM
-            loss.backward()
+            quiet = model.no_sync() if hasattr(model, "no_sync") and micro < ACCUM - 1 else contextlib.nullcontext()
+            with quiet:
+                loss = F.cross_entropy(model(x), y) / ACCUM
+                loss.backward()
             total = total + loss.detach()
         watcher.before_clip()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
