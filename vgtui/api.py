@@ -2,7 +2,7 @@
 
     watcher = vgtui.watch(model, record="run.jsonl", sample_every=10, optimizer=opt, scaler=scaler)
     for i, (x, y) in enumerate(loader):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.float16):
             loss = loss_fn(model(x), y) / accum
         scaler.scale(loss).backward()
         if (i + 1) % accum == 0:
