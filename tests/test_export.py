@@ -73,7 +73,7 @@ def test_csv_round_trip_is_exact(recording, tmp_path):
     assert problems == []
     got = read_csv(out)
     assert rows == len(got)
-    assert sorted(got, key=repr) and _same(sorted(got, key=repr), sorted(_expected_rows(recording), key=repr)) is None
+    _same(sorted(got, key=repr), sorted(_expected_rows(recording), key=repr))
     assert out.read_text().splitlines()[0] == ",".join(CSV_COLUMNS)
     # The blow-up is kept, spelled so that pandas/numpy/float() read it back.
     text = out.read_text()
