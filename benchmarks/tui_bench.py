@@ -102,13 +102,15 @@ def child(mode: str, preset_name: str, steps: int, out_path: str) -> None:
         if new_steps:
             if stats["t_first"] is None:
                 stats["t_first"] = time.time()
+                stats["cpu0"], stats["wall0"] = thread_cpu(), time.perf_counter()
+            else:  # while the trainer is alive: its threads are still listed
+                stats["cpu1"], stats["wall1"] = thread_cpu(), time.perf_counter()
             stats["frames"].append(done - t0)
             stats["steps"] += new_steps
             if base is not None:
                 stats["lat"] += [done - (base + r.time) for r in new_steps]
         if self.state.finished and stats["t_done"] is None:
             stats["t_done"] = time.time()
-            stats["cpu"] = thread_cpu()
             self.app.exit()
         del before
 
@@ -149,13 +151,14 @@ def child(mode: str, preset_name: str, steps: int, out_path: str) -> None:
         result["frame_ms_p95"] = 1000 * frames[int(0.95 * (len(frames) - 1))]
         result["frame_ms_max"] = 1000 * frames[-1]
         result["frames"] = len(frames)
-    cpu = stats.get("cpu")
-    if cpu:
+    if stats.get("cpu1"):
+        # CPU used between the first and the last step record, per thread
+        cpu = {k: v - stats["cpu0"].get(k, 0.0) for k, v in stats["cpu1"].items()}
+        wall = stats["wall1"] - stats["wall0"]
         ui = sum(v for k, v in cpu.items() if k.startswith("main") or k.startswith("textual"))
-        result["ui_cpu_s"] = ui
-        result["total_cpu_s"] = sum(cpu.values())
-        result["ui_cpu_share"] = ui / max(1e-9, sum(cpu.values()))
-        result["threads"] = {k: round(v, 2) for k, v in cpu.items() if v > 0.05}
+        result["ui_cpu_percent_of_core"] = 100 * ui / wall
+        result["ui_cpu_share_of_process"] = ui / max(1e-9, sum(cpu.values()))
+        result["threads_cpu_s"] = {k: round(v, 2) for k, v in cpu.items() if v > 0.05}
     result["t_first"] = stats["t_first"]
     result["t_done"] = stats["t_done"]
     with open(out_path, "w") as handle:
@@ -242,6 +245,7 @@ def main() -> None:
     print("\nsummary")
     print(f"  TUI/headless steps/s ratio: {', '.join(f'{r:.3f}' for r in ratios)}"
           f" (median {statistics.median(ratios):.3f})" if ratios else "  no ratio")
+    print(f"  load average at the end: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,16 @@ def sync(coro_fn):
     return wrapper
 
 
+async def wait_for(pilot, predicate, timeout: float = 30.0) -> None:
+    """Let the poll timer run until ``predicate()`` holds (the timeout only bounds a failure)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await pilot.pause(0.05)
+
+
 def dashboard(app) -> Dashboard:
     return next(s for s in app.screen_stack if isinstance(s, Dashboard))
 
@@ -108,14 +118,14 @@ async def test_keys_reach_the_source():
     async with app.run_test(size=(80, 24)) as pilot:
         dash = dashboard(app)
         await pilot.press("space")
-        await pilot.pause()
-        assert dash.state.paused
+        await wait_for(pilot, lambda: dash.state.paused)
         await pilot.press("space", "n", "plus", "plus", "minus", "r")
         calls = app.source.calls
         assert ("pause",) in calls and ("resume",) in calls and ("step",) in calls
         assert [c for c in calls if c[0] == "sample_every"] == [("sample_every", 2), ("sample_every", 5),
                                                                   ("sample_every", 2)]
         assert ("restart",) in calls
+        await wait_for(pilot, lambda: dash.state.n_layers > 0)
         for _ in range(4):
             await pilot.press("v")
         assert dash.view == "dash"

@@ -250,19 +250,20 @@ class Dashboard(Monitor):
         Binding("r", "restart", "restart"),
         Binding("p", "picker", "presets"),
         Binding("v", "cycle_view", "view"),
-        Binding("g", "cycle_metric", "h/W"),
-        Binding("up", "select(-1)", "layer", show=False),
-        Binding("down", "select(1)", "layer", show=False),
-        Binding("plus,equals_sign", "sampling(1)", "sample+", key_display="+"),
-        Binding("minus", "sampling(-1)", "sample-", key_display="-"),
-        Binding("left", "seek(-1)", "back", key_display="←"),
-        Binding("right", "seek(1)", "fwd", key_display="→"),
-        Binding("home", "seek_to('home')", "first", show=False),
-        Binding("end", "seek_to('end')", "last", show=False),
+        Binding("plus,equals_sign", "sampling(1)", "sampling", key_display="+/-"),
+        Binding("minus", "sampling(-1)", "sampling", show=False),
+        Binding("left", "seek(-1)", "seek", key_display="←/→"),
+        Binding("right", "seek(1)", "seek", show=False),
         Binding("f", "seek_to('nonfinite')", "first NaN"),
-        Binding("x", "hide_errors", "hide errors", show=False),
         Binding("question_mark", "help", "help", key_display="?"),
         Binding("q", "quit", "quit"),
+        # in the help screen; the footer shows what fits in 80 columns
+        Binding("home", "seek_to('home')", "first", show=False),
+        Binding("end", "seek_to('end')", "last", show=False),
+        Binding("g", "cycle_metric", "h/W", show=False),
+        Binding("up,k", "select(-1)", "layer", show=False),
+        Binding("down,j", "select(1)", "layer", show=False),
+        Binding("x", "hide_errors", "hide errors", show=False),
         *[Binding(str(i), f"quick({i})", f"preset {i}", show=False) for i in range(1, 10)],
     ]
 
@@ -305,7 +306,7 @@ class Dashboard(Monitor):
             yield Activations(self, id="acts", classes="view")
         yield Static(id="diagnosis")
         yield self.too_small_message()
-        yield Footer()
+        yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         if self.mono:
@@ -352,7 +353,7 @@ class Dashboard(Monitor):
                 if self.view == "dash":
                     rows = self.query_one(LayerRows)
                     if rows.changed():
-                        rows.refresh(layout=True)
+                        rows.refresh(layout=rows.size.height != self.state.n_layers + 2)
                     self.replot(force=force)
                 elif view is not None and view.changed():
                     view.refresh()
@@ -483,13 +484,13 @@ class Dashboard(Monitor):
 
     # -- actions --------------------------------------------------------------------------------
     def check_action(self, action: str, parameters) -> bool | None:
-        seek = action in ("seek", "seek_to")
-        if seek:
-            return True if self.source.seekable else None
+        # keys that do nothing for this kind of source are hidden from the footer
+        if action in ("seek", "seek_to"):
+            return self.source.seekable
         if action in ("restart", "picker", "sampling", "quick"):
-            return True if self.source.live else None
+            return self.source.live
         if action in ("toggle_pause", "single_step"):
-            return True if (self.source.live or self.source.seekable) else None
+            return self.source.live or self.source.seekable
         return True
 
     def _not_here(self, what: str) -> None:
@@ -508,6 +509,7 @@ class Dashboard(Monitor):
             self.source.resume()
         else:
             self.source.pause()
+        self.poll()  # show whatever is already there without waiting for the next tick
 
     def action_single_step(self) -> None:
         if self.source.seekable:
@@ -646,9 +648,9 @@ class Compare(Monitor):
         Binding("space", "toggle_pause", "pause"),
         Binding("n", "single_step", "step"),
         Binding("r", "restart", "restart"),
-        Binding("g", "cycle_metric", "h/W"),
         Binding("question_mark", "help", "help", key_display="?"),
         Binding("q", "quit", "quit"),
+        Binding("g", "cycle_metric", "h/W"),
     ]
 
     DEFAULT_CSS = """
@@ -703,7 +705,7 @@ class Compare(Monitor):
         yield LossPlot(id="loss")
         yield Static(id="difference")
         yield self.too_small_message()
-        yield Footer()
+        yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         if self.mono:
