@@ -136,6 +136,7 @@ SUGGESTIONS: dict[str, list[str]] = {
     "dead": ["relu-he", "leaky-relu", "elu"],
     "saturation": ["sigmoid-batchnorm", "relu-he", "sigmoid-xavier"],
     "plateau": ["relu-he"],
+    "plateau_autoencoder": ["autoencoder-relu"],
 }
 #: Depth (layers measured, output included) from which the 30-layer presets are the better example.
 DEEP_LAYERS = 12
@@ -266,8 +267,10 @@ def _fmt(x: float) -> str:
         return "n/a"
     if x == 0:
         return "0"
-    if abs(x) < 1e-2 or abs(x) >= 1e4:
+    if abs(x) < 1e-2 or abs(x) >= 1e6:
         return f"{x:.1e}"
+    if abs(x) >= 1e3:
+        return f"{x:,.0f}"
     return f"{x:.3g}"
 
 
@@ -458,7 +461,7 @@ class Diagnoser:
         if dead_all:
             summary = "no gradient reaches the first layer (first/last ‖∂L/∂h‖ = 0)"
         elif ratio == ratio and ratio < VANISH_ENTER:
-            summary = (f"‖∂L/∂h‖ falls {_fmt(1 / ratio)}x from output to first layer "
+            summary = (f"‖∂L/∂h‖ falls {_fmt(1 / ratio)}× from output to first layer "
                        f"(first/last {_fmt(ratio)}, ×{_fmt(per_layer)} per layer)")
         else:
             summary = (f"first-layer updates frozen: ‖ΔW‖/‖W‖ {_fmt(upd_first)} vs "
@@ -519,14 +522,14 @@ class Diagnoser:
         nf = self.first_nonfinite
         if layers:
             shown = ratio if ratio == ratio else self.last_finite_ratio
-            parts.append(f"‖∂L/∂h‖ grows {_fmt(shown)}x from output to first layer "
+            parts.append(f"‖∂L/∂h‖ grows {_fmt(shown)}× from output to first layer "
                          f"(×{_fmt(self._per_layer_factor(shown))} per layer)")
             causes.append("Each layer multiplies the back-propagated gradient by more than 1:"
                           " the weights are initialised too large for the depth (for ReLU the"
                           " variance-preserving scale is √(2/fan_in), He et al. 2015), so the"
                           " gradient grows geometrically towards the input.")
         if growing:
-            parts.append(f"global ‖g‖ up {_fmt(growth)}x over the run")
+            parts.append(f"global ‖g‖ up {_fmt(growth)}× over the run")
             causes.append("The global gradient norm keeps growing from step to step: updates"
                           " make the weights larger, which makes the next gradient larger"
                           " (a learning rate too large for this init).")
@@ -695,11 +698,13 @@ class Diagnoser:
             suggest = _ordered(others)[0].suggestions
         else:
             cause = ("The gradients themselves look healthy: a learning rate too small or too"
-                     " large (oscillating), or the limit of what this network can fit.")
-            suggest = SUGGESTIONS["plateau"]
-        explanation = (f"The median loss of the last {len(losses) - half} records is within"
-                       f" {improvement:.1%} of the {half} before (loss {_fmt(newer)}, started at"
-                       f" {_fmt(self.first_loss)}). {cause}")
+                     " large (oscillating), or the limit of what this network can fit (the noise in the"
+                     " data included).")
+            suggest = SUGGESTIONS["plateau_autoencoder" if self.task == "autoencoder" else "plateau"]
+        direction = "below" if improvement > 0 else "above"
+        explanation = (f"The median loss of the last {len(losses) - half} records ({_fmt(newer)}) is"
+                       f" only {abs(improvement):.1%} {direction} that of the {half} before"
+                       f" ({_fmt(older)}); the run started at {_fmt(self.first_loss)}. {cause}")
         evidence = {"loss_before": float(older), "loss_now": float(newer),
                     "improvement": float(improvement), "window": len(losses),
                     "first_loss": float(self.first_loss)}
