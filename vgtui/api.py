@@ -50,7 +50,6 @@ import threading
 import time
 import warnings
 import weakref
-from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -61,8 +60,8 @@ from torch import nn
 from .build import LayerSpec
 from .channel import Channel
 from .config import RECTIFYING
-from .probe import SATURATION_MARGIN
-from .records import (HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, LAYER_METRICS, RunEvent, RunHeader,
+from .probe import SATURATION_MARGIN, HostTransfer, LogHistograms
+from .records import (HIST_BINS, LAYER_METRICS, RunEvent, RunHeader,
                       StepRecord)
 
 __all__ = ["Watcher", "watch", "default_layers"]
@@ -353,8 +352,8 @@ class Watcher:
         self._order: list[int] = list(range(len(self.specs)))
         self._units: list[int | None] = [None] * len(self.specs)
         self._acc = _Accumulator(len(self.specs))
-        self._transfer = _Transfer()
-        self._hist = _Histograms()
+        self._transfer = HostTransfer()
+        self._hist = LogHistograms()
         self._pre_clip: tuple | None = None  # (‖∂L/∂W‖ per layer, histograms, global ‖g‖)
         self._post_clip: torch.Tensor | None = None
         self._pending: dict | None = None
@@ -671,7 +670,7 @@ class Watcher:
                              for k, w in enumerate(weights)]).float()
         total = (torch.linalg.vector_norm(torch.stack(norms).float()) if params
                  else torch.zeros((), device=self._device()))
-        hist = self._hist.histograms(grads) if self.histograms else None
+        hist = self._hist(grads) if self.histograms else None
         return wgrad, hist, total
 
     def _update_plan(self, optimizer):
@@ -803,12 +802,12 @@ class Watcher:
         hist = pending["hist"] if pending["hist"] is not None else torch.zeros(
             len(weights), HIST_BINS, device=device)
         packed = torch.cat([scalars, per_layer.reshape(-1), hist.reshape(-1)])
-        self._transfer.start(pending["step"], pending["meta"], packed)
+        self._transfer.start(packed, (pending["step"], pending["meta"]))
 
     def _emit_ready(self, wait: bool) -> None:
         if self._sink is None:
             return
-        for step, meta, values in self._transfer.poll(wait=wait):
+        for (step, meta), values in self._transfer.poll(wait=wait):
             record = self._unpack(step, meta, values)
             if record.step in self._no_loss:
                 self._no_loss.discard(record.step)
@@ -850,76 +849,6 @@ class Watcher:
 _COLUMNS = len(LAYER_METRICS) + 2  # + forward finite flag, backward finite flag
 #: loss, accuracy, grad_norm_total, grad_norm_clipped, clipped, loss finite, AMP skipped, loss scale
 _SCALARS = 8
-#: Histograms are estimated from at most this many evenly strided entries per layer.
-HIST_MAX_ELEMENTS = 4096
-
-
-class _Histograms:
-    """Every layer's histogram of |∂L/∂W| on the recording's log10 bins in one bucketize and one
-    bincount (exact zeros fall in the lowest bin, NaN and inf in the highest)."""
-
-    def __init__(self):
-        self._plan = None
-
-    def histograms(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        device = grads[0].device
-        shapes = [g.numel() for g in grads]
-        if self._plan is None or self._plan[0] != (device, shapes):
-            strides = [max(1, math.ceil(n / HIST_MAX_ELEMENTS)) for n in shapes]
-            counts = torch.tensor([len(range(0, n, s)) for n, s in zip(shapes, strides)])
-            offsets = torch.repeat_interleave(torch.arange(len(grads)) * HIST_BINS, counts).to(device)
-            inner = torch.logspace(HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS + 1, dtype=torch.float64)[1:-1]
-            self._plan = ((device, shapes), strides, offsets, inner.float().to(device))
-        _, strides, offsets, inner = self._plan
-        samples = torch.cat([g.reshape(-1)[::s].float() for g, s in zip(grads, strides)])
-        magnitudes = samples.abs_().nan_to_num_(nan=math.inf)
-        index = torch.bucketize(magnitudes, inner).add_(offsets)
-        return torch.bincount(index, minlength=len(grads) * HIST_BINS).reshape(len(grads), HIST_BINS).float()
-
-
-class _Transfer:
-    """One device-to-host copy per measured step; on CUDA into pinned memory without waiting,
-    read once a CUDA event says the copy has landed (usually by the next step)."""
-
-    def __init__(self):
-        self._pending: deque = deque()
-        self._pool: dict[int, list[torch.Tensor]] = {}
-        self.count = 0
-
-    def start(self, step: int, meta: dict, packed: torch.Tensor) -> None:
-        if packed.is_cuda:
-            host = self._buffer(packed.numel())
-            host.copy_(packed, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending.append((step, meta, host, event))
-        else:
-            self._pending.append((step, meta, packed, None))
-        self.count += 1
-
-    def _buffer(self, numel: int) -> torch.Tensor:
-        pool = self._pool.setdefault(numel, [])
-        in_use = {id(p[2]) for p in self._pending}
-        for buf in pool:
-            if id(buf) not in in_use:
-                return buf
-        buf = torch.empty(numel, dtype=torch.float32, pin_memory=True)
-        pool.append(buf)
-        return buf
-
-    def poll(self, wait: bool) -> list[tuple[int, dict, np.ndarray]]:
-        done = []
-        while self._pending:
-            step, meta, buffer, event = self._pending[0]
-            if event is not None and not wait and not event.query():
-                break
-            self._pending.popleft()
-            if event is not None:
-                event.synchronize()
-            done.append((step, meta, buffer.numpy().astype(np.float64, copy=True)))
-        return done
-
-
 def _scalar(value, device) -> torch.Tensor:
     if value is None:
         return torch.full((), float("nan"), device=device)

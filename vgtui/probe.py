@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
 from .build import LayerSpec
-from .config import RECTIFYING, SATURATING
+from .config import RECTIFYING
 from .records import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, LAYER_METRICS, StepRecord
 
 #: A sigmoid unit within this distance of 0 or 1 (a tanh unit of -1 or 1) counts as saturated:
@@ -48,14 +47,73 @@ _COLUMNS = 9
 _SCALARS = 5  # loss, accuracy, grad_norm_total, grad_norm_clipped, clipped
 
 
-@dataclass
-class _Pending:
-    step: int
-    meta: dict
-    buffer: torch.Tensor
-    event: object | None
-    detail: bool = False
-    host_side: dict = field(default_factory=dict)
+class LogHistograms:
+    """Every layer's histogram of |g| on the recording's log-spaced bins in one bucketize and one
+    bincount, from at most HIST_MAX_ELEMENTS evenly strided entries per layer (exact zeros fall
+    in the lowest bin; NaN and inf in the highest: "too large to measure")."""
+
+    def __init__(self):
+        self._plan = None
+
+    def __call__(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        device = grads[0].device
+        sizes = [g.numel() for g in grads]
+        if self._plan is None or self._plan[0] != (device, sizes):
+            strides = [max(1, math.ceil(n / HIST_MAX_ELEMENTS)) for n in sizes]
+            counts = torch.tensor([len(range(0, n, s)) for n, s in zip(sizes, strides)])
+            offsets = torch.repeat_interleave(torch.arange(len(grads)) * HIST_BINS, counts).to(device)
+            inner = torch.logspace(HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS + 1, dtype=torch.float64)[1:-1]
+            self._plan = ((device, sizes), strides, offsets, inner.float().to(device))
+        _, strides, offsets, inner = self._plan
+        samples = torch.cat([g.detach().reshape(-1)[::s].float() for g, s in zip(grads, strides)])
+        magnitudes = samples.abs_().nan_to_num_(nan=math.inf)
+        index = torch.bucketize(magnitudes, inner).add_(offsets)
+        return torch.bincount(index, minlength=len(grads) * HIST_BINS).reshape(len(grads), HIST_BINS).float()
+
+
+class HostTransfer:
+    """One device->host copy per measured step. On CUDA the copy goes into pinned memory without
+    waiting and is read once a CUDA event says it has landed (usually by the next step)."""
+
+    def __init__(self):
+        self._pending: deque = deque()
+        self._pool: dict[int, list[torch.Tensor]] = {}
+        self.count = 0
+
+    def start(self, packed: torch.Tensor, tag) -> None:
+        """Start copying ``packed``; ``tag`` comes back with its values from :meth:`poll`."""
+        if packed.is_cuda:
+            host = self._buffer(packed.numel())
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((tag, host, event))
+        else:
+            self._pending.append((tag, packed, None))
+        self.count += 1
+
+    def _buffer(self, numel: int) -> torch.Tensor:
+        pool = self._pool.setdefault(numel, [])
+        in_use = {id(buffer) for _, buffer, _ in self._pending}
+        for buffer in pool:
+            if id(buffer) not in in_use:
+                return buffer
+        buffer = torch.empty(numel, dtype=torch.float32, pin_memory=True)
+        pool.append(buffer)
+        return buffer
+
+    def poll(self, wait: bool = False) -> list[tuple[object, np.ndarray]]:
+        """(tag, float64 values) of every copy that has landed (all of them if ``wait``), in order."""
+        done = []
+        while self._pending:
+            tag, buffer, event = self._pending[0]
+            if event is not None and not wait and not event.query():
+                break
+            self._pending.popleft()
+            if event is not None:
+                event.synchronize()
+            done.append((tag, buffer.numpy().astype(np.float64, copy=True)))
+        return done
 
 
 class Probe:
@@ -94,12 +152,10 @@ class Probe:
         self._groups: tuple[object, dict] | None = None
         self._wgrad: torch.Tensor | None = None
         self._hist: torch.Tensor | None = None
-        self._hist_plan: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
+        self._histograms = LogHistograms()
         self._clip: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._snapshot: list[torch.Tensor] | None = None
-        self._pending: deque[_Pending] = deque()
-        self._pinned: dict[int, list[torch.Tensor]] = {}
-        self.transfers = 0
+        self._transfer = HostTransfer()
 
     # -- hooks ---------------------------------------------------------------------------------
     def attach(self) -> "Probe":
@@ -174,22 +230,6 @@ class Probe:
         self._out_grads = [None] * len(self.layers)
         if self.histograms and self.detail:
             self._hist = self._histograms(grads)
-
-    def _histograms(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """All layers' histograms of |g| on log-spaced bins in one bucketize + one bincount."""
-        device = grads[0].device
-        if self._hist_plan is None or self._hist_plan[1].device != device:
-            strides = [max(1, math.ceil(g.numel() / HIST_MAX_ELEMENTS)) for g in grads]
-            counts = torch.tensor([len(range(0, g.numel(), s)) for g, s in zip(grads, strides)])
-            offsets = torch.repeat_interleave(torch.arange(len(grads)) * HIST_BINS, counts).to(device)
-            inner = torch.logspace(HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS + 1, dtype=torch.float64)[1:-1]
-            self._hist_plan = (strides, offsets, inner.float().to(device))
-        strides, offsets, inner = self._hist_plan
-        samples = torch.cat([g.detach().reshape(-1)[::s].float() for g, s in zip(grads, strides)])
-        # NaN counts in the top bin with the infinities: "too large to measure".
-        magnitudes = samples.abs_().nan_to_num_(nan=math.inf)
-        index = torch.bucketize(magnitudes, inner).add_(offsets)
-        return torch.bincount(index, minlength=len(grads) * HIST_BINS).reshape(len(grads), HIST_BINS).float()
 
     def _activation_stats(self, device) -> torch.Tensor:
         """(n_layers, 4): mean, std, saturated fraction, dead fraction, batched by shape and kind."""
@@ -337,48 +377,24 @@ class Probe:
         packed = torch.cat(parts)
         host_side = {"reached": reached, "grad_missing": self._grad_missing, "lrs": lrs}
         self._wgrad = self._hist = self._act_grad = self._grad_missing = None
-        if packed.is_cuda:
-            host = self._pinned_buffer(packed.numel())
-            host.copy_(packed, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending.append(_Pending(step, meta, host, event, self.detail, host_side))
-        else:
-            self._pending.append(_Pending(step, meta, packed, None, self.detail, host_side))
-        self.transfers += 1
+        self._transfer.start(packed, (step, meta, self.detail, host_side))
 
-    def _pinned_buffer(self, numel: int) -> torch.Tensor:
-        pool = self._pinned.setdefault(numel, [])
-        in_use = {id(p.buffer) for p in self._pending}
-        for buf in pool:
-            if id(buf) not in in_use:
-                return buf
-        buf = torch.empty(numel, dtype=torch.float32, pin_memory=True)
-        pool.append(buf)
-        return buf
+    @property
+    def transfers(self) -> int:
+        return self._transfer.count
 
     def poll(self, wait: bool = False) -> list[StepRecord]:
         """Measurements whose transfer has completed (all of them if ``wait``), oldest first."""
-        done = []
-        while self._pending:
-            head = self._pending[0]
-            if head.event is not None and not wait and not head.event.query():
-                break
-            self._pending.popleft()
-            if head.event is not None:
-                head.event.synchronize()
-            done.append(self._unpack(head))
-        return done
+        return [self._unpack(values, *tag) for tag, values in self._transfer.poll(wait)]
 
-    def _unpack(self, pending: _Pending) -> StepRecord:
-        values = pending.buffer.numpy().astype(np.float64, copy=True)
+    def _unpack(self, values: np.ndarray, step: int, meta: dict, detail: bool, host_side: dict) -> StepRecord:
         n = len(self.layers)
         loss, acc, total, after, acted = values[:_SCALARS]
         per_layer = values[_SCALARS : _SCALARS + n * _COLUMNS].reshape(n, _COLUMNS)
         rest = values[_SCALARS + n * _COLUMNS :]
         hist = rest.reshape(n, HIST_BINS) if rest.size else None
         wgrad, act_grad, mean, std, saturated, dead, weight_norm, update, act_norm = per_layer.T
-        lrs = pending.host_side["lrs"]
+        lrs = host_side["lrs"]
         if lrs is not None:
             update = update * np.asarray(lrs) / np.maximum(weight_norm, 1e-30)
         layers = {
@@ -388,8 +404,8 @@ class Probe:
         layers = {name: layers[name].copy() for name in LAYER_METRICS}
         # Where non-finite values began: forward input -> output first, then backward output -> input.
         # A layer that produced nothing this step (not reached, frozen) counts as finite.
-        reached = np.asarray(pending.host_side["reached"], dtype=bool)
-        missing = pending.host_side["grad_missing"]
+        reached = np.asarray(host_side["reached"], dtype=bool)
+        missing = host_side["grad_missing"]
         has_grad = ~np.asarray(missing, dtype=bool) if missing is not None else np.zeros(n, dtype=bool)
         fwd_bad = np.flatnonzero(reached & ~np.isfinite(act_norm))
         bwd_bad = np.flatnonzero((has_grad & ~np.isfinite(act_grad)) | ~np.isfinite(wgrad))
@@ -401,7 +417,7 @@ class Probe:
         elif not np.isfinite(loss):
             nonfinite = ("loss", "forward")
         return StepRecord(
-            step=pending.step,
+            step=step,
             loss=float(loss),
             accuracy=float(acc),
             grad_norm_total=float(total),
@@ -410,6 +426,6 @@ class Probe:
             layers=layers,
             hist=hist,
             nonfinite=nonfinite,
-            detail=pending.detail,
-            **pending.meta,
+            detail=detail,
+            **meta,
         )

@@ -23,7 +23,7 @@ from .config import Preset
 from .data import DataError, make_data
 from .diagnosis import Diagnoser
 from .probe import Probe
-from .records import RunError, RunEvent, RunHeader, StepRecord
+from .records import RunError, RunEvent, RunHeader
 
 
 class OverheadBudget:
