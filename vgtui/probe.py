@@ -290,11 +290,6 @@ class Probe:
             self._clip = (total, total, torch.zeros((), dtype=torch.bool, device=total.device))
         self._total = None
 
-    def observe_clip(self, total_before: torch.Tensor, total_after: torch.Tensor, acted: torch.Tensor) -> None:
-        """Record clipping done by someone else (a user's own ``clip_grad_norm_`` call)."""
-        if self.sampled:
-            self._clip = (total_before, total_after, acted)
-
     def _momentum_buffers(self, optimizer) -> tuple[list[torch.Tensor], list[float]] | None:
         """For SGD with momentum the step is exactly lr * buffer: read it instead of copying W."""
         if not isinstance(optimizer, torch.optim.SGD):
@@ -321,9 +316,7 @@ class Probe:
     def before_step(self, optimizer) -> None:
         """Snapshot the layer weights when the update cannot be read from the optimiser's state."""
         self._snapshot = None
-        if not self.sampled:
-            return
-        if not self.detail:
+        if not (self.sampled and self.detail):
             return
         if isinstance(optimizer, torch.optim.SGD) and self._momentum_buffers(optimizer) is not None:
             return  # momentum buffers exist already (from the second step on)
