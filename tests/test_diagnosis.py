@@ -370,3 +370,13 @@ def test_verdicts_survive_a_json_round_trip():
         back = Verdict.from_json(json.loads(text))
         assert (back.kind, back.severity, back.summary, back.suggestions) == (
             v.kind, v.severity, v.summary, v.suggestions)
+
+
+def test_nonfinite_between_sampled_steps_says_so():
+    d = Diagnoser(_header())
+    recs = [_record(step) for step in (0, 5, 10)]
+    recs.append(_record(15, ratio=float("nan"), loss=float("nan"), nonfinite=("hidden1", "forward")))
+    nf = _feed(d, recs)[-1][0]
+    assert nf.kind == "nonfinite"
+    assert (nf.evidence["step"], nf.evidence["not_before"]) == (15, 11)
+    assert "steps 11–14 were not sampled" in nf.summary

@@ -289,6 +289,7 @@ class Diagnoser:
         self.clip = self.preset.get("clip", "none")
         self.first_nonfinite: dict | None = None
         self.nonfinite_records = 0
+        self.last_step: int | None = None  # the step of the previous record, any phase
         self.last_finite_ratio = float("nan")
         self.phase: str | None = None
         # Only these layers' unit fractions are read: a ReLU unit that is off is dead (zero
@@ -339,8 +340,13 @@ class Diagnoser:
             self.nonfinite_records += 1
             if self.first_nonfinite is None:
                 layer, direction = record.nonfinite
+                # Steps between sampled records are not measured: the value may have turned
+                # non-finite on any step after the previous record.
+                after = self.last_step + 1 if self.last_step is not None else 0
                 self.first_nonfinite = {"step": int(record.step), "layer": str(layer),
-                                        "direction": str(direction), "phase": record.phase}
+                                        "direction": str(direction), "phase": record.phase,
+                                        "not_before": int(min(after, record.step))}
+        self.last_step = int(record.step)
         if self.first_nonfinite is not None:
             verdicts.append(self._nonfinite_verdict(record))
 
@@ -449,7 +455,7 @@ class Diagnoser:
         """g[i] / g[i+1]: what back-propagation through layer i+1 multiplied the gradient by."""
         with np.errstate(all="ignore"):
             r = g[:-1] / g[1:]
-        return [float(x) if math.isfinite(x) else float("nan") for x in r]
+        return np.where(np.isfinite(r), r, np.nan).tolist()
 
     def _vanishing_verdict(self, ratio, per_layer, steps, g, upd_first, upd_last, upd_spread,
                            critical, frozen) -> Verdict:
@@ -466,7 +472,7 @@ class Diagnoser:
         else:
             summary = (f"first-layer updates frozen: ‖ΔW‖/‖W‖ {_fmt(upd_first)} vs "
                        f"{_fmt(upd_last)} at the output")
-        worst = int(np.nanargmin(steps)) if steps and not all(s != s for s in steps) else -1
+        worst = _argmax(-np.asarray(steps, dtype=np.float64)) if steps else -1
         causes = [f"Back-propagation multiplies the gradient by one factor per layer; here it is "
                   f"×{_fmt(per_layer)} on average over {depth} layers, so the first layer gets "
                   f"{_fmt(ratio)} of the gradient the output layer gets."]
@@ -506,7 +512,7 @@ class Diagnoser:
             "first_last_ratio": float(ratio),
             "per_layer_factor": float(per_layer),
             "layer_ratios": steps,
-            "act_grad_norm": [float(x) for x in g],
+            "act_grad_norm": g.tolist(),
             "weakest_layer": self.names[worst + 1] if worst >= 0 else "",
             "first_update_ratio": float(upd_first),
             "last_update_ratio": float(upd_last),
@@ -572,16 +578,28 @@ class Diagnoser:
     def _nonfinite_verdict(self, record: StepRecord) -> Verdict:
         nf = self.first_nonfinite
         where = "the loss" if nf["layer"] == "loss" else f"layer {nf['layer']}"
-        summary = (f"NaN/inf first at step {nf['step']} in {where} ({nf['direction']} pass);"
-                   f" {self.nonfinite_records} non-finite record(s) since")
+        unseen = nf["not_before"] < nf["step"]
+        if not unseen:
+            gap = ""
+        elif nf["not_before"] == nf["step"] - 1:
+            gap = f" (step {nf['not_before']} was not sampled)"
+        else:
+            gap = f" (steps {nf['not_before']}–{nf['step'] - 1} were not sampled)"
+        summary = (f"NaN/inf first at step {nf['step']} in {where} ({nf['direction']} pass)"
+                   f"{gap}; {self.nonfinite_records} non-finite record"
+                   f"{'s' if self.nonfinite_records != 1 else ''} so far")
         explanation = (f"At step {nf['step']} a value in the {nf['direction']} pass of {where}"
-                       " was not finite. Once a NaN reaches the weights every later step is NaN:"
+                       " was not finite"
+                       + (f" (it may have turned so on any step from {nf['not_before']}: the"
+                          " steps in between were not measured)" if unseen else "")
+                       + ". Once a NaN reaches the weights every later step is NaN:"
                        " the run cannot recover and must be restarted. The usual cause is"
                        " exploding gradients (weights initialised too large, a learning rate too"
                        " large); gradient clipping by norm, a smaller init or a smaller learning"
                        " rate prevent it.")
         evidence = {"step": nf["step"], "layer": nf["layer"], "direction": nf["direction"],
-                    "phase": nf["phase"], "records": self.nonfinite_records,
+                    "phase": nf["phase"], "not_before": nf["not_before"],
+                    "records": self.nonfinite_records,
                     "last_finite_ratio": float(self.last_finite_ratio)}
         return Verdict("nonfinite", "critical", summary, explanation, evidence,
                        _suggest(self.preset, SUGGESTIONS["nonfinite"]))
@@ -642,7 +660,7 @@ class Diagnoser:
             "worst_layer": self.names[worst],
             "worst_fraction": value,
             "mean_fraction": float(finite.mean()) if finite.size else float("nan"),
-            "dead_fraction": [float(x) for x in dead],
+            "dead_fraction": dead.tolist(),
         }
         return Verdict("dead", "critical" if critical else "warning",
                        f"{value:.0%} of {self.names[worst]}'s units dead"
@@ -664,7 +682,7 @@ class Diagnoser:
             "worst_layer": self.names[worst],
             "worst_fraction": value,
             "mean_fraction": float(finite.mean()) if finite.size else float("nan"),
-            "saturated_fraction": [float(x) for x in sat],
+            "saturated_fraction": sat.tolist(),
         }
         return Verdict("saturation", "critical" if critical else "warning",
                        f"{value:.0%} of {self.names[worst]}'s units saturated",
