@@ -103,8 +103,10 @@ def child(mode: str, preset_name: str, steps: int, out_path: str) -> None:
             if stats["t_first"] is None:
                 stats["t_first"] = time.time()
                 stats["cpu0"], stats["wall0"] = thread_cpu(), time.perf_counter()
-            else:  # while the trainer is alive: its threads are still listed
-                stats["cpu1"], stats["wall1"] = thread_cpu(), time.perf_counter()
+            elif trainer is not None and trainer.is_alive():  # its threads are still listed
+                cpu = thread_cpu()
+                if trainer.name in cpu:
+                    stats["cpu1"], stats["wall1"] = cpu, time.perf_counter()
             stats["frames"].append(done - t0)
             stats["steps"] += new_steps
             if base is not None:
@@ -169,11 +171,9 @@ def on_pty(mode: str, preset: str, steps: int, size: tuple[int, int], quit_after
     """Run the child on a pty of ``size``; count the bytes it writes per arrival time."""
     out_path = tempfile.mktemp(suffix=".json")
     pid, fd = pty.fork()
-    if pid == 0:
-        try:
-            child(mode, preset, steps, out_path)
-        finally:
-            os._exit(0)
+    if pid == 0:  # a fresh interpreter on the pty (a forked copy would share our state)
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), "--child", mode,
+                                  "--preset", preset, "--steps", str(steps), "--out", out_path])
     cols, rows = size
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
     chunks: list[tuple[float, int]] = []
@@ -225,7 +225,12 @@ def main() -> None:
     parser.add_argument("--preset", default="sigmoid-deep")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--child", default=None)
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.child:
+        child(args.child, args.preset, args.steps, args.out)
+        return
     results = []
     ratios = []
     for _ in range(args.rounds):

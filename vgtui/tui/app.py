@@ -1,9 +1,9 @@
 """The vgtui Textual app: dashboard (live, replay, attach), compare, preset picker, help.
 
 Data flow: a timer owned by the screen polls its source (a channel drain, a file read, or a replay
-cursor) at 8 Hz, feeds everything pending into a bounded RunState, and refreshes only the widgets
+cursor) at 6 Hz, feeds everything pending into a bounded RunState, and refreshes only the widgets
 that show something new, inside ``app.batch_update()``. The loss chart (plotext) is replotted at
-most twice a second. Nothing here touches a tensor or blocks the training thread.
+most once a second. Nothing here touches a tensor or blocks the training thread.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from .sources import FollowSource, ReplaySource, Source
 from .state import RunState
 from .widgets import Activations, Heatmap, Histogram, LayerRows, LossPlot
 
-POLL_HZ = 8.0
-PLOT_HZ = 2.0
+POLL_HZ = 6.0
+PLOT_HZ = 1.0
 VIEWS = ("dash", "heatmap", "hist", "acts")
 VIEW_NAMES = {"dash": "dashboard", "heatmap": "heatmap", "hist": "histogram", "acts": "activations"}
 METRIC_MODES = ("both", "h", "W")

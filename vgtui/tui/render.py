@@ -319,8 +319,9 @@ def histogram(state: RunState, layer: int, width: int, height: int, mono: bool) 
 
 # -- activations --------------------------------------------------------------------------------
 
-def activations(state: RunState, width: int, selected: int, mono: bool) -> Text:
-    """Per layer: activation mean and std, % saturated / % dead now, and its history."""
+def activations(state: RunState, width: int, selected: int, mono: bool, height: int = 0) -> Text:
+    """Per layer: activation mean and std, % saturated / % dead now, and its history.
+    With more layers than ``height - 1`` rows, a window that follows the selected layer."""
     text = Text(no_wrap=True, overflow="crop")
     names = state.layer_names
     if not names or state.last is None:
@@ -338,7 +339,12 @@ def activations(state: RunState, width: int, selected: int, mono: bool) -> Text:
     sat_hist = state.matrix("saturated", spark_w) if spark_w else None
     dead_hist = state.matrix("dead", spark_w) if spark_w else None
     kinds = state.header.layer_kinds if state.header else ["?"] * len(names)
-    for i, name in enumerate(names):
+    rows = len(names) if height <= 1 else max(1, height - 1)
+    first = 0
+    if len(names) > rows:
+        first = max(0, min(len(names) - rows, selected - rows // 2))
+    for i in range(first, min(len(names), first + rows)):
+        name = names[i]
         style = "reverse bold" if i == selected else ""
         text.append(f"{name[:name_w]:<{name_w}}", style=style)
         sat, dead = cols["saturated"][i], cols["dead"][i]

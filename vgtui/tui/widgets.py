@@ -89,7 +89,7 @@ class Histogram(View):
 
 class Activations(View):
     def draw(self, width: int, height: int) -> Text:
-        return R.activations(self.state, width, self.owner.selected, self.owner.mono)
+        return R.activations(self.state, width, self.owner.selected, self.owner.mono, height)
 
 
 class LossPlot(PlotextPlot):
