@@ -384,7 +384,7 @@ class Diagnoser:
         self.act_grads.push(g)
         if getattr(record, "detail", True):  # not measured on the other steps: nan, not zero
             upd = cols["update_ratio"]
-            if upd[0] == upd[0] and upd[-1] == upd[-1]:
+            if len(upd) and upd[0] == upd[0] and upd[-1] == upd[-1]:
                 self.upd_first.append(float(upd[0]))
                 self.upd_last.append(float(upd[-1]))
             if len(self.relu_layers):
