@@ -42,8 +42,9 @@ HIST_MAX_ELEMENTS = 1024
 #: every 10th sampled step: at 10-20 steps/s that still refreshes those views about twice a second.
 DETAIL_EVERY = 10
 
-# Packed per layer: wgrad, act_grad, mean, std, saturated, dead, weight_norm, update, act_norm.
-_COLUMNS = 9
+# Packed per layer: wgrad, act_grad, mean, std, saturated, dead, weight_norm, update, max |h|,
+# max |dL/dh|.
+_COLUMNS = 10
 _SCALARS = 5  # loss, accuracy, grad_norm_total, grad_norm_clipped, clipped
 
 
@@ -147,6 +148,7 @@ class Probe:
         self._acts: list[torch.Tensor | None] = [None] * len(layers)
         self._out_grads: list[torch.Tensor | None] = [None] * len(layers)
         self._act_grad: torch.Tensor | None = None
+        self._act_grad_max: torch.Tensor | None = None
         self._grad_missing: list[bool] | None = None
         self._total: torch.Tensor | None = None
         self._groups: tuple[object, dict] | None = None
@@ -221,12 +223,16 @@ class Probe:
         self._grad_missing = [g is None for g in self._out_grads]
         present = [g for g in self._out_grads if g is not None]
         if present:
-            norms = iter(torch._foreach_norm(present))
+            # The 2-norm is what is reported; the max-norm tells whether an entry is non-finite
+            # (a float32 sum of squares overflows long before the entries do).
+            norms, maxima = iter(torch._foreach_norm(present)), iter(torch._foreach_norm(present, ord=math.inf))
             nan = torch.full((), float("nan"), device=self._wgrad.device)
             self._act_grad = torch.stack([next(norms).float() if g is not None else nan
                                           for g in self._out_grads])
+            self._act_grad_max = torch.stack([next(maxima).float() if g is not None else nan
+                                              for g in self._out_grads])
         else:
-            self._act_grad = torch.full_like(self._wgrad, float("nan"))
+            self._act_grad = self._act_grad_max = torch.full_like(self._wgrad, float("nan"))
         self._out_grads = [None] * len(self.layers)
         if self.histograms and self.detail:
             self._hist = self._histograms(grads)
@@ -346,18 +352,19 @@ class Probe:
                 buffers, lrs = mom
                 update = torch.stack(torch._foreach_norm(buffers)).float()  # times lr, on the host
         self._snapshot = None
-        # Forward finiteness on every sampled step: one fused norm over the kept activations
-        # (non-finite iff some entry is, short of float32 overflow, which is itself an explosion).
+        # Forward finiteness on every sampled step: one fused max-norm over the kept activations,
+        # non-finite exactly when some entry is (a max cannot overflow the way a sum of squares can).
         reached = [a is not None for a in self._acts]
         kept = [a for a in self._acts if a is not None]
-        act_norms = iter(torch._foreach_norm(kept) if kept else [])
+        act_norms = iter(torch._foreach_norm(kept, ord=math.inf) if kept else [])
         act_norm = torch.stack([next(act_norms).float() if r else nan for r in reached])
         stats = self._activation_stats(device)
         self._acts = [None] * len(self.layers)
         act_grad = self._act_grad if self._act_grad is not None else nans
+        act_grad_max = self._act_grad_max if self._act_grad_max is not None else nans
         wgrad = self._wgrad if self._wgrad is not None else nans
         per_layer = torch.stack([wgrad, act_grad, stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3],
-                                 weight_norm, update, act_norm], dim=1)
+                                 weight_norm, update, act_norm, act_grad_max], dim=1)
         loss = loss.detach().float().reshape(())
         acc = accuracy.detach().float().reshape(()) if accuracy is not None else nan
         if self._clip is None:
@@ -369,7 +376,7 @@ class Probe:
             parts.append(self._hist.reshape(-1))
         packed = torch.cat(parts)
         host_side = {"reached": reached, "grad_missing": self._grad_missing, "lrs": lrs}
-        self._wgrad = self._hist = self._act_grad = self._grad_missing = None
+        self._wgrad = self._hist = self._act_grad = self._act_grad_max = self._grad_missing = None
         self._transfer.start(packed, (step, meta, self.detail, host_side))
 
     @property
@@ -386,7 +393,7 @@ class Probe:
         per_layer = values[_SCALARS : _SCALARS + n * _COLUMNS].reshape(n, _COLUMNS)
         rest = values[_SCALARS + n * _COLUMNS :]
         hist = rest.reshape(n, HIST_BINS) if rest.size else None
-        wgrad, act_grad, mean, std, saturated, dead, weight_norm, update, act_norm = per_layer.T
+        wgrad, act_grad, mean, std, saturated, dead, weight_norm, update, act_max, act_grad_max = per_layer.T
         lrs = host_side["lrs"]
         if lrs is not None:
             update = update * np.asarray(lrs) / np.maximum(weight_norm, 1e-30)
@@ -400,14 +407,16 @@ class Probe:
         reached = np.asarray(host_side["reached"], dtype=bool)
         missing = host_side["grad_missing"]
         has_grad = ~np.asarray(missing, dtype=bool) if missing is not None else np.zeros(n, dtype=bool)
-        fwd_bad = np.flatnonzero(reached & ~np.isfinite(act_norm))
-        bwd_bad = np.flatnonzero((has_grad & ~np.isfinite(act_grad)) | ~np.isfinite(wgrad))
+        # Backward: an entry of dL/dh non-finite, or a NaN weight-gradient norm. An infinite norm
+        # alone may be float32 overflow of finite entries: that is an explosion, not yet a NaN.
+        fwd_bad = np.flatnonzero(reached & ~np.isfinite(act_max))
+        bwd_bad = np.flatnonzero((has_grad & ~np.isfinite(act_grad_max)) | np.isnan(wgrad))
         nonfinite = None
         if len(fwd_bad):
             nonfinite = (self.names[fwd_bad[0]], "forward")
         elif len(bwd_bad):
             nonfinite = (self.names[bwd_bad[-1]], "backward")
-        elif not np.isfinite(loss):
+        elif np.isnan(loss) or np.isinf(loss):
             nonfinite = ("loss", "forward")
         return StepRecord(
             step=step,
