@@ -12,6 +12,7 @@ from tui_snapshot_app import (
     scripted_app,
     training_error,
     with_verdicts,
+    without_verdicts,
 )
 
 SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
@@ -59,6 +60,11 @@ def test_error_panel(snap_compare, size):
 @pytest.mark.parametrize("size", SIZES)
 def test_verdicts(snap_compare, size):
     assert snap_compare(scripted_app("sigmoid-deep", recs=with_verdicts("sigmoid-deep")), terminal_size=size)
+
+
+def test_no_verdict_yet(snap_compare):
+    assert snap_compare(scripted_app("sigmoid-deep", recs=without_verdicts("sigmoid-deep")),
+                        terminal_size=(80, 24))
 
 
 @pytest.mark.parametrize("size", SIZES)

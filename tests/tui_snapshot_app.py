@@ -21,6 +21,15 @@ def records(name: str) -> list:
     return read_recording(recording(name)).records
 
 
+def without_verdicts(name: str) -> list:
+    """A recording as it looked before any verdict existed (the placeholder)."""
+    recs = records(name)
+    for r in recs:
+        if isinstance(r, StepRecord):
+            r.verdicts = []
+    return recs
+
+
 def scripted_app(name: str, *, extra: list | None = None, mono: bool = False, problems=None,
                  recs: list | None = None):
     """The live dashboard as it looks while the recorded steps arrive (controls are recorded;
@@ -40,14 +49,12 @@ def compare_app(a: str, b: str):
 
 
 def with_verdicts(name: str) -> list:
-    """A recording whose newest step carries verdicts like the diagnosis engine's."""
+    """A recording whose newest step carries three verdicts (more than fit at 80×24)."""
     recs = records(name)
     last = next(r for r in reversed(recs) if isinstance(r, StepRecord))
-    last.verdicts = [
-        Verdict("vanishing", "critical", "‖∂L/∂h‖ shrinks 4000× from the output back to the input",
-                suggestions=["ReLU with He init (key 2)", "batch norm (key 3)", "skip connections (key 4)"]),
+    last.verdicts = list(last.verdicts) + [
         Verdict("saturation", "warning", "hidden5: 61% of the sigmoid units are saturated",
-                suggestions=["Xavier init"]),
+                suggestions=["sigmoid-xavier"]),
     ]
     return recs
 

@@ -277,7 +277,7 @@ class Dashboard(Monitor):
     Dashboard #rows-scroll { height: auto; max-height: 70%; padding: 0 1; }
     Dashboard #loss { height: 1fr; min-height: 4; }
     Dashboard .view { padding: 0 1; }
-    Dashboard #diagnosis { height: auto; max-height: 5; border-top: solid $primary; padding: 0 1; }
+    Dashboard #diagnosis { height: auto; max-height: 12; border-top: solid $primary; padding: 0 1; }
     """
 
     def __init__(self, source: Source, poll_hz: float = POLL_HZ):
@@ -479,8 +479,10 @@ class Dashboard(Monitor):
             return
         self._diag_key = key
         waiting = "waiting for the first step" if last is None else "the diagnosis needs more steps"
-        limit = 2 if self.size.height < 30 else 3
-        self.query_one("#diagnosis", Static).update(R.verdicts_text(verdicts, self.mono, limit, waiting))
+        limit = 1 if self.size.height < 30 else 3
+        keys = {name: i + 1 for i, name in enumerate(_quick_presets())} if self.source.live else None
+        self.query_one("#diagnosis", Static).update(
+            R.verdicts_text(verdicts, self.mono, limit, waiting, keys=keys))
 
     # -- actions --------------------------------------------------------------------------------
     def check_action(self, action: str, parameters) -> bool | None:

@@ -130,6 +130,19 @@ def bin_rows(matrix: np.ndarray, rows: int) -> tuple[np.ndarray, list[tuple[int,
     return out, groups
 
 
+def _append_runs(text: Text, cells: list[tuple[str, Style | None]]) -> None:
+    """Append characters, one span per run of equal style (fewer segments to composite)."""
+    run, style = [], None
+    for ch, st in cells:
+        if run and st is not style:
+            text.append("".join(run), style=style)
+            run = []
+        run.append(ch)
+        style = st
+    if run:
+        text.append("".join(run), style=style)
+
+
 # -- per-layer sparkline rows ------------------------------------------------------------------
 
 def layer_rows(state: RunState, width: int, metrics: list[str], selected: int, mono: bool) -> Text:
@@ -165,11 +178,8 @@ def layer_rows(state: RunState, width: int, metrics: list[str], selected: int, m
             pad = spark_w - len(row)
             if pad > 0:
                 text.append(" " * pad)
-            for lv, cl in zip(levels.tolist(), colours.tolist()):
-                if lv < 0:
-                    text.append("✗", style=_BAD_STYLE)
-                else:
-                    text.append(SPARK[lv], style=None if mono else _STYLES[cl])
+            _append_runs(text, [("✗", _BAD_STYLE) if lv < 0 else (SPARK[lv], None if mono else _STYLES[cl])
+                                for lv, cl in zip(levels.tolist(), colours.tolist())])
             current = state.last.layers[metric][i] if state.last is not None else float("nan")
             value_style = None
             if not math.isfinite(current):
@@ -240,13 +250,11 @@ def heatmap(state: RunState, width: int, height: int, metric: str, mono: bool) -
             text.append(f"{label[:label_w]:>{label_w}} ")
             top = lv[r].tolist()
             bottom = lv[r + 1].tolist() if r + 1 < n_cells else None
+            cells = []
             for j, t in enumerate(top):
-                fg = BAD_COLOUR if t < 0 else RAMP[t]
-                if bottom is None:
-                    text.append("▀", style=Style(color=fg))
-                else:
-                    bg = BAD_COLOUR if bottom[j] < 0 else RAMP[bottom[j]]
-                    text.append("▀", style=Style(color=fg, bgcolor=bg))
+                b = None if bottom is None else bottom[j]
+                cells.append(("▀", _cell_style(t, b)))
+            _append_runs(text, cells)
             text.append("\n")
     # legend
     text.append(" " * (label_w + 1))
@@ -260,6 +268,23 @@ def heatmap(state: RunState, width: int, height: int, metric: str, mono: bool) -
         text.append("█", style=_BAD_STYLE)
         text.append(" nan/inf")
     return text
+
+
+_CELL_STYLES: dict = {}
+
+
+def _cell_style(top: int, bottom: int | None) -> Style:
+    """Half-block style for two colour levels (-1 = nan/inf), cached: 17×18 styles at most."""
+    key = (top, bottom)
+    style = _CELL_STYLES.get(key)
+    if style is None:
+        fg = BAD_COLOUR if top < 0 else RAMP[top]
+        if bottom is None:
+            style = Style(color=fg)
+        else:
+            style = Style(color=fg, bgcolor=BAD_COLOUR if bottom < 0 else RAMP[bottom])
+        _CELL_STYLES[key] = style
+    return style
 
 
 # -- histogram ----------------------------------------------------------------------------------
@@ -385,7 +410,9 @@ SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 SEVERITY_STYLE = {"critical": "bold white on red", "warning": "bold black on yellow", "info": "bold black on green"}
 
 
-def verdicts_text(verdicts: list[Verdict], mono: bool, limit: int = 3, waiting: str = "") -> Text:
+def verdicts_text(verdicts: list[Verdict], mono: bool, limit: int = 3, waiting: str = "",
+                  keys: dict[str, int] | None = None) -> Text:
+    """The newest verdicts, worst first; a suggested preset that has a number key shows it."""
     text = Text()
     if not verdicts:
         text.append(" diagnosis ", style="reverse")
@@ -401,7 +428,9 @@ def verdicts_text(verdicts: list[Verdict], mono: bool, limit: int = 3, waiting: 
         text.append(verdict.summary)
         if verdict.suggestions:
             text.append("\n   try: ", style="dim")
-            text.append(" · ".join(verdict.suggestions))
+            keys = keys or {}
+            text.append(" · ".join(f"{s} [{keys[s]}]" if s in keys else s for s in verdict.suggestions))
     if len(ordered) > limit:
-        text.append(f"\n   (+{len(ordered) - limit} more)", style="dim")
+        rest = ", ".join(f"{v.kind} ({v.severity})" for v in ordered[limit:])
+        text.append(f"\n   also: {rest}", style="dim")
     return text
