@@ -80,6 +80,8 @@ def headless(preset_name: str, steps: int) -> dict:
 
 def child(mode: str, preset_name: str, steps: int, out_path: str) -> None:
     os.environ["TEXTUAL_ANIMATIONS"] = "none"
+    if os.environ.get("BENCH_SWITCH_INTERVAL"):
+        sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
     from vgtui.config import load_preset
     from vgtui.records import StepRecord
     from vgtui.tui import app as tui_app
@@ -89,6 +91,15 @@ def child(mode: str, preset_name: str, steps: int, out_path: str) -> None:
     original = tui_app.Dashboard.poll
 
     def poll(self):
+        if stats.get("detached"):
+            # "headless" phase of the A/B mode: drain and drop, draw nothing
+            records = self.source.poll()
+            trainer = self.source.trainer
+            base = getattr(trainer, "_t0", None)
+            stats["steps"] += [r for r in records if isinstance(r, StepRecord)]
+            if self.source.trainer is not None and not self.source.trainer.is_alive():
+                self.app.exit()
+            return
         before = self.state.version
         t0 = time.perf_counter()
         records = self.source.poll()
@@ -118,7 +129,8 @@ def child(mode: str, preset_name: str, steps: int, out_path: str) -> None:
 
     tui_app.Dashboard.poll = poll
     preset = load_preset(preset_name)
-    source = LiveSource(preset, max_steps=None if mode != "live" else steps, paused=mode == "paused")
+    source = LiveSource(preset, max_steps=steps if mode in ("live", "ab") else None,
+                        paused=mode == "paused")
     real_poll = source.poll
 
     def replay_poll():
@@ -131,6 +143,19 @@ def child(mode: str, preset_name: str, steps: int, out_path: str) -> None:
     source.poll = replay_poll
     app = tui_app.make_app(source)
     result: dict = {"mode": mode}
+    if mode == "ab":
+        stats["phases"] = []  # (perf_counter start, end, attached)
+
+        def toggle():
+            attached = True
+            while True:
+                start = time.perf_counter()
+                stats["detached"] = not attached
+                time.sleep(2.0)
+                stats["phases"].append((start, time.perf_counter(), attached))
+                attached = not attached
+
+        threading.Thread(target=toggle, daemon=True).start()
     if mode == "paused":
         def watch():
             time.sleep(4.0)
@@ -143,6 +168,23 @@ def child(mode: str, preset_name: str, steps: int, out_path: str) -> None:
         threading.Thread(target=watch, daemon=True).start()
     app.run()
     source.close()
+    if mode == "ab" and stats["steps"]:
+        base = source.trainer._t0
+        times = [base + r.time for r in stats["steps"] if r.step >= 5]
+        rates = {True: [], False: []}
+        for start, end, attached in stats["phases"][1:]:  # the first phase holds the start-up
+            n = sum(start <= t < end for t in times)
+            if n >= 2 and start >= times[0] and end <= times[-1]:
+                rates[attached].append(n / (end - start))
+        result["ab_attached_steps_per_sec"] = rates[True]
+        result["ab_detached_steps_per_sec"] = rates[False]
+        if rates[True] and rates[False]:
+            result["ab_ratio_of_medians"] = statistics.median(rates[True]) / statistics.median(rates[False])
+            # neighbouring phases: each attached phase against the mean of the phases around it
+        result["switch_interval"] = sys.getswitchinterval()
+        with open(out_path, "w") as handle:
+            json.dump(result, handle)
+        return
     if stats["steps"]:
         result["steps_per_sec"] = rate_of(stats["steps"])
         lat = sorted(stats["lat"])
@@ -226,10 +268,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--child", default=None)
+    parser.add_argument("--ab", action="store_true",
+                        help="one TUI run alternating 2 s drawn / 2 s not drawn (robust to load drift)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.preset, args.steps, args.out)
+        return
+    if args.ab:
+        r = on_pty("ab", args.preset, args.steps, (80, 24))
+        print(json.dumps({k: v for k, v in r.items() if not k.startswith("t_")}), flush=True)
         return
     results = []
     ratios = []

@@ -290,6 +290,7 @@ class Dashboard(Monitor):
         self.playing = False
         self._status_key = None
         self._diag_key = None
+        self._diag_at = 0.0
         self._errors_key = None
 
     # -- layout ---------------------------------------------------------------------------------
@@ -347,8 +348,8 @@ class Dashboard(Monitor):
         with self.app.batch_update():
             self.update_status()
             self.update_errors()
+            self.update_diagnosis()  # keyed on the verdicts; throttled while they only tick
             if changed or force:
-                self.update_diagnosis()
                 view = self.query_one(f"#{self.view}") if self.view != "dash" else None
                 if self.view == "dash":
                     rows = self.query_one(LayerRows)
@@ -421,8 +422,11 @@ class Dashboard(Monitor):
         text = self._status_text()
         key = (text.plain, len(text.spans))
         if key != self._status_key:
+            # the text is wrapped here (no_wrap): a layout pass only when its line count changes
+            lines = text.plain.count("\n")
+            relayout = self._status_key is None or self._status_key[0].count("\n") != lines
             self._status_key = key
-            self.query_one("#status", Static).update(text)
+            self.query_one("#status", Static).update(text, layout=relayout)
 
     def resized(self) -> None:
         self.update_status()
@@ -474,9 +478,17 @@ class Dashboard(Monitor):
     def update_diagnosis(self) -> None:
         last = self.state.last
         verdicts = last.verdicts if last is not None else []
-        key = (id(last), self.mono)
+        key = (tuple((v.kind, v.severity, v.summary, tuple(v.suggestions)) for v in verdicts),
+               last is None, self.mono)
         if key == self._diag_key:
             return
+        # verdict texts carry numbers that change every step: at most once a second when live
+        now = time.monotonic()
+        if (self.source.live and self._diag_key is not None and self._diag_key[0]
+                and key[0] and [k[:2] for k in key[0]] == [k[:2] for k in self._diag_key[0]]
+                and now - self._diag_at < 1.0):
+            return
+        self._diag_at = now
         self._diag_key = key
         waiting = "waiting for the first step" if last is None else "the diagnosis needs more steps"
         limit = 1 if self.size.height < 30 else 3
