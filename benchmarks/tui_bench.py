@@ -166,7 +166,18 @@ def child(mode: str, preset_name: str, steps: int, out_path: str) -> None:
             app.call_from_thread(app.exit)
 
         threading.Thread(target=watch, daemon=True).start()
-    app.run()
+    if os.environ.get("BENCH_PROFILE"):
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(app.run)
+        buffer = io.StringIO()
+        pstats.Stats(profiler, stream=buffer).sort_stats("tottime").print_stats(30)
+        result["profile"] = buffer.getvalue()
+    else:
+        app.run()
     source.close()
     if mode == "ab" and stats["steps"]:
         base = source.trainer._t0

@@ -30,8 +30,8 @@ from .sources import FollowSource, ReplaySource, Source
 from .state import RunState
 from .widgets import Activations, Heatmap, Histogram, LayerRows, LossPlot
 
-POLL_HZ = 6.0
-PLOT_HZ = 1.0
+POLL_HZ = 5.0
+PLOT_HZ = 0.5
 VIEWS = ("dash", "heatmap", "hist", "acts")
 VIEW_NAMES = {"dash": "dashboard", "heatmap": "heatmap", "hist": "histogram", "acts": "activations"}
 METRIC_MODES = ("both", "h", "W")

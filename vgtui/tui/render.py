@@ -173,19 +173,18 @@ def layer_rows(state: RunState, width: int, metrics: list[str], selected: int, m
         text.append(" ")
         for metric, logged, lo, hi in columns:
             row = logged[i] if logged.shape[1] else np.zeros(0)
-            levels = _levels(row, lo, hi, len(SPARK)) if row.size else np.zeros(0, int)
-            colours = _levels(row, lo, hi, len(RAMP)) if row.size else np.zeros(0, int)
-            pad = spark_w - len(row)
+            levels = _levels(row, lo, hi, len(SPARK)).tolist() if row.size else []
+            # one colour per row: that of the newest value (few spans: cheap to composite)
+            colour = level(float(row[-1]), lo, hi, len(RAMP)) if row.size else 0
+            row_style = None if mono else (_STYLES[colour] if colour >= 0 else _BAD_STYLE)
+            pad = spark_w - len(levels)
             if pad > 0:
                 text.append(" " * pad)
-            _append_runs(text, [("✗", _BAD_STYLE) if lv < 0 else (SPARK[lv], None if mono else _STYLES[cl])
-                                for lv, cl in zip(levels.tolist(), colours.tolist())])
+            _append_runs(text, [("✗", _BAD_STYLE) if lv < 0 else (SPARK[lv], row_style) for lv in levels])
             current = state.last.layers[metric][i] if state.last is not None else float("nan")
-            value_style = None
+            value_style = row_style
             if not math.isfinite(current):
                 value_style = "bold reverse" if mono else _BAD_STYLE
-            elif not mono and row.size:
-                value_style = _STYLES[colours[-1]] if colours[-1] >= 0 else _BAD_STYLE
             text.append(" ")
             text.append(fmt(current, 9), style=value_style)
             text.append(" " * (col_w - spark_w - 10))
