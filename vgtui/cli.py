@@ -154,7 +154,8 @@ def cmd_tui(args) -> int:
     _check_device(args.device)
     preset = _load(args)
     return _tui_entry("run_live")(preset, device=args.device, mono=args.mono, paused=args.paused,
-                                  data_root=args.data_root, download=args.download)
+                                  data_root=args.data_root, download=args.download,
+                                  overhead_budget=_budget(args))
 
 
 def cmd_replay(args, follow: bool) -> int:

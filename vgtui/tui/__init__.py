@@ -23,12 +23,14 @@ def _run(app, sources) -> int:
 
 
 def run_live(preset, *, device: str = "cpu", mono: bool = False, paused: bool = False,
-             data_root: Path | None = None, download: bool = False) -> int:
+             data_root: Path | None = None, download: bool = False,
+             overhead_budget: float | None = None) -> int:
     _prepare(mono)
     from .app import make_app
     from .sources import LiveSource
 
-    source = LiveSource(preset, device=device, paused=paused, data_root=data_root, download=download)
+    source = LiveSource(preset, device=device, paused=paused, data_root=data_root, download=download,
+                        overhead_budget=overhead_budget)
     return _run(make_app(source, mono=mono), [source])
 
 
@@ -41,13 +43,14 @@ def run_replay(path, follow: bool = False, mono: bool = False) -> int:
     return _run(make_app(source, mono=mono), [source])
 
 
-def run_compare(preset_a, preset_b, *, device: str = "cpu", mono: bool = False) -> int:
+def run_compare(preset_a, preset_b, *, device: str = "cpu", mono: bool = False,
+                overhead_budget: float | None = None) -> int:
     _prepare(mono)
     from .app import make_app
     from .sources import LiveSource
 
     if preset_b.seed != preset_a.seed:
         preset_b = preset_b.replace(seed=preset_a.seed)  # same seed => identical batches
-    a = LiveSource(preset_a, device=device)
-    b = LiveSource(preset_b, device=device)
+    a = LiveSource(preset_a, device=device, overhead_budget=overhead_budget)
+    b = LiveSource(preset_b, device=device, overhead_budget=overhead_budget)
     return _run(make_app(compare=(a, b), mono=mono), [a, b])

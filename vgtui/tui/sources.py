@@ -67,7 +67,8 @@ class LiveSource(Source):
     live = True
 
     def __init__(self, preset, *, device: str = "cpu", paused: bool = False, data_root=None,
-                 download: bool = False, max_steps: int | None = None, channel_maxlen: int = 4096):
+                 download: bool = False, max_steps: int | None = None, channel_maxlen: int = 4096,
+                 overhead_budget: float | None = None):
         super().__init__()
         from ..channel import Channel
         from ..trainer import TrainerController
@@ -76,7 +77,8 @@ class LiveSource(Source):
         self.start_paused = paused
         self.channel: Channel = Channel(maxlen=channel_maxlen)
         self.controller = TrainerController(self.channel, device=device, data_root=data_root,
-                                            download=download, max_steps=max_steps)
+                                            download=download, max_steps=max_steps,
+                                            overhead_budget=overhead_budget)
         self.device = device
         self.label = preset.name
         self._sample_every = preset.sample_every
