@@ -174,7 +174,7 @@ def child(mode: str, preset_name: str, steps: int, out_path: str) -> None:
         profiler = cProfile.Profile()
         profiler.runcall(app.run)
         buffer = io.StringIO()
-        pstats.Stats(profiler, stream=buffer).sort_stats("tottime").print_stats(30)
+        pstats.Stats(profiler, stream=buffer).sort_stats(os.environ.get("BENCH_PROFILE_SORT", "tottime")).print_stats(45)
         result["profile"] = buffer.getvalue()
     else:
         app.run()

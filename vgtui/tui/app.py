@@ -32,6 +32,7 @@ from .widgets import Activations, Heatmap, Histogram, LayerRows, LossPlot
 
 POLL_HZ = 5.0
 PLOT_HZ = 0.5
+DIAGNOSIS_REFRESH_S = 3.0
 VIEWS = ("dash", "heatmap", "hist", "acts")
 VIEW_NAMES = {"dash": "dashboard", "heatmap": "heatmap", "hist": "histogram", "acts": "activations"}
 METRIC_MODES = ("both", "h", "W")
@@ -482,11 +483,12 @@ class Dashboard(Monitor):
                last is None, self.mono)
         if key == self._diag_key:
             return
-        # verdict texts carry numbers that change every step: at most once a second when live
+        # verdict texts carry numbers that change every step, and a new text costs a layout
+        # pass: while the verdicts stay the same kinds, refresh their wording every 3 s
         now = time.monotonic()
         if (self.source.live and self._diag_key is not None and self._diag_key[0]
                 and key[0] and [k[:2] for k in key[0]] == [k[:2] for k in self._diag_key[0]]
-                and now - self._diag_at < 1.0):
+                and now - self._diag_at < DIAGNOSIS_REFRESH_S):
             return
         self._diag_at = now
         self._diag_key = key
