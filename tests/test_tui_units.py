@@ -192,3 +192,23 @@ def test_heatmap_groups_many_layers():
     assert cells.shape == (30, 50) and groups[0][0] == 0 and groups[-1][1] == 119
     logged[5, 3] = np.nan
     assert np.isnan(R.bin_columns(logged, 10)[5]).any()
+
+
+def test_follow_source_survives_a_truncating_writer(tmp_path):
+    from vgtui.record import JsonlWriter
+    from vgtui.records import RunHeader
+    from vgtui.tui.sources import FollowSource
+
+    path = tmp_path / "run.jsonl"
+    source = FollowSource(path)
+    assert source.poll() == []  # no file yet
+    recs = records("exploding")
+    with JsonlWriter(path) as out:
+        out.write_all(recs)
+    first = source.poll()
+    assert isinstance(first[0], RunHeader) and len(first) == len(recs)
+    with JsonlWriter(path) as out:  # a new run rewrites the file from the start
+        out.write_all(recs[:5])
+    again = source.poll()
+    assert source.restarts == 1 and isinstance(again[0], RunHeader) and len(again) == 5
+    assert not source.problems

@@ -203,13 +203,23 @@ class FollowSource(Source):
         self.path = Path(path)
         self.reader = JsonlReader(self.path)
         self.label = self.path.name
-        self.lines_seen = 0
+        self.restarts = 0
 
     @property
     def exists(self) -> bool:
         return self.path.exists()
 
     def poll(self) -> list:
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            size = None
+        if size is not None and size < getattr(self.reader, "_offset", 0):
+            # the writer started over (a new run truncated the file): read it from the top
+            from ..record import JsonlReader
+
+            self.reader = JsonlReader(self.path)
+            self.restarts += 1
         result = self.reader.read_new()
         self.problems.extend(result.problems)
         for record in result.records:
