@@ -175,3 +175,26 @@ async def test_attach_follows_a_growing_file(tmp_path):
         release.set()
         thread.join(10)
     assert not source.problems  # the torn line is still "partial", never a false problem
+
+
+@sync
+async def test_training_error_is_shown_and_the_app_stays_usable(tmp_path, monkeypatch):
+    from vgtui import config
+
+    real_load = config.load_preset
+    monkeypatch.setattr(config, "load_preset", lambda name: tiny(name) if isinstance(name, str)
+                        and "/" not in name else real_load(name))
+    # MNIST with an empty data folder and no download: the trainer thread fails at once
+    source = LiveSource(tiny().replace(data="mnist"), data_root=tmp_path)
+    app = make_app(source)
+    async with app.run_test(size=SIZE) as pilot:
+        dash = dashboard(app)
+        await wait_for(pilot, lambda: dash.state.errors)
+        await pilot.pause(0.3)
+        text = screen_text(app)
+        assert "training failed" in text and "press r to restart or p to pick another preset" in text
+        await pilot.press("1")  # another preset: a fresh run, the error is gone
+        await wait_for(pilot, lambda: dash.state.last is not None)
+        assert not dash.state.errors and "training failed" not in screen_text(app)
+        await pilot.press("q")
+    assert not source.controller.alive

@@ -38,7 +38,6 @@ VIEW_NAMES = {"dash": "dashboard", "heatmap": "heatmap", "hist": "histogram", "a
 METRIC_MODES = ("both", "h", "W")
 SAMPLING_STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 MIN_W, MIN_H = 40, 12
-NBSP = "\u00a0"
 
 HELP_KEYS = [
     ("space", "pause / resume training (replay: play / stop)"),
@@ -57,10 +56,6 @@ HELP_KEYS = [
     ("?", "this help (esc closes)"),
     ("q", "quit (stops and joins the training thread)"),
 ]
-
-
-def _field(text: str) -> str:
-    return text
 
 
 def wrap_fields(fields: list[tuple[str, str]], width: int, sep: str = " · ") -> Text:
@@ -270,7 +265,7 @@ class Dashboard(Monitor):
 
     DEFAULT_CSS = """
     Dashboard #status { height: auto; max-height: 2; background: $panel; padding: 0 1; }
-    Dashboard #errors { height: auto; max-height: 5; border: round $error; padding: 0 1;
+    Dashboard #errors { height: auto; max-height: 8; border: round $error; padding: 0 1;
         display: none; }
     Dashboard #errors.shown { display: block; }
     Dashboard #views { height: 1fr; }
