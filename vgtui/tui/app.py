@@ -393,7 +393,8 @@ class Dashboard(Monitor):
             fields.append((where, ""))
             if math.isfinite(last.steps_per_sec) and src.kind == "live":
                 fields.append((f"{last.steps_per_sec:.1f} steps/s", ""))
-        every = src.sample_every if src.sample_every else (last.sample_every if last else None)
+        # what the trainer actually used (it may adapt it to an overhead budget), else what we asked
+        every = last.sample_every if last is not None else src.sample_every
         if every:
             fields.append((f"every {every}", ""))
         if st.header:
@@ -597,7 +598,9 @@ class Dashboard(Monitor):
     def action_sampling(self, direction: int) -> None:
         if not self.source.live:
             return self._not_here("changing the sampling interval")
-        current = self.source.sample_every or 1
+        # what we asked for, or what the trainer reports using if it adapted it upwards
+        last = self.state.last
+        current = max(self.source.sample_every or 1, last.sample_every if last is not None else 1)
         if direction > 0:
             new = next((s for s in SAMPLING_STEPS if s > current), current * 2)
         else:
