@@ -7,6 +7,7 @@ bad-input errors answer at once. Every user error is one line on stderr and exit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -190,6 +191,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _exit_now(code: int) -> None:
+    """Leave at once after the TUI has closed. By then the trainers are stopped and joined and the
+    terminal restored; what remains is the interpreter tearing torch down, which takes about a
+    second, and the user is waiting for the prompt."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -207,13 +217,15 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_show(args)
         if args.command == "run":
             return cmd_run(args)
-        if args.command in ("replay", "attach"):
-            return cmd_replay(args, follow=args.command == "attach")
-        if args.command == "compare":
-            return cmd_compare(args)
         if args.command == "export":
             return cmd_export(args)
-        return cmd_tui(args)
+        if args.command in ("replay", "attach"):
+            code = cmd_replay(args, follow=args.command == "attach")
+        elif args.command == "compare":
+            code = cmd_compare(args)
+        else:
+            code = cmd_tui(args)
+        _exit_now(code)
     except (PresetError, UserError) as exc:
         print(f"vgtui: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -162,7 +162,7 @@ def export_tensorboard(path: str | Path, outdir: str | Path) -> int:
                     writer.add_scalar(f"{metric}/{index:02d}_{header.layers[index]}",
                                       float(record.layers[metric][index]), record.step)
                 for index, name in enumerate(header.layers):
-                    if index >= len(record.hist) or len(record.hist[index]) != len(edges) - 1:
+                    if record.hist is None or index >= len(record.hist) or len(record.hist[index]) != len(edges) - 1:
                         continue
                     hist = _histogram_raw(record.hist[index], edges)
                     if hist is not None:

@@ -397,6 +397,9 @@ class Dashboard(Monitor):
         every = last.sample_every if last is not None else src.sample_every
         if every:
             fields.append((f"every {every}", ""))
+        if last is not None and math.isfinite(last.probe_overhead):
+            # the overhead budget is on: the probe's measured share of training time
+            fields.append((f"probe {last.probe_overhead:.1%}", "dim"))
         if st.header:
             clip = st.header.preset.get("clip", "none")
             if clip == "none":

@@ -291,17 +291,18 @@ def _cell_style(top: int, bottom: int | None) -> Style:
 def histogram(state: RunState, layer: int, width: int, height: int, mono: bool) -> Text:
     """The selected layer's log10|∂L/∂W| histogram at the newest step, as vertical bars."""
     text = Text(no_wrap=True, overflow="crop")
-    if state.last is None or not state.header:
+    record = state.last_detail
+    if record is None or not state.header:
         text.append("waiting for the first record…", style="dim")
         return text
     layer = max(0, min(layer, state.n_layers - 1))
-    counts = np.nan_to_num(state.last.hist[layer].astype(float))
+    counts = np.nan_to_num(record.hist[layer].astype(float))
     edges = np.asarray(state.header.hist_edges, dtype=float)
     bins = len(counts)
     name = state.layer_names[layer]
     total = counts.sum()
     title = fit([f"log10|∂L/∂W| histogram", f"{name} ({layer + 1}/{state.n_layers})",
-                 f"step {state.last.step}", f"{int(total):,} weights", "zeros in the lowest bin"], width)
+                 f"step {record.step}", f"{int(total):,} sampled weights", "zeros in the lowest bin"], width)
     text.append(title + "\n", style="bold")
     axis_w = 7
     bar_w = max(1, (width - axis_w) // max(1, bins))
@@ -348,7 +349,7 @@ def activations(state: RunState, width: int, selected: int, mono: bool, height: 
     With more layers than ``height - 1`` rows, a window that follows the selected layer."""
     text = Text(no_wrap=True, overflow="crop")
     names = state.layer_names
-    if not names or state.last is None:
+    if not names or state.last_detail is None:
         text.append("waiting for the first record…", style="dim")
         return text
     name_w = min(10, max(len(n) for n in names))
@@ -359,9 +360,9 @@ def activations(state: RunState, width: int, selected: int, mono: bool, height: 
     if spark_w >= 6:
         text.append(f"{'sat/dead % over time'[:spark_w]}", style="bold")
     text.append("\n")
-    cols = state.last.layers
-    sat_hist = state.matrix("saturated", spark_w) if spark_w else None
-    dead_hist = state.matrix("dead", spark_w) if spark_w else None
+    cols = state.last_detail.layers
+    sat_hist = state.matrix("saturated", spark_w, detail=True) if spark_w else None
+    dead_hist = state.matrix("dead", spark_w, detail=True) if spark_w else None
     kinds = state.header.layer_kinds if state.header else ["?"] * len(names)
     rows = len(names) if height <= 1 else max(1, height - 1)
     first = 0

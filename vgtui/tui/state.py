@@ -28,6 +28,10 @@ class RunState:
         self.run_id: int | None = None
         self.steps: deque[StepRecord] = deque(maxlen=self.maxlen)
         self.last: StepRecord | None = None
+        # The detail tier (activation stats, update ratios, histograms) arrives on every Nth
+        # measured step only: its views read these, never a NaN-filled core-only record.
+        self.detail_steps: deque[StepRecord] = deque(maxlen=self.maxlen)
+        self.last_detail: StepRecord | None = None
         self.errors: list[RunError] = []
         self.notices: list[str] = []
         self.paused = False
@@ -63,6 +67,9 @@ class RunState:
                 return False
             self.steps.append(record)
             self.last = record
+            if record.detail and record.hist is not None:
+                self.detail_steps.append(record)
+                self.last_detail = record
             if record.nonfinite is not None:
                 self.nonfinite_records += 1
                 if self.nonfinite is None:
@@ -96,11 +103,12 @@ class RunState:
     def preset_name(self) -> str:
         return str(self.header.preset.get("name", "?")) if self.header else "?"
 
-    def matrix(self, metric: str, last: int | None = None) -> np.ndarray:
-        """(n_layers, T) values of ``metric`` over the newest ``last`` steps (oldest first)."""
-        key = ("m", metric, last)
+    def matrix(self, metric: str, last: int | None = None, detail: bool = False) -> np.ndarray:
+        """(n_layers, T) values of ``metric`` over the newest ``last`` steps (oldest first);
+        ``detail``: over the steps that measured the detail tier."""
+        key = ("m", metric, last, detail)
         if key not in self._cache:
-            steps = list(self.steps)
+            steps = list(self.detail_steps if detail else self.steps)
             if last is not None:
                 steps = steps[-last:] if last > 0 else []
             if not steps:
