@@ -31,7 +31,7 @@ def main() -> None:
     for name, (preset_name, steps, changes) in FIXTURES.items():
         preset = load_preset(preset_name).replace(**changes)
         channel = Channel(100_000)
-        trainer = Trainer(preset, channel, max_steps=steps)
+        trainer = Trainer(preset, channel, max_steps=steps, run_id=1)  # as `vgtui run` numbers it
         trainer.start()
         trainer.join()
         path = HERE / f"{name}.jsonl"

@@ -1,0 +1,83 @@
+"""Where the probe's cost goes: bare loop vs hooks attached but idle vs the core tier measured.
+
+    .venv/bin/python benchmarks/probe_tiers.py [--preset sigmoid-deep] [--rounds 5] [--steps 15]
+
+Modes, run interleaved in one process on identical batches:
+  bare       no probe at all
+  idle       probe attached, never sampling (the hooks only test a flag)
+  core       sampling every step, detail tier off: per-layer ‖∂L/∂W‖ and ‖∂L/∂h‖, global norm,
+             non-finite location, one transfer
+  detail     sampling every step with the detail tier every step too (activation statistics,
+             ‖W‖, update ratio, histograms)
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vgtui.build import build_model, make_optimizer  # noqa: E402
+from vgtui.config import load_preset  # noqa: E402
+from vgtui.data import SyntheticData  # noqa: E402
+from vgtui.probe import Probe  # noqa: E402
+
+
+def make(preset, mode):
+    built = build_model(preset)
+    optimizer = make_optimizer(built.model.parameters(), preset)
+    data = SyntheticData(preset.seed, preset.batch_size)
+    batches = [data.batch(i) for i in range(4)]
+    probe = None
+    if mode != "bare":
+        probe = Probe(built.layers, list(built.model.parameters()),
+                      detail_every=1 if mode == "detail" else 10**9).attach()
+
+    def run(steps):
+        start = time.perf_counter()
+        for i in range(steps):
+            x, y = batches[i % len(batches)]
+            sampled = mode in ("core", "detail")
+            if probe:
+                probe.begin(sampled)
+            optimizer.zero_grad(set_to_none=True)
+            loss = built.loss_fn(built.model(x), y)
+            loss.backward()
+            if probe:
+                probe.after_backward()
+                probe.clip("none")
+                probe.before_step(optimizer)
+            optimizer.step()
+            if sampled:
+                probe.finish(i, loss, None, optimizer)
+                probe.poll()
+        return (time.perf_counter() - start) / steps * 1e3
+
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="sigmoid-deep")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=15)
+    args = parser.parse_args()
+    preset = load_preset(args.preset)
+    modes = ["bare", "idle", "core", "detail"]
+    runs = {m: make(preset, m) for m in modes}
+    for run in runs.values():
+        run(3)
+    times = {m: [] for m in modes}
+    for r in range(args.rounds):
+        for m in modes if r % 2 == 0 else modes[::-1]:
+            times[m].append(runs[m](args.steps))
+    bare = statistics.median(times["bare"])
+    for m in modes:
+        ms = statistics.median(times[m])
+        print(f"{m:<7} {ms:7.1f} ms/step  ({ms / bare:.2f}x bare)")
+
+
+if __name__ == "__main__":
+    main()
