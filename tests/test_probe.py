@@ -188,39 +188,35 @@ def test_detach_removes_every_hook():
     assert not any(m._forward_hooks for m in built.model.modules())
 
 
+def measure_one_step(built, preset):
+    """One sampled step of ``built`` on batch 0, without an optimiser step."""
+    probe = Probe(built.layers, list(built.model.parameters())).attach()
+    x, y = SyntheticData(0, preset.batch_size).batch(0)
+    probe.begin(True)
+    loss = built.loss_fn(built.model(x), y)
+    loss.backward()
+    probe.after_backward()
+    probe.clip("none")
+    probe.finish(0, loss, None)
+    (record,) = probe.poll()
+    return record
+
+
 def test_nonfinite_forward_names_the_first_layer():
     preset = small("relu-he")
     built = build_model(preset)
     with torch.no_grad():
         built.layers[1].weight[0, 0] = float("inf")
-    probe = Probe(built.layers, list(built.model.parameters())).attach()
-    x, y = SyntheticData(0, preset.batch_size).batch(0)
-    probe.begin(True)
-    loss = built.loss_fn(built.model(x), y)
-    loss.backward()
-    probe.after_backward()
-    probe.clip("none")
-    probe.finish(0, loss, None)
-    (record,) = probe.poll()
-    assert record.nonfinite == ("hidden2", "forward")
+    assert measure_one_step(built, preset).nonfinite == ("hidden2", "forward")
 
 
 def test_nonfinite_backward_names_the_layer_nearest_the_output():
     preset = small("relu-he")
     built = build_model(preset)
-    probe = Probe(built.layers, list(built.model.parameters())).attach()
-    x, y = SyntheticData(0, preset.batch_size).batch(0)
     # A gradient that turns non-finite inside hidden3's backward, with a finite forward.
     built.model.blocks[2].register_full_backward_hook(
         lambda m, gin, gout: (torch.full_like(gin[0], float("nan")),))
-    probe.begin(True)
-    loss = built.loss_fn(built.model(x), y)
-    loss.backward()
-    probe.after_backward()
-    probe.clip("none")
-    probe.finish(0, loss, None)
-    (record,) = probe.poll()
-    assert record.nonfinite == ("hidden2", "backward")
+    assert measure_one_step(built, preset).nonfinite == ("hidden2", "backward")
 
 
 def test_detail_tier_every_nth_sampled_step_core_on_all():
