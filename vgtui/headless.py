@@ -32,10 +32,15 @@ def fmt(value: float, width: int = 8) -> str:
     return f"{value:.3g}".rjust(width)
 
 
-def layer_table(header: RunHeader, record: StepRecord) -> str:
-    """Per-layer table, input at the top: the gradient norms the literature talks about."""
-    lines = [f"  {'layer':<10}{'|dL/dW|':>10}{'|dL/dh|':>10}{'sat%':>7}{'dead%':>7}{'upd/W':>10}"]
-    cols = record.layers
+def layer_table(header: RunHeader, record: StepRecord, detail: StepRecord | None = None) -> str:
+    """Per-layer table, input at the top: the gradient norms the literature talks about. The
+    saturation, dead-unit and update columns come from ``detail``, the newest record that
+    measured them (they are measured on every Nth sampled step only)."""
+    detail = detail or record
+    note = f" (sat/dead/upd at step {detail.step})" if detail.step != record.step else ""
+    lines = [f"  {'layer':<10}{'|dL/dW|':>10}{'|dL/dh|':>10}{'sat%':>7}{'dead%':>7}{'upd/W':>10}{note}"]
+    cols = {**detail.layers, "weight_grad_norm": record.layers["weight_grad_norm"],
+            "act_grad_norm": record.layers["act_grad_norm"]}
     for i, name in enumerate(header.layers):
         sat, dead = cols["saturated"][i], cols["dead"][i]
         lines.append(
@@ -112,6 +117,7 @@ def run_headless(
     writer = JsonlWriter(record) if record else None
     header: RunHeader | None = None
     last: StepRecord | None = None
+    last_detail: StepRecord | None = None
     error: RunError | None = None
     code = 0
     seen_nonfinite = False
@@ -131,12 +137,14 @@ def run_headless(
                           file=out)
                 elif isinstance(rec, StepRecord):
                     last = rec
+                    if rec.detail:
+                        last_detail = rec
                     first_bad = rec.nonfinite is not None and not seen_nonfinite
                     seen_nonfinite = seen_nonfinite or rec.nonfinite is not None
                     if rec.step % print_every == 0 or first_bad:
                         print(step_line(rec), file=out)
                     if header and rec.step and rec.step % table_every == 0:
-                        print(layer_table(header, rec), file=out)
+                        print(layer_table(header, rec, last_detail), file=out)
                 elif isinstance(rec, RunError):
                     error = rec
                     print(f"vgtui: training failed at step {rec.step}: {rec.message}", file=sys.stderr)
@@ -150,7 +158,7 @@ def run_headless(
     if last is not None and header is not None:
         print(f"\nfinal (step {last.step}):", file=out)
         print(step_line(last), file=out)
-        print(layer_table(header, last), file=out)
+        print(layer_table(header, last, last_detail), file=out)
         for verdict in last.verdicts:
             print(f"  [{verdict.severity}] {verdict.kind}: {verdict.summary}", file=out)
             if verdict.suggestions:
