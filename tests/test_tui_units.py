@@ -212,3 +212,22 @@ def test_follow_source_survives_a_truncating_writer(tmp_path):
     again = source.poll()
     assert source.restarts == 1 and isinstance(again[0], RunHeader) and len(again) == 5
     assert not source.problems
+
+
+@sync
+async def test_resized_repeatedly_in_every_view():
+    """Down to 40×12 and below, in every view, over and over: no crash, and a clear message when
+    the terminal is too small."""
+    app = scripted_app("relu-30-xavier")
+    sizes = [(120, 40), (40, 12), (39, 11), (200, 50), (80, 24), (41, 13), (25, 6), (100, 30)]
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        for view in range(4):
+            for width, height in sizes:
+                await pilot.resize_terminal(width, height)
+                await pilot.pause()
+                text = screen_text(app)
+                too_small = width < 40 or height < 12
+                assert ("terminal too small" in text) == too_small, (view, width, height)
+            await pilot.press("v")
+        await pilot.press("q")
