@@ -26,22 +26,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vgtui.channel import Channel  # noqa: E402
 from vgtui.config import builtin_names, load_preset  # noqa: E402
 from vgtui.diagnosis import Diagnoser  # noqa: E402
 from vgtui.records import LAYER_METRICS, RunHeader, StepRecord  # noqa: E402
-from vgtui.trainer import Trainer  # noqa: E402
+from vgtui.trainer import run_to_completion  # noqa: E402
 
 TRUTH_STEPS = 5
 DOC = ROOT / "docs" / "DIAGNOSIS.md"
 
 
 def train(preset, steps: int) -> tuple[RunHeader, list[StepRecord]]:
-    channel = Channel(1_000_000)
-    trainer = Trainer(preset, channel, max_steps=steps)
-    trainer.start()
-    trainer.join()
-    records = channel.drain()
+    records = run_to_completion(preset, steps)
     header = next(r for r in records if isinstance(r, RunHeader))
     return header, [r for r in records if isinstance(r, StepRecord)]
 

@@ -15,7 +15,6 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-from vgtui.channel import Channel
 from vgtui.config import builtin_names, load_preset
 from vgtui.diagnosis import (
     DEAD_ENTER,
@@ -29,7 +28,7 @@ from vgtui.diagnosis import (
     Diagnoser,
 )
 from vgtui.records import LAYER_METRICS, RunHeader, StepRecord, Verdict
-from vgtui.trainer import Trainer
+from vgtui.trainer import run_to_completion
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -38,11 +37,7 @@ def _train(name: str, steps: int, **changes) -> tuple[RunHeader, tuple[StepRecor
     preset = load_preset(name)
     if changes:
         preset = preset.replace(**changes)
-    channel = Channel(100_000)
-    trainer = Trainer(preset, channel, max_steps=steps)
-    trainer.start()
-    trainer.join()
-    records = channel.drain()
+    records = run_to_completion(preset, steps)
     header = next(r for r in records if isinstance(r, RunHeader))
     steps_ = tuple(r for r in records if isinstance(r, StepRecord))
     assert len(steps_) == steps

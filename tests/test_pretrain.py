@@ -22,11 +22,10 @@ from functools import lru_cache
 
 import numpy as np
 
-from vgtui.channel import Channel
 from vgtui.config import load_preset
 from vgtui.diagnosis import MIN_RECORDS
 from vgtui.records import StepRecord
-from vgtui.trainer import Trainer
+from vgtui.trainer import run_to_completion
 
 PRETRAIN_STEPS = 40  # per layer; the preset uses 200 (see docs/DIAGNOSIS.md for those figures)
 FINE_TUNE_STEPS = 5
@@ -38,11 +37,7 @@ def _run(name: str) -> list[StepRecord]:
     if preset.pretrain_steps:
         preset = preset.replace(pretrain_steps=PRETRAIN_STEPS)
     steps = preset.pretrain_steps * preset.depth + FINE_TUNE_STEPS
-    channel = Channel(100_000)
-    trainer = Trainer(preset, channel, max_steps=steps)
-    trainer.start()
-    trainer.join()
-    return [r for r in channel.drain() if isinstance(r, StepRecord)]
+    return [r for r in run_to_completion(preset, steps) if isinstance(r, StepRecord)]
 
 
 def _first_last(records: list[StepRecord]) -> float:

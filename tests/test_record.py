@@ -11,22 +11,17 @@ import time
 import numpy as np
 import pytest
 
-from vgtui.channel import Channel
 from vgtui.config import load_preset
 from vgtui.record import JsonlReader, JsonlWriter, read_recording
 from vgtui.records import RunHeader, StepRecord
-from vgtui.trainer import Trainer
+from vgtui.trainer import run_to_completion
 
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     """A short exploding run (it reaches NaN), recorded."""
     path = tmp_path_factory.mktemp("rec") / "run.jsonl"
-    channel = Channel(10_000)
-    trainer = Trainer(load_preset("exploding"), channel, max_steps=10)
-    trainer.start()
-    trainer.join(60)
-    records = channel.drain()
+    records = run_to_completion(load_preset("exploding"), 10)
     with JsonlWriter(path) as writer:
         writer.write_all(records)
     return path, records

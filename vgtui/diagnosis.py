@@ -610,22 +610,22 @@ class Diagnoser:
         if self.count < MIN_RECORDS:
             return out
         self._dead_med = dead = self._full(self.dead.median(), self.relu_layers)
-        worst = _argmax(dead)
-        if worst >= 0:
-            value = float(dead[worst])
-            on = self.dead_latch.update(value)
-            crit = self.dead_crit.update(value)
-            if on:
-                out.append(self._dead_verdict(dead, worst, value, crit))
+        self._worst_layer(out, dead, self.dead_latch, self.dead_crit, self._dead_verdict)
         self._sat_med = sat = self._full(self.saturated.median(), self.saturating_layers)
-        worst = _argmax(sat)
-        if worst >= 0:
-            value = float(sat[worst])
-            on = self.sat.update(value)
-            crit = self.sat_crit.update(value)
-            if on:
-                out.append(self._saturation_verdict(sat, worst, value, crit))
+        self._worst_layer(out, sat, self.sat, self.sat_crit, self._saturation_verdict)
         return out
+
+    @staticmethod
+    def _worst_layer(out: list, values: np.ndarray, latch, critical, make_verdict) -> None:
+        """Judge the worst layer's fraction through its latches; append the verdict when on."""
+        worst = _argmax(values)
+        if worst < 0:
+            return
+        value = float(values[worst])
+        on = latch.update(value)
+        crit = critical.update(value)
+        if on:
+            out.append(make_verdict(values, worst, value, crit))
 
     def _full(self, values: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Per-layer values of some layers, spread over all layers (nan for the others)."""

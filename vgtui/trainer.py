@@ -326,6 +326,16 @@ class Trainer(threading.Thread):
         return f"pretrain:{name}", step
 
 
+def run_to_completion(preset: Preset, steps: int, **options) -> list:
+    """Train ``steps`` steps in a Trainer thread and return every record it produced, in order
+    (for scripts and tests that want a whole short run; nothing is dropped)."""
+    channel = Channel(maxlen=1_000_000)
+    trainer = Trainer(preset, channel, max_steps=steps, **options)
+    trainer.start()
+    trainer.join()
+    return channel.drain()
+
+
 class TrainerController:
     """Owns the current Trainer thread and the channel; switching presets replaces the thread.
 

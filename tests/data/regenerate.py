@@ -14,10 +14,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from vgtui.channel import Channel  # noqa: E402
 from vgtui.config import load_preset  # noqa: E402
 from vgtui.record import JsonlWriter  # noqa: E402
-from vgtui.trainer import Trainer  # noqa: E402
+from vgtui.trainer import run_to_completion  # noqa: E402
 
 FIXTURES = {  # name: (preset, steps, changes)
     "sigmoid-deep": ("sigmoid-deep", 60, {}),
@@ -30,13 +29,10 @@ FIXTURES = {  # name: (preset, steps, changes)
 def main() -> None:
     for name, (preset_name, steps, changes) in FIXTURES.items():
         preset = load_preset(preset_name).replace(**changes)
-        channel = Channel(100_000)
-        trainer = Trainer(preset, channel, max_steps=steps, run_id=1)  # as `vgtui run` numbers it
-        trainer.start()
-        trainer.join()
+        records = run_to_completion(preset, steps, run_id=1)  # run 1, as `vgtui run` numbers it
         path = HERE / f"{name}.jsonl"
         with JsonlWriter(path) as writer:
-            writer.write_all(channel.drain())
+            writer.write_all(records)
         lines = []
         for line in path.read_text().splitlines():
             data = json.loads(line)
