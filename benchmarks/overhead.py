@@ -30,6 +30,12 @@ NETWORKS = {
     "50×256 ReLU": ("relu-he", {"depth": 50, "width": 256}),
     "relu-30-he (30×256)": ("relu-30-he", {}),
 }
+#: On a GPU the networks above are launch-bound (a few hundred microseconds of kernels a step);
+#: these keep it busy, which is where the ≤ 1.02 target applies.
+NETWORKS_CUDA = {
+    "20×2048 ReLU He, batch 2048": ("relu-he", {"depth": 20, "width": 2048, "batch_size": 2048}),
+    "sigmoid 5×4096, batch 4096": ("sigmoid-deep", {"width": 4096, "batch_size": 4096}),
+}
 
 
 def make_loop(preset, device, with_probe: bool, sample_every: int = 1):
@@ -97,6 +103,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--intervals", default="1,2,5,10", help="sampling intervals for the sigmoid-deep sweep")
+    parser.add_argument("--only", default=None, help="run only the networks whose label contains this")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,15 +112,23 @@ def main() -> None:
           f"{args.rounds} interleaved rounds of {args.steps} steps\n")
     print("| network | bare ms/step | probed ms/step | median ratio (every step) |")
     print("|---|---|---|---|")
-    for label, (name, changes) in NETWORKS.items():
+    networks = dict(NETWORKS, **(NETWORKS_CUDA if device.type == "cuda" else {}))
+    if args.only:
+        networks = {k: v for k, v in networks.items() if args.only in k}
+    for label, (name, changes) in networks.items():
         preset = load_preset(name).replace(**changes)
         ratio, bare_s, probed_s = measure(preset, device, args.rounds, args.steps)
         print(f"| {label} | {bare_s * 1e3:.1f} | {probed_s * 1e3:.1f} | {ratio:.3f} |", flush=True)
-    print("\n| sigmoid-deep, sample every | median ratio |")
-    print("|---|---|")
-    for every in [int(v) for v in args.intervals.split(",")]:
-        ratio, _, _ = measure(load_preset("sigmoid-deep"), device, args.rounds, args.steps, every)
-        print(f"| {every} | {ratio:.3f} |", flush=True)
+    sweeps = {} if args.only else {"sigmoid-deep": load_preset("sigmoid-deep")}
+    if device.type == "cuda" and networks:
+        label, (name, changes) = next(iter(networks.items()))
+        sweeps[label] = load_preset(name).replace(**changes)
+    for label, preset in sweeps.items():
+        print(f"\n| {label}, sample every | median ratio |")
+        print("|---|---|")
+        for every in [int(v) for v in args.intervals.split(",")]:
+            ratio, _, _ = measure(preset, device, args.rounds, args.steps, every)
+            print(f"| {every} | {ratio:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Where the probe's cost goes: bare loop vs hooks attached but idle vs the core tier measured.
 
     .venv/bin/python benchmarks/probe_tiers.py [--preset sigmoid-deep] [--rounds 5] [--steps 15]
+        [--device cpu|cuda] [--set depth=20,width=2048,batch_size=2048]
 
 Modes, run interleaved in one process on identical batches:
   bare       no probe at all
@@ -12,6 +13,7 @@ Modes, run interleaved in one process on identical batches:
 """
 
 import argparse
+import ast
 import statistics
 import sys
 import time
@@ -24,11 +26,14 @@ from vgtui.config import load_preset  # noqa: E402
 from vgtui.data import SyntheticData  # noqa: E402
 from vgtui.probe import Probe  # noqa: E402
 
+import torch  # noqa: E402
 
-def make(preset, mode):
-    built = build_model(preset)
+
+def make(preset, mode, device):
+    built = build_model(preset, device)
     optimizer = make_optimizer(built.model.parameters(), preset)
-    data = SyntheticData(preset.seed, preset.batch_size)
+    data = SyntheticData(preset.seed, preset.batch_size, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     batches = [data.batch(i) for i in range(4)]
     probe = None
     if mode != "bare":
@@ -36,6 +41,7 @@ def make(preset, mode):
                       detail_every=1 if mode == "detail" else 10**9).attach()
 
     def run(steps):
+        sync()
         start = time.perf_counter()
         for i in range(steps):
             x, y = batches[i % len(batches)]
@@ -53,6 +59,9 @@ def make(preset, mode):
             if sampled:
                 probe.finish(i, loss, None, optimizer)
                 probe.poll()
+        if probe:
+            probe.poll(wait=True)
+        sync()
         return (time.perf_counter() - start) / steps * 1e3
 
     return run
@@ -63,10 +72,14 @@ def main():
     parser.add_argument("--preset", default="sigmoid-deep")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--set", default="", help="preset changes, e.g. depth=20,width=2048")
     args = parser.parse_args()
-    preset = load_preset(args.preset)
+    changes = {k: ast.literal_eval(v) for k, v in (kv.split("=") for kv in args.set.split(",") if kv)}
+    preset = load_preset(args.preset).replace(**changes)
+    device = torch.device(args.device)
     modes = ["bare", "idle", "core", "detail"]
-    runs = {m: make(preset, m) for m in modes}
+    runs = {m: make(preset, m, device) for m in modes}
     for run in runs.values():
         run(3)
     times = {m: [] for m in modes}
