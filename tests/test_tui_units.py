@@ -65,6 +65,12 @@ async def test_replay_seeking():
         assert dash.state.last.step == 19
         await pilot.press("n")  # at the end: stays
         assert dash.position == last
+        footer = screen_text(app).splitlines()[-1]
+        assert "play" in footer and "pause" not in footer  # space plays a replay
+        await pilot.press("space")  # at the end: plays from the start
+        assert dash.playing and dash.position == 0
+        await pilot.press("space")
+        assert not dash.playing
         await pilot.press("r")  # not available in replay: the app says so and carries on
         await pilot.press("q")
 

@@ -16,7 +16,6 @@ from typing import TextIO
 from .channel import Channel
 from .config import Preset
 from .records import RunError, RunHeader, StepRecord
-from .trainer import TrainerController
 
 
 def fmt(value: float, width: int = 8) -> str:
@@ -108,6 +107,7 @@ def run_headless(
     """Train ``steps`` steps; returns the process exit code (0, 1 on a training error,
     128 + signal number when stopped by a signal)."""
     from .record import JsonlWriter
+    from .trainer import TrainerController  # torch: only when training, never for fmt()
 
     channel: Channel = Channel(maxlen=100_000)
     controller = TrainerController(channel, device=device, data_root=data_root, download=download,

@@ -242,6 +242,7 @@ class Dashboard(Monitor):
 
     BINDINGS = [
         Binding("space", "toggle_pause", "pause"),
+        Binding("space", "toggle_play", "play"),  # replay: the footer says what space does
         Binding("n", "single_step", "step"),
         Binding("r", "restart", "restart"),
         Binding("p", "picker", "presets"),
@@ -315,7 +316,8 @@ class Dashboard(Monitor):
             self.update_all(force=True)
             self.set_interval(1.0 / self.poll_hz, self.poll, name="vgtui-poll")
         else:
-            self.source.start()
+            # After the first frame: starting a live source imports torch, which takes seconds.
+            self.call_after_refresh(self.source.start)
             self.start_polling()
 
     def on_unmount(self) -> None:
@@ -504,20 +506,28 @@ class Dashboard(Monitor):
             return self.source.seekable
         if action in ("restart", "picker", "sampling", "quick"):
             return self.source.live
-        if action in ("toggle_pause", "single_step"):
+        if action == "toggle_pause":
+            return self.source.live
+        if action == "toggle_play":
+            return self.source.seekable
+        if action == "single_step":
             return self.source.live or self.source.seekable
         return True
 
     def _not_here(self, what: str) -> None:
         self.notify(f"{what} is not available in {self.source.kind} mode", severity="warning", timeout=3)
 
+    def action_toggle_play(self) -> None:
+        if not self.source.seekable:
+            return
+        if not self.playing and self.position >= len(self.source.step_index) - 1:
+            self._seek(0)
+        self.playing = not self.playing
+        self.update_status()
+
     def action_toggle_pause(self) -> None:
         if self.source.seekable:
-            if not self.playing and self.position >= len(self.source.step_index) - 1:
-                self._seek(0)
-            self.playing = not self.playing
-            self.update_status()
-            return
+            return self.action_toggle_play()
         if not self.source.live:
             return self._not_here("pause")
         if self.state.paused:
@@ -728,7 +738,7 @@ class Compare(Monitor):
         if self.mono:
             self.query_one(LossPlot).theme = "clear"
         for side in self.sides:
-            side.source.start()
+            self.call_after_refresh(side.source.start)  # after the first frame (imports torch)
         self.start_polling()
 
     def on_unmount(self) -> None:

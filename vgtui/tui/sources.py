@@ -71,14 +71,13 @@ class LiveSource(Source):
                  overhead_budget: float | None = None):
         super().__init__()
         from ..channel import Channel
-        from ..trainer import TrainerController
 
         self.preset = preset
         self.start_paused = paused
         self.channel: Channel = Channel(maxlen=channel_maxlen)
-        self.controller = TrainerController(self.channel, device=device, data_root=data_root,
-                                            download=download, max_steps=max_steps,
-                                            overhead_budget=overhead_budget)
+        self._controller_options = dict(device=device, data_root=data_root, download=download,
+                                        max_steps=max_steps, overhead_budget=overhead_budget)
+        self._controller = None
         self.device = device
         self.label = preset.name
         self._sample_every = preset.sample_every
@@ -88,8 +87,18 @@ class LiveSource(Source):
         return self.channel.dropped
 
     @property
+    def controller(self):
+        """Created on first use: importing the trainer imports torch (~2 s), which the app does
+        only after its first frame is on screen."""
+        if self._controller is None:
+            from ..trainer import TrainerController
+
+            self._controller = TrainerController(self.channel, **self._controller_options)
+        return self._controller
+
+    @property
     def trainer(self):
-        return self.controller.trainer
+        return self._controller.trainer if self._controller is not None else None
 
     def start(self) -> None:
         if self.controller.trainer is None:
@@ -99,7 +108,8 @@ class LiveSource(Source):
         return self.channel.drain()
 
     def close(self) -> None:
-        self.controller.stop(timeout=5.0)
+        if self._controller is not None:
+            self._controller.stop(timeout=5.0)
 
     def pause(self) -> bool:
         if self.trainer is not None:
