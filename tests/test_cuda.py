@@ -122,3 +122,19 @@ def test_trainer_on_cuda_matches_the_cpu_and_finds_where_nan_began():
     print(f"first non-finite: cuda step {on_gpu.step} {on_gpu.nonfinite}, cpu step {on_cpu.step} {on_cpu.nonfinite}")
     assert on_gpu.nonfinite[1] in ("forward", "backward")
     assert abs(on_gpu.step - on_cpu.step) <= 1
+
+
+def test_marks_tell_huge_finite_gradients_from_infinite_ones_on_cuda():
+    """A float32 sum of squares overflows at entries ~1e19; the marks must not call that
+    non-finite, and must catch one real inf or NaN among a million entries."""
+    from vgtui.probe import norms_and_marks
+
+    huge = torch.full((1000, 1000), 1e37, device=CUDA)  # norm 1e40: over float32
+    inf, nan = huge.clone(), huge.clone()
+    inf[500, 7] = float("inf")
+    nan[999, 999] = float("nan")
+    norms, marks = norms_and_marks([huge, inf, nan, torch.randn(100, 256, device=CUDA)])
+    marks = torch.stack(marks).cpu()
+    assert marks[0] == 0 and marks[3] == 0
+    assert not torch.isfinite(marks[1]) and torch.isnan(marks[2])
+    assert torch.isinf(norms[0].cpu())  # reported in float32: too large to show, yet finite entries

@@ -100,6 +100,21 @@ def finite_marks(tensors: list[torch.Tensor], norms: list[torch.Tensor] | None =
     return marks
 
 
+def norms_and_marks(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """2-norms and finite marks (see :func:`finite_marks`) of each tensor.
+
+    CUDA: one pass, a 2-norm accumulated in float64, where the squares of float32 entries cannot
+    overflow (n * (3.4e38)^2 is far below 1.8e308): it is finite exactly when every entry is,
+    and ``norm * 0`` is the mark (0, or NaN). Two passes (2-norm and max) cost ~1 % more of a
+    busy H100's step. CPU: the 2-norms, and marks from them where they decide.
+    """
+    if tensors and tensors[0].device.type != "cpu" and all(t.dtype in _BLAS_DTYPES for t in tensors):
+        wide = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+        return [n.float() for n in wide], [n * 0 for n in wide]
+    norms = tensor_norms(tensors)
+    return norms, finite_marks(tensors, norms)
+
+
 def largest_magnitudes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """max |x| of each tensor (NaN if it holds one); on CPU via amax/amin, ~20x faster there than
     the inf-norm."""
@@ -314,8 +329,8 @@ class Probe:
         if present:
             # The 2-norm is what is reported; the mark tells whether an entry is non-finite
             # (a float32 sum of squares overflows long before the entries do).
-            present_norms = tensor_norms(present)
-            norms, maxima = iter(present_norms), iter(finite_marks(present, present_norms))
+            present_norms, present_marks = norms_and_marks(present)
+            norms, maxima = iter(present_norms), iter(present_marks)
             nan = torch.full((), float("nan"), device=self._wgrad.device)
             self._act_grad = torch.stack([next(norms).float() if g is not None else nan
                                           for g in self._out_grads])
