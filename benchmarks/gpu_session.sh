@@ -29,6 +29,11 @@ section probe tiers on CUDA
 timeout 120 $py benchmarks/probe_tiers.py --device cuda --rounds 7 --steps 30
 timeout 180 $py benchmarks/probe_tiers.py --device cuda --rounds 7 --steps 20 --preset relu-he --set depth=20,width=2048,batch_size=2048
 
+section TUI on CUDA: steps/s drawing vs not drawing, alternating every 2 s
+for preset in sigmoid-deep relu-30-he; do
+  timeout 120 $py benchmarks/tui_bench.py --ab --device cuda --preset $preset --steps 6000 2>&1 | tail -2
+done
+
 section headless runs on CUDA under the default 2 % budget
 cat > "$out/busy.toml" <<'TOML'
 description = "20x2048 ReLU, He init, batch 2048: keeps an H100 busy"

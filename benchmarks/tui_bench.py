@@ -1,6 +1,7 @@
 """Measure the TUI's cost to training and to the terminal, under a real pty.
 
     .venv/bin/python benchmarks/tui_bench.py [--preset sigmoid-deep] [--steps 150] [--rounds 2]
+    .venv/bin/python benchmarks/tui_bench.py --ab [--device cuda --steps 6000]
 
 Reports, as JSON lines and a summary:
 * steps/s of the trainer inside the running TUI ÷ steps/s with a headless consumer (interleaved),
@@ -78,7 +79,7 @@ def headless(preset_name: str, steps: int) -> dict:
 
 # -- the child: the real app on a pty ------------------------------------------------------------
 
-def child(mode: str, preset_name: str, steps: int, out_path: str) -> None:
+def child(mode: str, preset_name: str, steps: int, out_path: str, device: str = "cpu") -> None:
     os.environ["TEXTUAL_ANIMATIONS"] = "none"
     if os.environ.get("BENCH_SWITCH_INTERVAL"):
         sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
@@ -130,7 +131,7 @@ def child(mode: str, preset_name: str, steps: int, out_path: str) -> None:
     tui_app.Dashboard.poll = poll
     preset = load_preset(preset_name)
     source = LiveSource(preset, max_steps=steps if mode in ("live", "ab") else None,
-                        paused=mode == "paused")
+                        paused=mode == "paused", device=device)
     real_poll = source.poll
 
     def replay_poll():
@@ -220,13 +221,15 @@ def child(mode: str, preset_name: str, steps: int, out_path: str) -> None:
         json.dump(result, handle)
 
 
-def on_pty(mode: str, preset: str, steps: int, size: tuple[int, int], quit_after: float | None = None) -> dict:
+def on_pty(mode: str, preset: str, steps: int, size: tuple[int, int], quit_after: float | None = None,
+           device: str = "cpu") -> dict:
     """Run the child on a pty of ``size``; count the bytes it writes per arrival time."""
     out_path = tempfile.mktemp(suffix=".json")
     pid, fd = pty.fork()
     if pid == 0:  # a fresh interpreter on the pty (a forked copy would share our state)
         os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), "--child", mode,
-                                  "--preset", preset, "--steps", str(steps), "--out", out_path])
+                                  "--preset", preset, "--steps", str(steps), "--out", out_path,
+                                  "--device", device])
     cols, rows = size
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
     chunks: list[tuple[float, int]] = []
@@ -282,12 +285,13 @@ def main() -> None:
     parser.add_argument("--ab", action="store_true",
                         help="one TUI run alternating 2 s drawn / 2 s not drawn (robust to load drift)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the --ab mode)")
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.preset, args.steps, args.out)
+        child(args.child, args.preset, args.steps, args.out, args.device)
         return
     if args.ab:
-        r = on_pty("ab", args.preset, args.steps, (80, 24))
+        r = on_pty("ab", args.preset, args.steps, (80, 24), device=args.device)
         print(json.dumps({k: v for k, v in r.items() if not k.startswith("t_")}), flush=True)
         return
     results = []

@@ -20,6 +20,26 @@ def test_help_imports_neither_torch_nor_textual():
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_the_tui_can_draw_before_torch_is_imported():
+    """The first frame must not wait ~2 s for torch: the app and a live source import none."""
+    code = ("import sys\nfrom vgtui.config import load_preset\nfrom vgtui.tui.app import make_app\n"
+            "from vgtui.tui.sources import LiveSource\n"
+            "make_app(LiveSource(load_preset('relu-he')))\nprint('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip().splitlines()[-1] == "False", proc.stderr
+
+
+def test_malloc_settings_apply_on_linux_and_never_fail():
+    from vgtui import malloc
+
+    assert malloc.trim() == sys.platform.startswith("linux")
+    stop = malloc.start_trimming(0.01)
+    assert (stop is not None) == sys.platform.startswith("linux")
+    if stop is not None:
+        stop.set()
+    assert malloc.start_trimming(0) is None
+
+
 def test_headless_run_prints_layers_and_a_verdict():
     out = io.StringIO()
     preset = load_preset("sigmoid-deep").replace(width=64)

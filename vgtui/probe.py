@@ -105,8 +105,8 @@ def norms_and_marks(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], li
 
     CUDA: one pass, a 2-norm accumulated in float64, where the squares of float32 entries cannot
     overflow (n * (3.4e38)^2 is far below 1.8e308): it is finite exactly when every entry is,
-    and ``norm * 0`` is the mark (0, or NaN). Two passes (2-norm and max) cost ~1 % more of a
-    busy H100's step. CPU: the 2-norms, and marks from them where they decide.
+    and ``norm * 0`` is the mark (0, or NaN): one read of the tensors instead of two (2-norm and
+    max). CPU: the 2-norms, and marks from them where they decide.
     """
     if tensors and tensors[0].device.type != "cpu" and all(t.dtype in _BLAS_DTYPES for t in tensors):
         wide = torch._foreach_norm(tensors, 2, dtype=torch.float64)
@@ -139,7 +139,7 @@ def _zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 class LogHistograms:
     """Every layer's histogram of |g| on the recording's log-spaced bins in one bucketize and one
-    bincount, from at most HIST_MAX_ELEMENTS evenly strided entries per layer (exact zeros fall
+    index_add, from at most HIST_MAX_ELEMENTS evenly strided entries per layer (exact zeros fall
     in the lowest bin; NaN and inf in the highest: "too large to measure")."""
 
     def __init__(self):
