@@ -123,6 +123,7 @@ def child(mode: str, preset_name: str, steps: int, out_path: str, device: str = 
             stats["steps"] += new_steps
             if base is not None:
                 stats["lat"] += [done - (base + r.time) for r in new_steps]
+                stats.setdefault("lat_at", []).extend([done] * len(new_steps))
         if self.state.finished and stats["t_done"] is None:
             stats["t_done"] = time.time()
             self.app.exit()
@@ -203,6 +204,12 @@ def child(mode: str, preset_name: str, steps: int, out_path: str, device: str = 
         frames = sorted(stats["frames"])
         result["latency_ms_median"] = 1000 * statistics.median(lat) if lat else None
         result["latency_ms_p95"] = 1000 * lat[int(0.95 * (len(lat) - 1))] if lat else None
+        if stats.get("lat_at"):  # per minute of the run: does latency grow over time?
+            start, minutes = stats["lat_at"][0], {}
+            for at, value in zip(stats["lat_at"], stats["lat"]):
+                minutes.setdefault(int((at - start) // 60), []).append(value)
+            result["latency_ms_median_by_minute"] = [round(1000 * statistics.median(v), 1)
+                                                     for _, v in sorted(minutes.items())]
         result["frame_ms_median"] = 1000 * statistics.median(frames)
         result["frame_ms_p95"] = 1000 * frames[int(0.95 * (len(frames) - 1))]
         result["frame_ms_max"] = 1000 * frames[-1]
@@ -286,9 +293,15 @@ def main() -> None:
                         help="one TUI run alternating 2 s drawn / 2 s not drawn (robust to load drift)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the --ab mode)")
+    parser.add_argument("--soak", action="store_true",
+                        help="one long live run at 120x40 (--steps); latency per minute")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.preset, args.steps, args.out, args.device)
+        return
+    if args.soak:
+        r = on_pty("live", args.preset, args.steps, (120, 40), device=args.device)
+        print(json.dumps({k: v for k, v in r.items() if not k.startswith("t_")}), flush=True)
         return
     if args.ab:
         r = on_pty("ab", args.preset, args.steps, (80, 24), device=args.device)
