@@ -218,3 +218,20 @@ def test_out_of_memory_in_the_thread_is_delivered(monkeypatch):
     errors = [r for r in channel.drain() if isinstance(r, RunError)]
     assert len(errors) == 1 and "out of memory" in errors[0].message
     assert not trainer.is_alive()
+
+
+def test_probe_clock_counts_only_what_it_brackets():
+    import torch
+
+    from vgtui.trainer import ProbeClock
+
+    clock = ProbeClock(torch.device("cpu"))
+    clock.stop()  # nothing started: nothing counted
+    assert clock.seconds() == 0.0
+    before = time.perf_counter()
+    clock.start()
+    time.sleep(0.02)
+    clock.stop()
+    bracket = time.perf_counter() - before
+    time.sleep(0.05)  # outside the bracket: not counted
+    assert 0.02 <= clock.seconds() <= bracket
