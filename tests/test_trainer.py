@@ -181,6 +181,27 @@ def test_overhead_budget_widens_and_narrows_the_interval(monkeypatch):
     assert interval == 1
 
 
+def test_overhead_budget_keeps_up_with_slow_steps(monkeypatch):
+    """2 s per step, the probe at 10 %: the interval must widen within a few windows, not wait
+    for three intervals of slow steps each time."""
+    from vgtui import trainer as trainer_module
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock["now"])
+    budget = trainer_module.OverheadBudget(0.02, floor=1)
+    interval, probe_seconds, history, windows = 1, 0.0, [], 0
+    for step in range(40):
+        clock["now"] += 2.0
+        if step % interval == 0:
+            probe_seconds += 0.2  # 10 % of a step, on sampled steps
+        interval = budget.update(interval, probe_seconds)
+        windows += budget._steps == 0  # a window closed and the share was re-measured
+        history.append(interval)
+    assert history[2] > 1  # first window: three steps
+    assert budget.share <= 0.02 and interval >= 5
+    assert windows >= 4  # one interval per window once 10 s have passed (3 intervals: only 2)
+
+
 def test_slow_consumer_memory_is_bounded_and_newest_data_kept():
     """Nobody drains the channel while 300 steps train: it holds 50, counts the rest as dropped."""
     channel = Channel(50)

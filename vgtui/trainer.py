@@ -54,8 +54,11 @@ class OverheadBudget:
         self._steps += 1
         now = time.perf_counter()
         elapsed = now - self._start
-        # A window spans a second and several sampled steps, so that it sees the probe's real cost.
-        if elapsed < self.WINDOW_SECONDS or self._steps < 3 * interval:
+        # A window spans a second and three sampled steps, so that it sees the probe's real cost;
+        # on slow steps (seconds each) one whole interval once ten seconds have passed, so that
+        # a 200-layer net is not measured over minutes per window.
+        enough = self._steps >= 3 * interval or (elapsed >= 10 * self.WINDOW_SECONDS and self._steps >= interval)
+        if elapsed < self.WINDOW_SECONDS or not enough:
             return interval
         self.share = (probe_seconds - self._probe_at_start) / elapsed
         self._start, self._probe_at_start, self._steps = now, probe_seconds, 0
