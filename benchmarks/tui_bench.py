@@ -293,14 +293,14 @@ def main() -> None:
                         help="one TUI run alternating 2 s drawn / 2 s not drawn (robust to load drift)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the --ab mode)")
-    parser.add_argument("--soak", action="store_true",
-                        help="one long live run at 120x40 (--steps); latency per minute")
+    parser.add_argument("--soak", type=float, default=None, metavar="SECONDS",
+                        help="one long live run at 120x40, quit after SECONDS; latency per minute")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.preset, args.steps, args.out, args.device)
         return
     if args.soak:
-        r = on_pty("live", args.preset, args.steps, (120, 40), device=args.device)
+        r = on_pty("live", args.preset, 10**9, (120, 40), quit_after=args.soak, device=args.device)
         print(json.dumps({k: v for k, v in r.items() if not k.startswith("t_")}), flush=True)
         return
     if args.ab:
