@@ -634,8 +634,17 @@ class Diagnoser:
             out[index] = values
         return out
 
+    def _fraction_evidence(self, fractions, worst, value, key: str) -> dict:
+        """Evidence of a per-layer fraction verdict (dead, saturated): worst layer, mean, all."""
+        finite = fractions[~np.isnan(fractions)]
+        return {
+            "worst_layer": self.names[worst],
+            "worst_fraction": value,
+            "mean_fraction": float(finite.mean()) if finite.size else float("nan"),
+            key: fractions.tolist(),
+        }
+
     def _dead_verdict(self, dead, worst, value, critical) -> Verdict:
-        finite = dead[~np.isnan(dead)]
         lr = self.preset.get("lr", float("nan"))
         bias = self.preset.get("bias_init", 0.0)
         causes = [f"{value:.0%} of the units of {self.names[worst]} output 0 on every example of"
@@ -656,12 +665,7 @@ class Diagnoser:
                           " layer below it.")
         causes.append("Leaky ReLU and ELU keep a gradient for negative inputs, so units can"
                       " recover.")
-        evidence = {
-            "worst_layer": self.names[worst],
-            "worst_fraction": value,
-            "mean_fraction": float(finite.mean()) if finite.size else float("nan"),
-            "dead_fraction": dead.tolist(),
-        }
+        evidence = self._fraction_evidence(dead, worst, value, "dead_fraction")
         return Verdict("dead", "critical" if critical else "warning",
                        f"{value:.0%} of {self.names[worst]}'s units dead"
                        f" (mean {evidence['mean_fraction']:.0%} over rectifying layers)",
@@ -669,7 +673,6 @@ class Diagnoser:
                        _suggest(self.preset, SUGGESTIONS["dead"]))
 
     def _saturation_verdict(self, sat, worst, value, critical) -> Verdict:
-        finite = sat[~np.isnan(sat)]
         act = self.activation or "the activation"
         explanation = (f"{value:.0%} of the units of {self.names[worst]} sit on a flat tail of"
                        f" {act}, where its derivative is near 0: the gradient through them is cut,"
@@ -678,12 +681,7 @@ class Diagnoser:
                        " (Glorot & Bengio 2010 saw the top sigmoid layer saturate at 0 early in"
                        " training). Batch norm keeps pre-activations near 0; ReLU has no upper"
                        " tail.")
-        evidence = {
-            "worst_layer": self.names[worst],
-            "worst_fraction": value,
-            "mean_fraction": float(finite.mean()) if finite.size else float("nan"),
-            "saturated_fraction": sat.tolist(),
-        }
+        evidence = self._fraction_evidence(sat, worst, value, "saturated_fraction")
         return Verdict("saturation", "critical" if critical else "warning",
                        f"{value:.0%} of {self.names[worst]}'s units saturated",
                        explanation, evidence,
