@@ -20,9 +20,10 @@ timeout 300 $py -m pytest -q -p no:cacheprovider -s tests/test_cuda.py "tests/te
 
 section probe overhead on CUDA
 if [ -n "${QUICK:-}" ]; then
-  timeout 300 $py benchmarks/overhead.py --device cuda --rounds 7 --steps 30 --only batch
+  timeout 300 $py benchmarks/overhead.py --device cuda --pairs 80 --floor --only batch
+  timeout 200 $py benchmarks/overhead.py --device cuda --pairs 80 --aa --only batch
 else
-  timeout 420 $py benchmarks/overhead.py --device cuda --rounds 7 --steps 30
+  timeout 420 $py benchmarks/overhead.py --device cuda --pairs 100 --floor
 fi
 
 section probe tiers on CUDA

@@ -1,16 +1,20 @@
 """Probe overhead: a bare training loop vs the same loop with the probe, interleaved A/B runs.
 
-    .venv/bin/python benchmarks/overhead.py [--device cpu|cuda] [--rounds 7] [--steps 30]
+    .venv/bin/python benchmarks/overhead.py [--device cpu|cuda] [--pairs 150] [--aa]
 
-For each network, rounds alternate bare and probed runs of the same number of steps (after a
-warm-up) on identical batches; the figure is the median of the per-round ratios probed/bare, so
-that drifts in machine load hit both sides alike. Also shows how the ratio falls with the
-sampling interval. Prints a Markdown table for docs/BENCHMARKS.md.
+For each network, a bare loop and a probed loop (separate models, identical batches) take turns
+one sampling interval at a time: one step each when measuring every step, N steps each at
+"every N" (so each turn holds exactly one measured step), the order swapped every pair. The
+figure is the median of the per-pair ratios probed/bare. Turns this short put both sides under
+the same machine load: on the shared 2-core box an A/A run (``--aa``: a second bare loop in
+place of the probed one) reads 0.99-1.01, where 20-step blocks read anywhere in 0.8-1.2.
+Prints Markdown tables for docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -38,13 +42,18 @@ NETWORKS_CUDA = {
 }
 
 
-def make_loop(preset, device, with_probe: bool, sample_every: int = 1):
+def make_loop(preset, device, mode: str = "bare", sample_every: int = 1):
+    """A training loop: ``bare``; ``probe`` (vgtui's probe); or ``floor``: the least any exact
+    per-layer ‖∂L/∂W‖ must cost, one dot product per parameter gradient after backward and
+    nothing else (no hooks, no ‖∂L/∂h‖, no packing, no transfer)."""
     built = build_model(preset, device)
     model = built.model
     optimizer = make_optimizer(model.parameters(), preset)
     data = SyntheticData(preset.seed, preset.batch_size, device)
     batches = [data.batch(i) for i in range(8)]
-    probe = Probe(built.layers, list(model.parameters())).attach() if with_probe else None
+    params = list(model.parameters())
+    probe = Probe(built.layers, params).attach() if mode == "probe" else None
+    floor = mode == "floor"
     state = {"step": 0}
 
     def run(steps: int) -> float:
@@ -61,6 +70,12 @@ def make_loop(preset, device, with_probe: bool, sample_every: int = 1):
             out = model(x)
             loss = built.loss_fn(out, y)
             loss.backward()
+            if floor and step % sample_every == 0:
+                grads = [p.grad for p in params]
+                if device.type == "cuda":
+                    torch._foreach_norm(grads)  # one fused kernel
+                else:
+                    [torch.dot(g.view(-1), g.view(-1)) for g in grads]
             if probe is not None:
                 probe.after_backward()
                 probe.clip(preset.clip, preset.clip_threshold)
@@ -78,29 +93,37 @@ def make_loop(preset, device, with_probe: bool, sample_every: int = 1):
     return run
 
 
-def measure(preset, device, rounds: int, steps: int, sample_every: int = 1) -> tuple[float, float, float]:
-    """(median ratio, median bare seconds/step, median probed seconds/step)."""
-    bare = make_loop(preset, device, False)
-    probed = make_loop(preset, device, True, sample_every)
-    bare(3)
-    probed(3)
+def measure(preset, device, pairs: int, sample_every: int = 1, mode: str = "probe",
+            turn_intervals: int = 1) -> tuple[float, float, float]:
+    """(median ratio, median bare seconds/step, median probed seconds/step) over ``pairs`` turns
+    of ``turn_intervals`` sampling intervals each side."""
+    bare = make_loop(preset, device, "bare")
+    probed = make_loop(preset, device, mode, sample_every)
+    for loop in (bare, probed):
+        loop(3 * sample_every)
+    turn = sample_every * turn_intervals
     ratios, bare_times, probed_times = [], [], []
-    for r in range(rounds):
+    for r in range(pairs):
         order = (bare, probed) if r % 2 == 0 else (probed, bare)
         times = {}
         for loop in order:
-            times[loop] = loop(steps)
+            times[loop] = loop(turn)
         ratios.append(times[probed] / times[bare])
-        bare_times.append(times[bare] / steps)
-        probed_times.append(times[probed] / steps)
+        bare_times.append(times[bare] / turn)
+        probed_times.append(times[probed] / turn)
     return statistics.median(ratios), statistics.median(bare_times), statistics.median(probed_times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--pairs", type=int, default=150, help="turns per side (default 150)")
+    parser.add_argument("--turn", type=int, default=None,
+                        help="sampling intervals per turn (default 1 on CPU; 10 on CUDA, where each turn "
+                             "ends in a synchronisation that would otherwise hide the launch queue)")
+    parser.add_argument("--aa", action="store_true", help="A/A: a second bare loop instead of the probe")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure the floor: one dot per parameter gradient, nothing else")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--intervals", default="1,2,5,10", help="sampling intervals for the sigmoid-deep sweep")
     parser.add_argument("--only", default=None, help="run only the networks whose label contains this")
@@ -108,17 +131,20 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    turn = args.turn or (10 if device.type == "cuda" else 1)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} interleaved rounds of {args.steps} steps\n")
-    print("| network | bare ms/step | probed ms/step | median ratio (every step) |")
-    print("|---|---|---|---|")
+          f"{args.pairs} interleaved turns of {turn} sampling interval(s){' (A/A)' if args.aa else ''}\n")
+    mode = "bare" if args.aa else "probe"
+    print("| network | bare ms/step | probed ms/step | median ratio (every step) | floor: ‖∂L/∂W‖ alone |")
+    print("|---|---|---|---|---|")
     networks = dict(NETWORKS, **(NETWORKS_CUDA if device.type == "cuda" else {}))
     if args.only:
         networks = {k: v for k, v in networks.items() if args.only in k}
     for label, (name, changes) in networks.items():
         preset = load_preset(name).replace(**changes)
-        ratio, bare_s, probed_s = measure(preset, device, args.rounds, args.steps)
-        print(f"| {label} | {bare_s * 1e3:.1f} | {probed_s * 1e3:.1f} | {ratio:.3f} |", flush=True)
+        ratio, bare_s, probed_s = measure(preset, device, args.pairs, 1, mode, turn)
+        floor = measure(preset, device, args.pairs, 1, "floor", turn)[0] if args.floor else math.nan
+        print(f"| {label} | {bare_s * 1e3:.1f} | {probed_s * 1e3:.1f} | {ratio:.3f} | {floor:.3f} |", flush=True)
     sweeps = {} if args.only else {"sigmoid-deep": load_preset("sigmoid-deep")}
     if device.type == "cuda" and networks:
         label, (name, changes) = next(iter(networks.items()))
@@ -127,7 +153,7 @@ def main() -> None:
         print(f"\n| {label}, sample every | median ratio |")
         print("|---|---|")
         for every in [int(v) for v in args.intervals.split(",")]:
-            ratio, _, _ = measure(preset, device, args.rounds, args.steps, every)
+            ratio, _, _ = measure(preset, device, max(20, args.pairs // every), every, mode, turn)
             print(f"| {every} | {ratio:.3f} |", flush=True)
 
 

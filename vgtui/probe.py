@@ -42,38 +42,50 @@ HIST_MAX_ELEMENTS = 1024
 #: every 10th sampled step: at 10-20 steps/s that still refreshes those views about twice a second.
 DETAIL_EVERY = 10
 
-# Packed per layer: wgrad, act_grad, mean, std, saturated, dead, weight_norm, update, and marks
-# that are finite exactly when every entry of h (of dL/dh) is: see finite_marks.
+# Packed per layer: wgrad, act_grad, and marks that are finite exactly when every entry of h (of
+# dL/dh) is (see finite_marks); on detail steps also mean, std, saturated, dead, weight_norm, update.
+_CORE_COLUMNS = 4
 _COLUMNS = 10
 _SCALARS = 5  # loss, accuracy, grad_norm_total, grad_norm_clipped, clipped
 
 
-def tensor_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The 2-norm of each tensor, 0-d on its device. CUDA: one fused foreach kernel for them all.
-    CPU: the square root of a BLAS dot for each large tensor, about 3x faster than torch's norm
-    kernels (sigmoid-deep's 4.8 M gradient entries: 0.39 ms vs 1.14 ms) and more accurate
-    (float32 norm of 10^6 normals: 2e-7 relative error vs 9e-6); the small ones (biases) in one
-    foreach call, whose C++ loop beats a Python call per tensor."""
+def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of each tensor: a float32 vector on their device, in their order.
+
+    CUDA: one fused foreach kernel for them all. CPU: a BLAS dot per large tensor (its square
+    root taken once for all), about 3x faster than torch's norm kernels (sigmoid-deep's 4.8 M
+    gradient entries: 0.39 ms vs 1.14 ms) and more accurate (float32 norm of 10^6 normals: 2e-7
+    relative error vs 9e-6); the small ones (biases) in one foreach call, whose C++ loop beats a
+    Python call per tensor. No per-tensor ``sqrt``/``float``/``stack`` work: each is a dispatch
+    (a kernel launch on CUDA) that costs more than the arithmetic on small tensors.
+    """
     if not tensors:
-        return []
-    if tensors[0].device.type != "cpu":
-        return list(torch._foreach_norm(tensors))
-    out: list = [None] * len(tensors)
-    small = []
+        return torch.zeros(0)
+    device = tensors[0].device
+    if device.type != "cpu":
+        return torch.stack(torch._foreach_norm(tensors)).float()
+    squares, small, large_at, small_at = [], [], [], []
     for k, tensor in enumerate(tensors):
-        if tensor.numel() >= _LARGE and tensor.dtype in _BLAS_DTYPES:
-            flat = tensor.reshape(-1)
-            out[k] = torch.dot(flat, flat).sqrt_()
+        if tensor.numel() >= _LARGE and tensor.dtype is torch.float32:
+            flat = tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1)
+            squares.append(torch.dot(flat, flat))
+            large_at.append(k)
         else:
-            small.append(k)
+            small.append(tensor)
+            small_at.append(k)
+    parts = []
+    if squares:
+        parts.append(torch.stack(squares).sqrt_())
     if small:
-        for k, norm in zip(small, torch._foreach_norm([tensors[k] for k in small])):
-            out[k] = norm
-    return out
+        parts.append(torch.stack(torch._foreach_norm(small)).float())
+    norms = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if large_at and small_at:
+        norms = norms[_order(tuple(large_at + small_at), device)]
+    return norms
 
 
-def finite_marks(tensors: list[torch.Tensor], norms: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """One 0-d value per tensor, finite exactly when every entry of the tensor is finite.
+def finite_marks(tensors: list[torch.Tensor], norms: torch.Tensor | None = None) -> torch.Tensor:
+    """A vector with one value per tensor, finite exactly when every entry of the tensor is.
 
     A 2-norm cannot decide this alone: a float32 sum of squares overflows to inf long before the
     entries do. CUDA: max |x| (one fused inf-norm kernel). CPU, where that kernel is ~20x slower
@@ -82,11 +94,11 @@ def finite_marks(tensors: list[torch.Tensor], norms: list[torch.Tensor] | None =
     which is 0, or NaN when some entry is inf or NaN, and cannot overflow.
     """
     if not tensors:
-        return []
+        return torch.zeros(0)
     if tensors[0].device.type != "cpu":
-        return list(torch._foreach_norm(tensors, ord=math.inf))
-    if norms is not None and bool(torch.isfinite(torch.stack(norms)).all()):  # host: no sync
-        return list(norms)
+        return torch.stack(torch._foreach_norm(tensors, ord=math.inf)).float()
+    if norms is not None and bool(torch.isfinite(norms).all()):  # host: no sync
+        return norms
     marks = []
     for k, tensor in enumerate(tensors):
         norm = norms[k] if norms is not None else None
@@ -94,14 +106,14 @@ def finite_marks(tensors: list[torch.Tensor], norms: list[torch.Tensor] | None =
             marks.append(norm)
         elif tensor.dtype in _BLAS_DTYPES:
             flat = tensor.reshape(-1)
-            marks.append(torch.dot(flat, _zeros(flat.numel(), flat.dtype)))
+            marks.append(torch.dot(flat, _zeros(flat.numel(), flat.dtype)).float())
         else:
-            marks.append(torch.linalg.vector_norm(tensor, ord=math.inf))
-    return marks
+            marks.append(torch.linalg.vector_norm(tensor, ord=math.inf).float())
+    return torch.stack(marks)
 
 
-def norms_and_marks(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """2-norms and finite marks (see :func:`finite_marks`) of each tensor.
+def norms_and_marks(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-norms and finite marks (see :func:`finite_marks`) of each tensor, as two vectors.
 
     CUDA: one pass, a 2-norm accumulated in float64, where the squares of float32 entries cannot
     overflow (n * (3.4e38)^2 is far below 1.8e308): it is finite exactly when every entry is,
@@ -109,24 +121,42 @@ def norms_and_marks(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], li
     max). CPU: the 2-norms, and marks from them where they decide.
     """
     if tensors and tensors[0].device.type != "cpu" and all(t.dtype in _BLAS_DTYPES for t in tensors):
-        wide = torch._foreach_norm(tensors, 2, dtype=torch.float64)
-        return [n.float() for n in wide], [n * 0 for n in wide]
+        wide = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
+        return wide.float(), (wide * 0).float()
     norms = tensor_norms(tensors)
     return norms, finite_marks(tensors, norms)
 
 
-def largest_magnitudes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """max |x| of each tensor (NaN if it holds one); on CPU via amax/amin, ~20x faster there than
-    the inf-norm."""
-    if not tensors or tensors[0].device.type != "cpu":
-        return list(torch._foreach_norm(tensors, ord=math.inf)) if tensors else []
-    return [torch.maximum(t.amax(), t.amin().neg()) if t.numel() else t.new_zeros(()) for t in tensors]
+def largest_magnitudes(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """max |x| of each tensor (NaN if it holds one), as a vector; on CPU via amax/amin, ~20x
+    faster there than the inf-norm."""
+    if not tensors:
+        return torch.zeros(0)
+    if tensors[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(tensors, ord=math.inf)).float()
+    return torch.stack([torch.maximum(t.amax(), t.amin().neg()).float() if t.numel()
+                        else torch.zeros(()) for t in tensors])
 
 
-#: On CPU, tensors at least this large get their own BLAS dot; smaller ones share a foreach call.
+#: On CPU, float32 tensors at least this large get their own BLAS dot; smaller ones share a
+#: foreach call.
 _LARGE = 1 << 14
 _BLAS_DTYPES = (torch.float32, torch.float64)
 _ZEROS: dict[torch.dtype, torch.Tensor] = {}
+_ORDERS: dict[tuple, torch.Tensor] = {}
+
+
+def _order(positions: tuple[int, ...], device) -> torch.Tensor:
+    """The index that puts values computed in ``positions`` order back in 0..n-1 order (cached:
+    the same layout comes back every step, and a fresh index would be a host->device copy)."""
+    key = (positions, str(device))
+    index = _ORDERS.get(key)
+    if index is None:
+        inverse = [0] * len(positions)
+        for i, k in enumerate(positions):
+            inverse[k] = i
+        index = _ORDERS[key] = torch.tensor(inverse, device=device)
+    return index
 
 
 def _zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -135,6 +165,27 @@ def _zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
     if zeros is None or zeros.numel() < numel:
         zeros = _ZEROS[dtype] = torch.zeros(max(numel, 1 << 16), dtype=dtype)
     return zeros[:numel]
+
+
+def spread(values: torch.Tensor, present: list[bool], fill: float = math.nan) -> torch.Tensor:
+    """``values`` (one per True in ``present``) at their positions in a vector of len(present),
+    ``fill`` elsewhere; ``values`` itself when nothing is missing."""
+    if all(present):
+        return values
+    padded = torch.cat([values.float(), torch.full((1,), fill, device=values.device)])
+    slots, k = [], 0
+    for here in present:
+        slots.append(k if here else -1)
+        k += here
+    return padded[_order_raw(tuple(slots), values.device)]
+
+
+def _order_raw(index: tuple[int, ...], device) -> torch.Tensor:
+    key = ("raw", index, str(device))
+    cached = _ORDERS.get(key)
+    if cached is None:
+        cached = _ORDERS[key] = torch.tensor(index, device=device)
+    return cached
 
 
 class LogHistograms:
@@ -262,6 +313,8 @@ class Probe:
         self._clip: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._snapshot: list[torch.Tensor] | None = None
         self._transfer = HostTransfer()
+        self._nan_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._where: tuple[object, torch.Tensor | None] | None = None
 
     # -- hooks ---------------------------------------------------------------------------------
     def attach(self) -> "Probe":
@@ -309,38 +362,51 @@ class Probe:
         return [layer.weight.grad if layer.weight.grad is not None else torch.zeros_like(layer.weight)
                 for layer in self.layers]
 
+    def _weight_index(self, device) -> torch.Tensor | None:
+        """Where each layer's weight sits among ``params`` (None if one is not trainable)."""
+        if self._where is None or self._where[0] != device:
+            positions = {id(p): k for k, p in enumerate(self.params)}
+            index = None
+            if all(id(layer.weight) in positions for layer in self.layers):
+                index = _order_raw(tuple(positions[id(layer.weight)] for layer in self.layers), device)
+            self._where = (device, index)
+        return self._where[1]
+
     def after_backward(self) -> None:
         """Per-layer ‖∂L/∂W‖, ‖∂L/∂h‖ and histograms of |∂L/∂W|, before anything rescales them."""
         if not self.sampled:
             return
-        grads = self._weight_grads()
+        grads = [p.grad for p in self.params]
+        device = self.layers[0].weight.device
         # One fused norm over every parameter's gradient serves the global norm and, for the
         # layer weights among them, the per-layer norms.
-        with_grad = [p for p in self.params if p.grad is not None]
-        norms = tensor_norms([p.grad for p in with_grad])
-        index = {id(p): i for i, p in enumerate(with_grad)}
-        self._total = torch.linalg.vector_norm(torch.stack(norms)).float() if norms else None
-        if all(id(layer.weight) in index for layer in self.layers):
-            self._wgrad = torch.stack([norms[index[id(layer.weight)]] for layer in self.layers]).float()
+        if all(g is not None for g in grads) and (where := self._weight_index(device)) is not None:
+            norms = tensor_norms(grads)
+            self._wgrad = norms[where]
         else:
-            self._wgrad = torch.stack(tensor_norms(grads)).float()
-        self._grad_missing = [g is None for g in self._out_grads]
-        present = [g for g in self._out_grads if g is not None]
-        if present:
-            # The 2-norm is what is reported; the mark tells whether an entry is non-finite
-            # (a float32 sum of squares overflows long before the entries do).
-            present_norms, present_marks = norms_and_marks(present)
-            norms, maxima = iter(present_norms), iter(present_marks)
-            nan = torch.full((), float("nan"), device=self._wgrad.device)
-            self._act_grad = torch.stack([next(norms).float() if g is not None else nan
-                                          for g in self._out_grads])
-            self._act_grad_max = torch.stack([next(maxima).float() if g is not None else nan
-                                              for g in self._out_grads])
-        else:
-            self._act_grad = self._act_grad_max = torch.full_like(self._wgrad, float("nan"))
+            grads = [g for g in grads if g is not None]
+            norms = tensor_norms(grads) if grads else None
+            self._wgrad = tensor_norms(self._weight_grads())
+        self._total = torch.linalg.vector_norm(norms) if norms is not None else None
+        self._act_grad, self._act_grad_max = self._activation_gradient_norms()
         self._out_grads = [None] * len(self.layers)
         if self.histograms and self.detail:
-            self._hist = self._histograms(grads)
+            self._hist = self._histograms(self._weight_grads())
+
+    def _activation_gradient_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """‖∂L/∂h‖ per layer and a mark finite exactly when every entry of ∂L/∂h is (the 2-norm
+        alone cannot tell: a float32 sum of squares overflows long before the entries do); NaN
+        for a layer whose gradient never came (not reached, or not trainable).
+
+        Measured and rejected: reducing each gradient inside its hook while it is still in cache
+        (relu-30-he, every step: 1.26-1.27x against 1.23x for this one batched pass)."""
+        present = [g is not None for g in self._out_grads]
+        self._grad_missing = [not here for here in present]
+        if not any(present):
+            nans = self._nans(self.layers[0].weight.device)[1]
+            return nans, nans
+        norms, marks = norms_and_marks([g for g in self._out_grads if g is not None])
+        return spread(norms, present), spread(marks, present)
 
     def _activation_stats(self, device) -> torch.Tensor:
         """(n_layers, 4): mean, std, saturated fraction, dead fraction, batched by shape and kind."""
@@ -385,17 +451,17 @@ class Probe:
             return
         total = self._total if self.sampled and self._total is not None else None
         if total is None and (kind == "norm" or self.sampled):
-            total = torch.linalg.vector_norm(torch.stack(tensor_norms(grads))).float()
+            total = torch.linalg.vector_norm(tensor_norms(grads))
         if kind == "norm":
             coef = torch.clamp(threshold / (total + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef.to(grads[0].dtype))
             self._clip = (total, total * coef, total > threshold)
         elif kind == "value":
-            largest = torch.stack(largest_magnitudes(grads)).max() if self.sampled else None
+            largest = largest_magnitudes(grads).max() if self.sampled else None
             torch._foreach_clamp_min_(grads, -threshold)
             torch._foreach_clamp_max_(grads, threshold)
             if self.sampled:
-                after = torch.linalg.vector_norm(torch.stack(tensor_norms(grads))).float()
+                after = torch.linalg.vector_norm(tensor_norms(grads))
                 self._clip = (total, after, largest > threshold)
         else:
             self._clip = (total, total, torch.zeros((), dtype=torch.bool, device=total.device))
@@ -439,57 +505,64 @@ class Probe:
 
         Nothing here copies host data to the device (on CUDA a plain host->device copy waits for
         the whole queue): masks and learning rates stay on the host and are applied on unpacking.
+        Core steps pack only the core columns; the detail columns ride on detail steps alone.
         """
         if not self.sampled:
             return
-        weights = [layer.weight.detach() for layer in self.layers]
-        device = weights[0].device
-        nan = torch.full((), float("nan"), device=device)
-        nans = torch.full((len(weights),), float("nan"), device=device)
-        update = weight_norm = nans
-        lrs = None
-        if self.detail:
-            weight_norm = torch.stack(tensor_norms(weights)).float()
-            if self._snapshot is not None:
-                update = torch.stack(tensor_norms(torch._foreach_sub(weights, self._snapshot))).float()
-                lrs = [1.0] * len(weights)
-            elif optimizer is not None and (mom := self._momentum_buffers(optimizer)) is not None:
-                buffers, lrs = mom
-                update = torch.stack(tensor_norms(buffers)).float()  # times lr, on the host
-        self._snapshot = None
+        n = len(self.layers)
+        device = self.layers[0].weight.device
+        nan, nans = self._nans(device)
+        if self._clip is None:
+            self.clip("none")
         # Forward finiteness on every sampled step: a mark per kept activation, non-finite exactly
         # when some entry is (see finite_marks: no sum of squares, which overflows too early).
         reached = [a is not None for a in self._acts]
-        kept = [a for a in self._acts if a is not None]
-        if self._clip is None:
-            self.clip("none")
         if device.type == "cpu" and self._forward_finite(loss):
             # On the CPU reading a value is free, so the forward check runs only when it can find
             # something: a non-finite activation that leaves the loss and every gradient finite
             # was squashed (sigmoid(inf), relu(-inf)) before the next layer saw it.
-            kept = [torch.zeros((), device=device)] * len(kept)
+            act_norm = torch.zeros(n)
+        elif any(reached):
+            act_norm = spread(finite_marks([a for a in self._acts if a is not None]), reached)
         else:
-            kept = finite_marks(kept)
-        act_norms = iter(kept)
-        act_norm = torch.stack([next(act_norms).float() if r else nan for r in reached])
-        stats = self._activation_stats(device)
-        self._acts = [None] * len(self.layers)
-        act_grad = self._act_grad if self._act_grad is not None else nans
-        act_grad_max = self._act_grad_max if self._act_grad_max is not None else nans
-        wgrad = self._wgrad if self._wgrad is not None else nans
-        per_layer = torch.stack([wgrad, act_grad, stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3],
-                                 weight_norm, update, act_norm, act_grad_max], dim=1)
+            act_norm = nans
+        core = [self._wgrad if self._wgrad is not None else nans,
+                self._act_grad if self._act_grad is not None else nans,
+                act_norm,
+                self._act_grad_max if self._act_grad_max is not None else nans]
+        lrs = None
+        if self.detail:
+            weights = [layer.weight.detach() for layer in self.layers]
+            weight_norm = tensor_norms(weights)
+            update = nans
+            if self._snapshot is not None:
+                update = tensor_norms(torch._foreach_sub(weights, self._snapshot))
+                lrs = [1.0] * n
+            elif optimizer is not None and (mom := self._momentum_buffers(optimizer)) is not None:
+                buffers, lrs = mom
+                update = tensor_norms(buffers)  # times lr, on the host
+            stats = self._activation_stats(device)
+            core += [stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3], weight_norm, update]
+        self._snapshot = None
+        self._acts = [None] * n
         loss = loss.detach().float().reshape(())
         acc = accuracy.detach().float().reshape(()) if accuracy is not None else nan
         total, after, acted = self._clip if self._clip is not None else (nan, nan, nan)
-        scalars = torch.stack([loss, acc, total.float(), after.float(), acted.float()])
-        parts = [scalars, per_layer.reshape(-1)]
+        parts = [torch.stack([loss, acc, total.float(), after.float(), acted.float()]),
+                 torch.stack(core, dim=1).reshape(-1)]
         if self._hist is not None:
             parts.append(self._hist.reshape(-1))
         packed = torch.cat(parts)
         host_side = {"reached": reached, "grad_missing": self._grad_missing, "lrs": lrs}
         self._wgrad = self._hist = self._act_grad = self._act_grad_max = self._grad_missing = None
         self._transfer.start(packed, (step, meta, self.detail, host_side))
+
+    def _nans(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A NaN scalar and a NaN per layer on ``device``, made once (read-only placeholders)."""
+        if self._nan_cache is None or self._nan_cache[0].device != device:
+            self._nan_cache = (torch.full((), math.nan, device=device),
+                               torch.full((len(self.layers),), math.nan, device=device))
+        return self._nan_cache
 
     def _forward_finite(self, loss: torch.Tensor) -> bool:
         """Loss and global gradient norm both finite (host tensors only: this reads values)."""
@@ -515,10 +588,15 @@ class Probe:
     def _unpack(self, values: np.ndarray, step: int, meta: dict, detail: bool, host_side: dict) -> StepRecord:
         n = len(self.layers)
         loss, acc, total, after, acted = values[:_SCALARS]
-        per_layer = values[_SCALARS : _SCALARS + n * _COLUMNS].reshape(n, _COLUMNS)
-        rest = values[_SCALARS + n * _COLUMNS :]
+        columns = _COLUMNS if detail else _CORE_COLUMNS
+        per_layer = values[_SCALARS : _SCALARS + n * columns].reshape(n, columns)
+        rest = values[_SCALARS + n * columns :]
         hist = rest.reshape(n, HIST_BINS) if rest.size else None
-        wgrad, act_grad, mean, std, saturated, dead, weight_norm, update, act_max, act_grad_max = per_layer.T
+        wgrad, act_grad, act_max, act_grad_max = per_layer.T[:_CORE_COLUMNS]
+        if detail:
+            mean, std, saturated, dead, weight_norm, update = per_layer.T[_CORE_COLUMNS:]
+        else:
+            mean = std = saturated = dead = weight_norm = update = np.full(n, np.nan)
         lrs = host_side["lrs"]
         if lrs is not None:
             update = update * np.asarray(lrs) / np.maximum(weight_norm, 1e-30)
