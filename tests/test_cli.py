@@ -30,14 +30,40 @@ def test_the_tui_can_draw_before_torch_is_imported():
 
 
 def test_malloc_settings_apply_on_linux_and_never_fail():
-    from vgtui import malloc
+    from vgtui import memory
 
-    assert malloc.trim() == sys.platform.startswith("linux")
-    stop = malloc.start_trimming(0.01)
+    assert memory.trim() == sys.platform.startswith("linux")
+    stop = memory.start_trimming(0.01)
     assert (stop is not None) == sys.platform.startswith("linux")
     if stop is not None:
         stop.set()
-    assert malloc.start_trimming(0) is None
+    assert memory.start_trimming(0) is None
+
+
+def test_frozen_long_lived_objects_leave_cycles_made_later_collectable():
+    import gc
+    import weakref
+
+    from vgtui import memory
+
+    thresholds = gc.get_threshold()
+    try:
+        memory.freeze_long_lived()
+        assert gc.get_freeze_count() > 1000  # at least the interpreter's and the suite's modules
+        assert gc.get_threshold()[2] == memory.FULL_COLLECTION_EVERY
+
+        class Node:
+            pass
+
+        node = Node()
+        node.cycle = node
+        gone = weakref.ref(node)
+        del node
+        gc.collect()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 def test_headless_run_prints_layers_and_a_verdict():

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import memory
 from .build import Built, build_model, count_params, make_optimizer
 from .channel import Channel
 from .config import Preset
@@ -238,6 +239,7 @@ class Trainer(threading.Thread):
         if self.paused:
             self._emit(RunEvent("paused", step=0, run_id=self.run_id))
         probe = Probe(built.layers, list(built.model.parameters()), detail_every=preset.detail_every).attach()
+        memory.freeze_long_lived()
         self._clock = clock = ProbeClock(device)
         diagnoser = Diagnoser(header)
         if self.overhead_budget:

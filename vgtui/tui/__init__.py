@@ -8,9 +8,9 @@ from pathlib import Path
 
 
 def _prepare(mono: bool) -> None:
-    from .. import malloc
+    from .. import memory
 
-    malloc.start_trimming()  # keeps resident memory flat over hours (see vgtui/malloc.py)
+    memory.start_trimming()  # keeps resident memory flat over hours (see vgtui/memory.py)
     os.environ.setdefault("TEXTUAL_ANIMATIONS", "none")
     if mono:
         os.environ["NO_COLOR"] = "1"  # Textual reads (and removes) it when the app is created

@@ -23,6 +23,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import ContentSwitcher, Footer, OptionList, Static
 from textual.widgets.option_list import Option
 
+from .. import memory
 from ..headless import fmt
 from ..records import RunError
 from . import render as R
@@ -205,6 +206,7 @@ class Monitor(Screen):
         self.poll_hz = poll_hz
         self._plot_at = 0.0
         self.frame_times: list[float] = []  # seconds per poll that did work (benchmarks read it)
+        self.froze_long_lived = False
 
     @property
     def mono(self) -> bool:
@@ -341,6 +343,10 @@ class Dashboard(Monitor):
         self.update_all(changed)
         if changed:
             self.frame_times.append(time.perf_counter() - t0)
+            if not self.froze_long_lived and self.state.last is not None:
+                # The first step is on screen: the app's modules and widgets now exist for good.
+                self.froze_long_lived = True
+                memory.freeze_long_lived()
 
     def update_all(self, changed: bool = True, force: bool = False) -> None:
         with self.app.batch_update():
