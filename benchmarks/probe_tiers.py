@@ -1,9 +1,11 @@
 """Where the probe's cost goes: bare loop vs hooks attached but idle vs the core tier measured.
 
-    .venv/bin/python benchmarks/probe_tiers.py [--preset sigmoid-deep] [--rounds 5] [--steps 15]
+    .venv/bin/python benchmarks/probe_tiers.py [--preset sigmoid-deep] [--rounds 150] [--steps 1]
         [--device cpu|cuda] [--set depth=20,width=2048,batch_size=2048]
 
-Modes, run interleaved in one process on identical batches:
+Modes, run interleaved in one process on identical batches, ``--steps`` steps a turn (one on the
+CPU, where short turns keep machine-load drift out of the ratios; ~10 on CUDA, where each turn
+ends in a synchronisation):
   bare       no probe at all
   idle       probe attached, never sampling (the hooks only test a flag)
   core       sampling every step, detail tier off: per-layer ‖∂L/∂W‖ and ‖∂L/∂h‖, global norm,
@@ -36,6 +38,7 @@ def make(preset, mode, device):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     batches = [data.batch(i) for i in range(4)]
     probe = None
+    state = {"step": 0}
     if mode != "bare":
         probe = Probe(built.layers, list(built.model.parameters()),
                       detail_every=1 if mode == "detail" else 10**9).attach()
@@ -43,7 +46,9 @@ def make(preset, mode, device):
     def run(steps):
         sync()
         start = time.perf_counter()
-        for i in range(steps):
+        for _ in range(steps):
+            i = state["step"]
+            state["step"] += 1
             x, y = batches[i % len(batches)]
             sampled = mode in ("core", "detail")
             if probe:
@@ -70,8 +75,8 @@ def make(preset, mode, device):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="sigmoid-deep")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", default="", help="preset changes, e.g. depth=20,width=2048")
     args = parser.parse_args()

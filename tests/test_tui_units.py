@@ -76,6 +76,17 @@ async def test_replay_seeking():
 
 
 @sync
+async def test_help_key_stays_in_the_footer_down_to_the_minimum_width():
+    from textual.widgets._footer import FooterKey
+
+    app = make_app(ReplaySource(recording("exploding")))
+    async with app.run_test(size=(40, 12)) as pilot:
+        await pilot.pause(0.1)
+        keys = [key for key in dashboard(app).query(FooterKey) if key.region.width]
+        assert keys and keys[0].action == "help" and keys[0].region.right <= 40
+
+
+@sync
 async def test_bad_lines_are_reported(tmp_path):
     lines = recording("relu-he").read_text().splitlines()
     lines[3] = "{not json"

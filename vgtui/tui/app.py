@@ -242,7 +242,10 @@ class Monitor(Screen):
 class Dashboard(Monitor):
     """One run: live (a trainer thread), replay (seek in a recording), or attach (follow a file)."""
 
+    # Footer order is priority order: a terminal narrower than 80 columns cuts it from the right,
+    # and "? help" (which lists every key) must survive down to the 40-column minimum.
     BINDINGS = [
+        Binding("question_mark", "help", "help", key_display="?"),
         Binding("space", "toggle_pause", "pause"),
         Binding("space", "toggle_play", "play"),  # replay: the footer says what space does
         Binding("n", "single_step", "step"),
@@ -254,7 +257,6 @@ class Dashboard(Monitor):
         Binding("left", "seek(-1)", "seek", key_display="←/→"),
         Binding("right", "seek(1)", "seek", show=False),
         Binding("f", "seek_to('nonfinite')", "first NaN"),
-        Binding("question_mark", "help", "help", key_display="?"),
         Binding("q", "quit", "quit"),
         # in the help screen; the footer shows what fits in 80 columns
         Binding("home", "seek_to('home')", "first", show=False),
@@ -677,13 +679,15 @@ class Dashboard(Monitor):
 class Compare(Monitor):
     """Two live runs side by side on the same batches, and one line saying how they differ."""
 
+    # Footer order is priority order: a terminal narrower than 80 columns cuts it from the right,
+    # and "? help" (which lists every key) must survive down to the 40-column minimum.
     BINDINGS = [
+        Binding("question_mark", "help", "help", key_display="?"),
         Binding("space", "toggle_pause", "pause"),
         Binding("n", "single_step", "step"),
         Binding("r", "restart", "restart"),
-        Binding("question_mark", "help", "help", key_display="?"),
-        Binding("q", "quit", "quit"),
         Binding("g", "cycle_metric", "h/W"),
+        Binding("q", "quit", "quit"),
     ]
 
     DEFAULT_CSS = """
