@@ -87,6 +87,11 @@ def test_compare(snap_compare, size):
     assert snap_compare(compare_app("sigmoid-deep", "relu-he"), terminal_size=size)
 
 
+@pytest.mark.parametrize("view,keys", [("heatmap", ["v"]), ("histogram", ["v", "v", "down"])])
+def test_compare_views(snap_compare, view, keys):
+    assert snap_compare(compare_app("sigmoid-deep", "relu-he"), press=keys, terminal_size=(120, 40))
+
+
 def test_mono(snap_compare):
     assert snap_compare(scripted_app("sigmoid-deep", mono=True), terminal_size=(80, 24))
 

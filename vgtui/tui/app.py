@@ -686,13 +686,20 @@ class Compare(Monitor):
         Binding("space", "toggle_pause", "pause"),
         Binding("n", "single_step", "step"),
         Binding("r", "restart", "restart"),
+        Binding("v", "cycle_view", "view"),
         Binding("g", "cycle_metric", "h/W"),
         Binding("q", "quit", "quit"),
+        Binding("up,k", "select(-1)", "layer", show=False),
+        Binding("down,j", "select(1)", "layer", show=False),
     ]
 
     DEFAULT_CSS = """
     Compare #status { height: auto; max-height: 2; background: $panel; padding: 0 1; }
     Compare #columns { height: auto; max-height: 70%; }
+    Compare.views #columns { height: 1fr; max-height: 100%; }
+    Compare.views #loss { display: none; }
+    Compare ContentSwitcher { height: auto; }
+    Compare.views ContentSwitcher { height: 1fr; }
     Compare .column { width: 1fr; height: auto; padding: 0 1; }
     Compare .column-title { text-style: bold; }
     Compare .verdict { height: auto; max-height: 3; }
@@ -712,7 +719,7 @@ class Compare(Monitor):
 
         @property
         def selected(self):
-            return -1
+            return self.owner.selected
 
         @property
         def metric_mode(self):
@@ -725,6 +732,8 @@ class Compare(Monitor):
     def __init__(self, a: Source, b: Source, poll_hz: float = POLL_HZ):
         super().__init__(poll_hz)
         self.sides = [self._Side(self, a), self._Side(self, b)]
+        self.view = "dash"
+        self.selected = 0
 
     @property
     def state(self) -> RunState:  # for the shared helpers
@@ -737,7 +746,11 @@ class Compare(Monitor):
             for i, side in enumerate(self.sides):
                 with Vertical(classes="column"):
                     yield Static(id=f"title{i}", classes="column-title")
-                    yield LayerRows(side, id=f"rows{i}")
+                    with ContentSwitcher(initial=f"dash{i}"):
+                        yield LayerRows(side, id=f"dash{i}")
+                        yield Heatmap(side, id=f"heatmap{i}")
+                        yield Histogram(side, id=f"hist{i}")
+                        yield Activations(side, id=f"acts{i}")
                     yield Static(id=f"verdict{i}", classes="verdict")
         yield LossPlot(id="loss")
         yield Static(id="difference")
@@ -781,9 +794,9 @@ class Compare(Monitor):
                     title.append("\n" + R.clip_words(str(st.header.preset.get("description", "")), width),
                                  style="dim")
                 self.query_one(f"#title{i}", Static).update(title)
-                rows = self.query_one(f"#rows{i}", LayerRows)
-                if rows.changed() or force:
-                    rows.refresh(layout=True)
+                view = self.query_one(f"#{self.view}{i}")
+                if view.changed() or force:
+                    view.refresh(layout=self.view == "dash")
                 verdicts = st.last.verdicts if st.last is not None else []
                 self.query_one(f"#verdict{i}", Static).update(
                     R.verdicts_text(verdicts, self.mono, limit=1, waiting=""))
@@ -869,6 +882,21 @@ class Compare(Monitor):
     def action_cycle_metric(self) -> None:
         self.metric_mode = "W" if self.metric_mode == "h" else "h"
         self.refresh_all(force=True)
+
+    def action_cycle_view(self) -> None:
+        """Both columns switch together: the same view of two runs, side by side."""
+        self.view = VIEWS[(VIEWS.index(self.view) + 1) % len(VIEWS)]
+        self.set_class(self.view != "dash", "views")
+        for i, switcher in enumerate(self.query(ContentSwitcher)):
+            switcher.current = f"{self.view}{i}"
+        self.refresh_all(force=True)
+
+    def action_select(self, delta: int) -> None:
+        """The layer the histogram and activation views show, the same index on both sides."""
+        n = min((side.state.n_layers for side in self.sides), default=0)
+        if n:
+            self.selected = max(0, min(n - 1, self.selected + delta))
+            self.refresh_all(force=True)
 
     def action_help(self) -> None:
         self.app.push_screen(HelpScreen())
