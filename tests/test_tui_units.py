@@ -155,6 +155,31 @@ async def test_keys_reach_the_source():
 
 
 @sync
+async def test_compare_switches_one_side_and_restarts_both_on_the_same_seed():
+    from vgtui.config import load_preset
+    from vgtui.tui.app import Compare
+    from vgtui.tui.sources import ScriptedSource
+
+    a, b = ScriptedSource(records("sigmoid-deep")), ScriptedSource(records("relu-he"))
+    a.preset, b.preset = load_preset("sigmoid-deep").replace(seed=7), load_preset("relu-he").replace(seed=7)
+    app = make_app(compare=(a, b))
+    async with app.run_test(size=(120, 40)) as pilot:
+        compare = next(s for s in app.screen_stack if isinstance(s, Compare))
+        await wait_for(pilot, lambda: compare.sides[1].state.n_layers > 0)
+        compare.switch_side(1, "sigmoid-batchnorm")
+        assert b.calls[-1] == ("switch", "sigmoid-batchnorm") and b.preset.seed == 7
+        assert a.calls[-1] == ("restart",)
+        await wait_for(pilot, lambda: compare.sides[0].state.n_layers > 0)
+        await pilot.press("v", "v", "down")
+        assert compare.view == "hist" and compare.selected == 1
+        await pilot.press("p")
+        await pilot.pause(0.1)
+        assert type(app.screen).__name__ == "PresetPicker"
+        await pilot.press("escape")
+        await pilot.press("q")
+
+
+@sync
 async def test_too_small_then_big_again():
     app = scripted_app("sigmoid-deep")
     async with app.run_test(size=(30, 8)) as pilot:

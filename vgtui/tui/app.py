@@ -45,6 +45,7 @@ HELP_KEYS = [
     ("n", "one training step (replay: step forward)"),
     ("r", "restart the current preset"),
     ("p", "preset picker (ctrl+p: command palette)"),
+    ("p / P", "compare: a new preset for the right / left run (both restart, same seed)"),
     ("1 … 9", "quick presets, listed below"),
     ("v", "cycle views: dashboard, heatmap, histogram, activations"),
     ("g", "show ‖∂L/∂h‖ and ‖∂L/∂W‖ / only ‖∂L/∂h‖ / only ‖∂L/∂W‖"),
@@ -686,6 +687,8 @@ class Compare(Monitor):
         Binding("space", "toggle_pause", "pause"),
         Binding("n", "single_step", "step"),
         Binding("r", "restart", "restart"),
+        Binding("p", "picker(1)", "right preset"),
+        Binding("P", "picker(0)", "left preset", show=False),
         Binding("v", "cycle_view", "view"),
         Binding("g", "cycle_metric", "h/W"),
         Binding("q", "quit", "quit"),
@@ -719,7 +722,8 @@ class Compare(Monitor):
 
         @property
         def selected(self):
-            return self.owner.selected
+            """The chosen layer where a view shows one layer; none highlighted in the rows."""
+            return self.owner.selected if self.owner.view in ("hist", "acts") else -1
 
         @property
         def metric_mode(self):
@@ -858,9 +862,38 @@ class Compare(Monitor):
         return text
 
     def check_action(self, action: str, parameters) -> bool | None:
-        if action in ("toggle_pause", "single_step", "restart"):
+        if action in ("toggle_pause", "single_step", "restart", "picker"):
             return True if all(s.source.live for s in self.sides) else None
         return True
+
+    def action_picker(self, index: int) -> None:
+        """A new preset for one side (p: right, P: left); both runs start again from step 0 with
+        the left run's seed, so that they keep seeing the same batches."""
+        def picked(name: str | None) -> None:
+            if name:
+                self.switch_side(index, name)
+
+        current = getattr(getattr(self.sides[index].source, "preset", None), "name", None)
+        self.app.push_screen(PresetPicker(current), picked)
+
+    def switch_side(self, index: int, name: str) -> None:
+        from ..config import PresetError, load_preset
+
+        try:
+            preset = load_preset(name)
+        except (PresetError, OSError) as exc:
+            self.notify(str(exc), title="bad preset", severity="error", timeout=8)
+            return
+        other = self.sides[1 - index]
+        seed = getattr(getattr(other.source, "preset", None), "seed", None)
+        if seed is not None and preset.seed != seed:
+            preset = preset.replace(seed=seed)  # same seed => identical batches
+        for side in self.sides:
+            side.state = RunState()
+        self.sides[index].source.switch(preset)
+        other.source.restart()
+        self.refresh_all(force=True)
+        self.notify(f"{preset.name}: {preset.description}", title="preset", timeout=4)
 
     def action_toggle_pause(self) -> None:
         paused = all(s.state.paused for s in self.sides)

@@ -289,6 +289,7 @@ class ScriptedSource(Source):
 
     def switch(self, preset) -> bool:
         self.calls.append(("switch", preset.name))
+        self.preset = preset
         self.pending = list(self.records)
         return True
 
