@@ -68,7 +68,10 @@ def freeze_long_lived() -> None:
     Full collections also come 10x less often (every 100 young-generation passes, not 10): what
     is left unfrozen, the UI's churning render caches (~50,000 objects), still took 36-87 ms a
     pass, every 2 s. Young collections, which find most cyclic garbage, run as before.
+    ``VGTUI_GC_FREEZE=0`` turns both off (for A/B runs).
     """
+    if os.environ.get("VGTUI_GC_FREEZE", "1") == "0":
+        return
     gc.freeze()
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
