@@ -188,6 +188,25 @@ def test_detach_removes_every_hook():
     assert not any(m._forward_hooks for m in built.model.modules())
 
 
+def test_hooks_exist_only_on_sampled_steps_one_per_plain_layer():
+    """Between measurements the model runs hook-free (a module with any hook takes PyTorch's
+    slow call path); a block whose activation is its output needs one hook, not two."""
+    hooked = lambda model: sum(len(m._forward_hooks) for m in model.modules())  # noqa: E731
+    plain = build_model(small("sigmoid-deep"))
+    probe = Probe(plain.layers, list(plain.model.parameters())).attach()
+    assert hooked(plain.model) == len(plain.layers)
+    probe.begin(False)
+    assert hooked(plain.model) == 0
+    probe.begin(True)
+    assert hooked(plain.model) == len(plain.layers)
+    residual = build_model(small("sigmoid-residual"))  # act output + shortcut != act output
+    probe = Probe(residual.layers, list(residual.model.parameters())).attach()
+    assert hooked(residual.model) == 2 * (len(residual.layers) - 1) + 1
+    probe.detach()
+    probe.begin(True)
+    assert hooked(residual.model) == 0
+
+
 def measure_one_step(built, preset):
     """One sampled step of ``built`` on batch 0, without an optimiser step."""
     probe = Probe(built.layers, list(built.model.parameters())).attach()

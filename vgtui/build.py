@@ -15,13 +15,15 @@ from .data import INPUT_DIM, NUM_CLASSES
 @dataclass
 class LayerSpec:
     """One probe point. ``output_module``'s output is h (its gradient is ‖∂L/∂h‖); ``weight`` is
-    the W of ‖∂L/∂W‖; ``act_module``'s output feeds the activation statistics."""
+    the W of ‖∂L/∂W‖; ``act_module``'s output feeds the activation statistics. ``act_is_output``
+    says that output *is* h (a block without a shortcut): the probe then needs one hook, not two."""
 
     name: str
     output_module: nn.Module
     weight: nn.Parameter
     act_module: nn.Module | None = None
     act_kind: str = "linear"
+    act_is_output: bool = False
 
 
 def make_activation(name: str, leaky_slope: float = 0.01) -> nn.Module:
@@ -127,7 +129,8 @@ def _init_linear(linear: nn.Linear, preset: Preset) -> None:
 
 
 def _block_spec(name: str, block: Block, preset: Preset) -> LayerSpec:
-    return LayerSpec(name, block, block.linear.weight, block.act, preset.activation)
+    return LayerSpec(name, block, block.linear.weight, block.act, preset.activation,
+                     act_is_output=block.shortcut is None)
 
 
 @dataclass
