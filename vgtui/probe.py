@@ -143,20 +143,25 @@ def largest_magnitudes(tensors: list[torch.Tensor]) -> torch.Tensor:
 _LARGE = 1 << 14
 _BLAS_DTYPES = (torch.float32, torch.float64)
 _ZEROS: dict[torch.dtype, torch.Tensor] = {}
-_ORDERS: dict[tuple, torch.Tensor] = {}
+_INDICES: dict[tuple, torch.Tensor] = {}
+
+
+def _index(positions: tuple[int, ...], device) -> torch.Tensor:
+    """``positions`` as an index tensor on ``device``, made once: the same layouts come back every
+    step, and a fresh index would be a host->device copy (on CUDA, a wait for the queue)."""
+    key = (positions, str(device))
+    index = _INDICES.get(key)
+    if index is None:
+        index = _INDICES[key] = torch.tensor(positions, device=device)
+    return index
 
 
 def _order(positions: tuple[int, ...], device) -> torch.Tensor:
-    """The index that puts values computed in ``positions`` order back in 0..n-1 order (cached:
-    the same layout comes back every step, and a fresh index would be a host->device copy)."""
-    key = (positions, str(device))
-    index = _ORDERS.get(key)
-    if index is None:
-        inverse = [0] * len(positions)
-        for i, k in enumerate(positions):
-            inverse[k] = i
-        index = _ORDERS[key] = torch.tensor(inverse, device=device)
-    return index
+    """The index that puts values computed in ``positions`` order back in 0..n-1 order."""
+    inverse = [0] * len(positions)
+    for i, k in enumerate(positions):
+        inverse[k] = i
+    return _index(tuple(inverse), device)
 
 
 def _zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -177,15 +182,7 @@ def spread(values: torch.Tensor, present: list[bool], fill: float = math.nan) ->
     for here in present:
         slots.append(k if here else -1)
         k += here
-    return padded[_order_raw(tuple(slots), values.device)]
-
-
-def _order_raw(index: tuple[int, ...], device) -> torch.Tensor:
-    key = ("raw", index, str(device))
-    cached = _ORDERS.get(key)
-    if cached is None:
-        cached = _ORDERS[key] = torch.tensor(index, device=device)
-    return cached
+    return padded[_index(tuple(slots), values.device)]
 
 
 class LogHistograms:
@@ -391,7 +388,7 @@ class Probe:
             positions = {id(p): k for k, p in enumerate(self.params)}
             index = None
             if all(id(layer.weight) in positions for layer in self.layers):
-                index = _order_raw(tuple(positions[id(layer.weight)] for layer in self.layers), device)
+                index = _index(tuple(positions[id(layer.weight)] for layer in self.layers), device)
             self._where = (device, index)
         return self._where[1]
 
