@@ -52,7 +52,7 @@ def make_loop(preset, device, mode: str = "bare", sample_every: int = 1):
     data = SyntheticData(preset.seed, preset.batch_size, device)
     batches = [data.batch(i) for i in range(8)]
     params = list(model.parameters())
-    probe = Probe(built.layers, params).attach() if mode == "probe" else None
+    probe = Probe(built.layers, params, owns_backward=True).attach() if mode == "probe" else None
     floor = mode == "floor"
     state = {"step": 0}
 
@@ -69,7 +69,7 @@ def make_loop(preset, device, mode: str = "bare", sample_every: int = 1):
             optimizer.zero_grad(set_to_none=True)
             out = model(x)
             loss = built.loss_fn(out, y)
-            loss.backward()
+            probe.backward(loss) if probe is not None else loss.backward()
             if floor and step % sample_every == 0:
                 grads = [p.grad for p in params]
                 if device.type == "cuda":

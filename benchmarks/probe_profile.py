@@ -38,14 +38,14 @@ def main() -> None:
     built = build_model(preset, device)
     optimizer = make_optimizer(built.model.parameters(), preset)
     batches = [SyntheticData(preset.seed, preset.batch_size, device).batch(i) for i in range(4)]
-    probe = Probe(built.layers, list(built.model.parameters()), detail_every=10**9).attach()
+    probe = Probe(built.layers, list(built.model.parameters()), detail_every=10**9, owns_backward=True).attach()
 
     def step(i: int) -> None:
         x, y = batches[i % len(batches)]
         probe.begin(True)
         optimizer.zero_grad(set_to_none=True)
         loss = built.loss_fn(built.model(x), y)
-        loss.backward()
+        probe.backward(loss)
         with record_function("probe.after_backward"):
             probe.after_backward()
             probe.clip("none")

@@ -41,7 +41,7 @@ def make(preset, mode, device):
     state = {"step": 0}
     if mode != "bare":
         probe = Probe(built.layers, list(built.model.parameters()),
-                      detail_every=1 if mode == "detail" else 10**9).attach()
+                      detail_every=1 if mode == "detail" else 10**9, owns_backward=True).attach()
 
     def run(steps):
         sync()
@@ -55,7 +55,7 @@ def make(preset, mode, device):
                 probe.begin(sampled)
             optimizer.zero_grad(set_to_none=True)
             loss = built.loss_fn(built.model(x), y)
-            loss.backward()
+            probe.backward(loss) if probe else loss.backward()
             if probe:
                 probe.after_backward()
                 probe.clip("none")

@@ -50,10 +50,10 @@ def reference_norms(preset, x, y):
     return loss.item(), act, wgt, [g.detach().numpy() for g in grads[n:]]
 
 
-def probed_step(preset, x, y, steps=1):
+def probed_step(preset, x, y, steps=1, owns_backward=False):
     built = build_model(preset)
     model = built.model
-    probe = Probe(built.layers, list(model.parameters()), detail_every=1).attach()
+    probe = Probe(built.layers, list(model.parameters()), detail_every=1, owns_backward=owns_backward).attach()
     optimizer = make_optimizer(model.parameters(), preset)
     records, before, after = [], [], []
     for step in range(steps):
@@ -61,7 +61,7 @@ def probed_step(preset, x, y, steps=1):
         optimizer.zero_grad()
         out = model(x)
         loss = built.loss_fn(out, y if built.task == "classifier" else x)
-        loss.backward()
+        probe.backward(loss)
         probe.after_backward()
         probe.clip(preset.clip, preset.clip_threshold)
         probe.before_step(optimizer)
@@ -88,11 +88,12 @@ def probed_step(preset, x, y, steps=1):
         ("autoencoder-relu", {"depth": 2, "width": 32}),
     ],
 )
-def test_norms_match_autograd(name, changes):
+@pytest.mark.parametrize("owns_backward", [False, True], ids=["hooks", "autograd.grad"])
+def test_norms_match_autograd(name, changes, owns_backward):
     preset = small(name, **changes)
     x, y = SyntheticData(preset.seed, preset.batch_size).batch(0)
     loss, act, wgt, weight_grads = reference_norms(preset, x, y)
-    (record,), _, _, built = probed_step(preset, x, y)
+    (record,), _, _, built = probed_step(preset, x, y, owns_backward=owns_backward)
     assert record.loss == pytest.approx(loss, rel=RTOL)
     np.testing.assert_allclose(record.layers["act_grad_norm"], act, rtol=RTOL)
     np.testing.assert_allclose(record.layers["weight_grad_norm"], wgt, rtol=RTOL)
@@ -104,6 +105,20 @@ def test_norms_match_autograd(name, changes):
         sample = flat[:: max(1, math.ceil(flat.size / HIST_MAX_ELEMENTS))]
         expected = np.bincount(np.searchsorted(inner.astype(np.float32), sample), minlength=HIST_BINS)
         np.testing.assert_array_equal(record.hist[i], expected)
+
+
+def test_owning_backward_trains_exactly_like_loss_backward():
+    """The trainer's path (one autograd.grad call for parameters and ∂L/∂h) must leave the same
+    weights and records as plain loss.backward() with tensor hooks, clipping included."""
+    preset = small("relu-he", depth=4, width=32).replace(clip="norm", clip_threshold=0.5)
+    x, y = SyntheticData(preset.seed, preset.batch_size).batch(0)
+    hooked, _, after_hooked, _ = probed_step(preset, x, y, steps=3)
+    owned, _, after_owned, _ = probed_step(preset, x, y, steps=3, owns_backward=True)
+    for a, b in zip(after_hooked[-1], after_owned[-1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(hooked, owned):
+        np.testing.assert_array_equal(a.layers["act_grad_norm"], b.layers["act_grad_norm"])
+        assert a.grad_norm_total == b.grad_norm_total and a.clipped == b.clipped
 
 
 def test_update_ratio_and_weight_norm_match_the_actual_step():

@@ -285,8 +285,11 @@ class Probe:
     """
 
     def __init__(self, layers: list[LayerSpec], params: list[nn.Parameter], histograms: bool = True,
-                 detail_every: int = DETAIL_EVERY):
+                 detail_every: int = DETAIL_EVERY, owns_backward: bool = False):
         self.layers = layers
+        #: The caller runs backward through :meth:`backward`, and ``params`` are every trainable
+        #: parameter the loss depends on: ∂L/∂h then comes from the same autograd call, not hooks.
+        self.owns_backward = owns_backward
         self.detail_every = max(1, int(detail_every))
         self.detail = False
         self._sampled_count = 0
@@ -300,6 +303,7 @@ class Probe:
         # than a handful of small kernels per layer (that costs more than the step on deep nets).
         self._acts: list[torch.Tensor | None] = [None] * len(layers)
         self._out_grads: list[torch.Tensor | None] = [None] * len(layers)
+        self._outs: list[torch.Tensor | None] = [None] * len(layers)  # h itself, for backward()
         self._act_grad: torch.Tensor | None = None
         self._act_grad_max: torch.Tensor | None = None
         self._grad_missing: list[bool] | None = None
@@ -362,7 +366,10 @@ class Probe:
                 if keep_activation:
                     self._acts[index] = output.detach()
                 if output.requires_grad:
-                    output.register_hook(on_grad)
+                    if self.owns_backward:
+                        self._outs[index] = output
+                    else:
+                        output.register_hook(on_grad)
 
         return hook
 
@@ -376,7 +383,31 @@ class Probe:
             self._sampled_count += 1
             self._acts = [None] * len(self.layers)
             self._out_grads = [None] * len(self.layers)
+            self._outs = [None] * len(self.layers)
             self._clip = None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``; on a sampled step (with ``owns_backward``) one
+        ``torch.autograd.grad`` call that returns the parameters' gradients and every layer's
+        ∂L/∂h together, so no Python hook runs inside backward (a tensor hook per layer cost
+        ~30 µs: ~5 % of relu-30-he's step). Gradients are accumulated into ``.grad`` as
+        ``backward()`` would."""
+        outs = [(k, h) for k, h in enumerate(self._outs) if h is not None]
+        self._outs = [None] * len(self.layers)
+        if not (self.sampled and self.owns_backward and outs):
+            loss.backward()
+            return
+        params = self.params
+        grads = torch.autograd.grad(loss, [*params, *(h for _, h in outs)], allow_unused=True)
+        for param, grad in zip(params, grads):
+            if grad is not None:
+                if param.grad is None:
+                    param.grad = grad
+                else:
+                    param.grad.add_(grad)
+        for (k, _), grad in zip(outs, grads[len(params):]):
+            if grad is not None:
+                self._out_grads[k] = grad
 
     def _weight_grads(self) -> list[torch.Tensor]:
         return [layer.weight.grad if layer.weight.grad is not None else torch.zeros_like(layer.weight)

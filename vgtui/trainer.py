@@ -238,7 +238,8 @@ class Trainer(threading.Thread):
         self._emit(RunEvent("started", f"{preset.name} on {device}", run_id=self.run_id))
         if self.paused:
             self._emit(RunEvent("paused", step=0, run_id=self.run_id))
-        probe = Probe(built.layers, list(built.model.parameters()), detail_every=preset.detail_every).attach()
+        probe = Probe(built.layers, list(built.model.parameters()), detail_every=preset.detail_every,
+                      owns_backward=True).attach()
         memory.freeze_long_lived()
         self._clock = clock = ProbeClock(device)
         diagnoser = Diagnoser(header)
@@ -312,7 +313,7 @@ class Trainer(threading.Thread):
             optimizer.zero_grad(set_to_none=True)
             out = model(x)
             loss = built.loss_fn(out, x if autoencoder else y)
-            loss.backward()
+            probe.backward(loss)
             clock = self._clock
             if sampled:  # clipping the user asked for is theirs; the norm it measures is ours
                 clock.start()
@@ -368,7 +369,7 @@ class Trainer(threading.Thread):
             if squash:
                 recon = torch.sigmoid(recon)
             loss = nn.functional.mse_loss(recon, target)
-            loss.backward()
+            probe.backward(loss)
             probe.after_backward()
             probe.clip(preset.clip, preset.clip_threshold)
             probe.before_step(optimizer)
