@@ -45,7 +45,7 @@ HELP_KEYS = [
     ("n", "one training step (replay: step forward)"),
     ("r", "restart the current preset"),
     ("p", "preset picker (ctrl+p: command palette)"),
-    ("p / P", "compare: a new preset for the right / left run (both restart, same seed)"),
+    ("p / P", "compare: a new preset for the right / left run"),
     ("1 … 9", "quick presets, listed below"),
     ("v", "cycle views: dashboard, heatmap, histogram, activations"),
     ("g", "show ‖∂L/∂h‖ and ‖∂L/∂W‖ / only ‖∂L/∂h‖ / only ‖∂L/∂W‖"),
