@@ -10,8 +10,8 @@ every 30 s kept it flat (±1 % over 10 minutes). docs/BENCHMARKS.md has the runs
 from __future__ import annotations
 
 import ctypes
-import gc
 import ctypes.util
+import gc
 import os
 import sys
 import threading
