@@ -460,10 +460,9 @@ class Probe:
         return spread(norms, present), spread(marks, present)
 
     def _activation_stats(self, device) -> torch.Tensor:
-        """(n_layers, 4): mean, std, saturated fraction, dead fraction, batched by shape and kind."""
+        """(n_layers, 4): mean, std, saturated fraction, dead fraction, batched by shape and kind
+        (detail steps only)."""
         missing = torch.full((4,), float("nan"), device=device)
-        if not self.detail:
-            return missing.expand(len(self.layers), 4)
         rows = [missing] * len(self.layers)
         groups: dict[tuple, list[int]] = {}
         for index, act in enumerate(self._acts):
