@@ -52,7 +52,7 @@ def make_loop(preset, device, mode: str = "bare", sample_every: int = 1):
     data = SyntheticData(preset.seed, preset.batch_size, device)
     batches = [data.batch(i) for i in range(8)]
     params = list(model.parameters())
-    probe = Probe(built.layers, params, owns_backward=True).attach() if mode == "probe" else None
+    probe = Probe(built.layers, params, owns_backward=True) if mode == "probe" else None
     floor = mode == "floor"
     state = {"step": 0}
 
@@ -67,7 +67,7 @@ def make_loop(preset, device, mode: str = "bare", sample_every: int = 1):
             if probe is not None:
                 probe.begin(sampled)
             optimizer.zero_grad(set_to_none=True)
-            out = model(x)
+            out = probe.forward(model, x) if probe is not None else model(x)  # as the trainer does
             loss = built.loss_fn(out, y)
             probe.backward(loss) if probe is not None else loss.backward()
             if floor and step % sample_every == 0:

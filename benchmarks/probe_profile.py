@@ -38,13 +38,13 @@ def main() -> None:
     built = build_model(preset, device)
     optimizer = make_optimizer(built.model.parameters(), preset)
     batches = [SyntheticData(preset.seed, preset.batch_size, device).batch(i) for i in range(4)]
-    probe = Probe(built.layers, list(built.model.parameters()), detail_every=10**9, owns_backward=True).attach()
+    probe = Probe(built.layers, list(built.model.parameters()), detail_every=10**9, owns_backward=True)
 
     def step(i: int) -> None:
         x, y = batches[i % len(batches)]
         probe.begin(True)
         optimizer.zero_grad(set_to_none=True)
-        loss = built.loss_fn(built.model(x), y)
+        loss = built.loss_fn(probe.forward(built.model, x), y)
         probe.backward(loss)
         with record_function("probe.after_backward"):
             probe.after_backward()

@@ -1,4 +1,4 @@
-"""Where the probe's cost goes: bare loop vs hooks attached but idle vs the core tier measured.
+"""Where the probe's cost goes: bare loop vs probe present but idle vs the core tier measured.
 
     .venv/bin/python benchmarks/probe_tiers.py [--preset sigmoid-deep] [--rounds 150] [--steps 1]
         [--device cpu|cuda] [--set depth=20,width=2048,batch_size=2048]
@@ -7,7 +7,7 @@ Modes, run interleaved in one process on identical batches, ``--steps`` steps a 
 CPU, where short turns keep machine-load drift out of the ratios; ~10 on CUDA, where each turn
 ends in a synchronisation):
   bare       no probe at all
-  idle       probe attached, never sampling (the hooks only test a flag)
+  idle       probe present, never sampling (the model runs without taps, the probe returns early)
   core       sampling every step, detail tier off: per-layer ‖∂L/∂W‖ and ‖∂L/∂h‖, global norm,
              non-finite location, one transfer
   detail     sampling every step with the detail tier every step too (activation statistics,
@@ -41,7 +41,7 @@ def make(preset, mode, device):
     state = {"step": 0}
     if mode != "bare":
         probe = Probe(built.layers, list(built.model.parameters()),
-                      detail_every=1 if mode == "detail" else 10**9, owns_backward=True).attach()
+                      detail_every=1 if mode == "detail" else 10**9, owns_backward=True)
 
     def run(steps):
         sync()
@@ -54,7 +54,7 @@ def make(preset, mode, device):
             if probe:
                 probe.begin(sampled)
             optimizer.zero_grad(set_to_none=True)
-            loss = built.loss_fn(built.model(x), y)
+            loss = built.loss_fn(probe.forward(built.model, x) if probe else built.model(x), y)
             probe.backward(loss) if probe else loss.backward()
             if probe:
                 probe.after_backward()

@@ -50,16 +50,22 @@ def reference_norms(preset, x, y):
     return loss.item(), act, wgt, [g.detach().numpy() for g in grads[n:]]
 
 
-def probed_step(preset, x, y, steps=1, owns_backward=False):
+def probed_step(preset, x, y, steps=1, owns_backward=False, taps=False):
+    """``steps`` probed training steps: module hooks and tensor hooks; or (``owns_backward``)
+    ∂L/∂h from Probe.backward; or (``taps``) that, with h reported by the model itself, as the
+    trainer does."""
     built = build_model(preset)
     model = built.model
-    probe = Probe(built.layers, list(model.parameters()), detail_every=1, owns_backward=owns_backward).attach()
+    probe = Probe(built.layers, list(model.parameters()), detail_every=1,
+                  owns_backward=owns_backward or taps)
+    if not taps:
+        probe.attach()
     optimizer = make_optimizer(model.parameters(), preset)
     records, before, after = [], [], []
     for step in range(steps):
         probe.begin(True)
         optimizer.zero_grad()
-        out = model(x)
+        out = probe.forward(model, x) if taps else model(x)
         loss = built.loss_fn(out, y if built.task == "classifier" else x)
         probe.backward(loss)
         probe.after_backward()
@@ -88,12 +94,13 @@ def probed_step(preset, x, y, steps=1, owns_backward=False):
         ("autoencoder-relu", {"depth": 2, "width": 32}),
     ],
 )
-@pytest.mark.parametrize("owns_backward", [False, True], ids=["hooks", "autograd.grad"])
-def test_norms_match_autograd(name, changes, owns_backward):
+@pytest.mark.parametrize("path", ["hooks", "autograd.grad", "taps"])
+def test_norms_match_autograd(name, changes, path):
     preset = small(name, **changes)
     x, y = SyntheticData(preset.seed, preset.batch_size).batch(0)
     loss, act, wgt, weight_grads = reference_norms(preset, x, y)
-    (record,), _, _, built = probed_step(preset, x, y, owns_backward=owns_backward)
+    (record,), _, _, built = probed_step(preset, x, y, owns_backward=path == "autograd.grad",
+                                         taps=path == "taps")
     assert record.loss == pytest.approx(loss, rel=RTOL)
     np.testing.assert_allclose(record.layers["act_grad_norm"], act, rtol=RTOL)
     np.testing.assert_allclose(record.layers["weight_grad_norm"], wgt, rtol=RTOL)
@@ -119,6 +126,32 @@ def test_owning_backward_trains_exactly_like_loss_backward():
     for a, b in zip(hooked, owned):
         np.testing.assert_array_equal(a.layers["act_grad_norm"], b.layers["act_grad_norm"])
         assert a.grad_norm_total == b.grad_norm_total and a.clipped == b.clipped
+
+
+@pytest.mark.parametrize("name", ["relu-he", "sigmoid-residual", "autoencoder-relu"])
+def test_taps_measure_exactly_what_hooks_measure(name):
+    """The trainer's path (the model reports h and the activation itself) gives the same records,
+    every metric, as module hooks, including blocks whose shortcut makes h differ from the
+    activation."""
+    preset = small(name, depth=3, width=32)
+    x, y = SyntheticData(preset.seed, preset.batch_size).batch(0)
+    hooked, _, after_hooked, _ = probed_step(preset, x, y, steps=3, owns_backward=True)
+    tapped, _, after_tapped, _ = probed_step(preset, x, y, steps=3, taps=True)
+    for a, b in zip(after_hooked[-1], after_tapped[-1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(hooked, tapped):
+        for metric, values in a.layers.items():
+            np.testing.assert_array_equal(values, b.layers[metric], err_msg=metric)
+        np.testing.assert_array_equal(a.hist, b.hist)
+
+
+def test_taps_must_cover_every_layer():
+    preset = small("relu-he", depth=3, width=32)
+    built = build_model(preset)
+    probe = Probe(built.layers, list(built.model.parameters()), owns_backward=True)
+    probe.begin(True)
+    with pytest.raises(ValueError, match="taps"):
+        probe.tapped([])
 
 
 def test_update_ratio_and_weight_norm_match_the_actual_step():

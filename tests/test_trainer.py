@@ -225,7 +225,7 @@ def test_out_of_memory_in_the_thread_is_delivered(monkeypatch):
     def build_that_runs_out(preset, device):
         built = real_build(preset, device)
 
-        def forward(x):
+        def forward(x, taps=None):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
 
         built.model.forward = forward

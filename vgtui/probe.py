@@ -358,20 +358,48 @@ class Probe:
         return hook
 
     def _output_hook(self, index: int, keep_activation: bool):
-        def on_grad(grad: torch.Tensor) -> None:
-            self._out_grads[index] = grad.detach()
-
         def hook(module, inputs, output):
             if self.sampled and isinstance(output, torch.Tensor):
                 if keep_activation:
                     self._acts[index] = output.detach()
-                if output.requires_grad:
-                    if self.owns_backward:
-                        self._outs[index] = output
-                    else:
-                        output.register_hook(on_grad)
+                self._keep_output(index, output)
 
         return hook
+
+    def _keep_output(self, index: int, output: torch.Tensor) -> None:
+        """Arrange for ∂L/∂h of layer ``index``: h itself for :meth:`backward`, or a tensor hook."""
+        if not output.requires_grad:
+            return
+        if self.owns_backward:
+            self._outs[index] = output
+        else:
+            def on_grad(grad: torch.Tensor) -> None:
+                self._out_grads[index] = grad.detach()
+
+            output.register_hook(on_grad)
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``model(x)``; on a sampled step ``model(x, taps=[])``, the taps going to :meth:`tapped`.
+        For vgtui's own models (``build.Taps``), in place of :meth:`attach`."""
+        if not self.sampled:
+            return model(x)
+        taps: list = []
+        out = model(x, taps=taps)
+        self.tapped(taps)
+        return out
+
+    def tapped(self, taps: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """This sampled step's (activation, h) of every layer, in order, from a model that reports
+        them itself (``model(x, taps=[])``, see ``build.Taps``): what the hooks of :meth:`attach`
+        would keep, without hooks. A model with a forward hook takes PyTorch's slow call path;
+        taps cost nothing (relu-30-he measured every step: 1.209x with hooks, 1.175x with taps)."""
+        if not self.sampled:
+            return
+        if len(taps) != len(self.layers):
+            raise ValueError(f"{len(taps)} taps for {len(self.layers)} probed layers")
+        for index, (activation, output) in enumerate(taps):
+            self._acts[index] = activation.detach()
+            self._keep_output(index, output)
 
     # -- the step ------------------------------------------------------------------------------
     def begin(self, sampled: bool) -> None:

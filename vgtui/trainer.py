@@ -239,7 +239,7 @@ class Trainer(threading.Thread):
         if self.paused:
             self._emit(RunEvent("paused", step=0, run_id=self.run_id))
         probe = Probe(built.layers, list(built.model.parameters()), detail_every=preset.detail_every,
-                      owns_backward=True).attach()
+                      owns_backward=True)
         memory.freeze_long_lived()
         self._clock = clock = ProbeClock(device)
         diagnoser = Diagnoser(header)
@@ -305,13 +305,14 @@ class Trainer(threading.Thread):
         optimizer = make_optimizer(model.parameters(), preset)
         autoencoder = built.task == "autoencoder"
         model.train()
+        probe.detach()  # the model reports its layers' outputs itself (taps): no hooks
 
         def step() -> bool:
             x, y = data.batch(self.step)
             sampled = self.step % self.sample_every == 0
             probe.begin(sampled)
             optimizer.zero_grad(set_to_none=True)
-            out = model(x)
+            out = probe.forward(model, x)
             loss = built.loss_fn(out, x if autoencoder else y)
             probe.backward(loss)
             clock = self._clock
@@ -356,6 +357,7 @@ class Trainer(threading.Thread):
         optimizer = make_optimizer(list(block.parameters()) + list(decoder.parameters()), preset)
         name = built.layers[index].name
         remaining = [preset.pretrain_steps]
+        probe.attach()  # a shallow stack of the model's own modules: hooks find them
 
         def step() -> bool:
             x, _ = data.batch(self.step)
