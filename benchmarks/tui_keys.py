@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--presses", type=int, default=10)
     parser.add_argument("--size", default="120x40")
     parser.add_argument("--warmup", type=float, default=8.0, help="seconds of training before pressing keys")
+    parser.add_argument("--pause", action="store_true",
+                        help="pause training (space) before pressing keys: the UI's own cost, no trainer beside it")
     args = parser.parse_args()
     columns, rows = (int(v) for v in args.size.split("x"))
     name = os.path.splitext(os.path.basename(args.preset))[0]
@@ -104,6 +106,9 @@ def main() -> None:
     step_seen = term.wait_for(b"step ", timeout=120)
     print(f"… → first step on screen: {first + step_seen:.2f} s after launch", flush=True)
     term.drain(args.warmup)
+    if args.pause:
+        term.press(b" ")
+        term.drain(1.0)
     help_open, heatmap = [], []
     for _ in range(args.presses):
         term.press(b"?")

@@ -155,6 +155,29 @@ async def test_keys_reach_the_source():
 
 
 @sync
+async def test_help_is_built_once_and_rewrapped_when_the_terminal_changes():
+    from textual.widgets import Static
+
+    from vgtui.tui.app import HelpScreen
+
+    app = scripted_app("sigmoid-deep")
+    async with app.run_test(size=(60, 30)) as pilot:
+        await pilot.press("question_mark")
+        first = app.screen
+        assert isinstance(first, HelpScreen)
+        narrow = str(first.query_one(Static).render())
+        await pilot.press("escape")
+        await pilot.resize_terminal(120, 30)
+        await pilot.pause()
+        await pilot.press("question_mark")
+        assert app.screen is first  # the same screen, kept
+        wide = str(first.query_one(Static).render())
+        assert narrow.count("\n") > wide.count("\n")  # the preset list took fewer lines
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+
+@sync
 async def test_compare_switches_one_side_and_restarts_both_on_the_same_seed():
     from vgtui.config import load_preset
     from vgtui.tui.app import Compare
