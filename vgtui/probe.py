@@ -283,7 +283,9 @@ class Probe:
     Use per training step::
 
         probe.begin(sampled)           # before forward
-        ... forward, loss, loss.backward() ...
+        out = probe.forward(model, x)  # vgtui's models (taps); any other: attach() once, model(x)
+        loss = ...
+        probe.backward(loss)           # loss.backward(), or with owns_backward one autograd.grad
         probe.after_backward()         # weight-gradient norms + histograms, before clipping
         probe.clip(kind, threshold)    # clips (always) and measures the global norm
         probe.before_step(optimizer)
