@@ -20,6 +20,7 @@ run: $(STAMP)
 	$(BIN)/vgtui --preset $(PRESET)
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

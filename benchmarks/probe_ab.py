@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from vgtui import probe as probe_now  # noqa: E402
-from vgtui.build import build_model, make_optimizer  # noqa: E402
+from vgtui.models import build_model, make_optimizer  # noqa: E402
 from vgtui.config import load_preset  # noqa: E402
 from vgtui.data import SyntheticData  # noqa: E402
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-from vgtui.build import build_model, make_optimizer  # noqa: E402
+from vgtui.models import build_model, make_optimizer  # noqa: E402
 from vgtui.config import load_preset  # noqa: E402
 from vgtui.data import SyntheticData  # noqa: E402
 from vgtui.probe import Probe  # noqa: E402

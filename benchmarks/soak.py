@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vgtui.channel import Channel  # noqa: E402
 from vgtui.config import load_preset  # noqa: E402
-from vgtui.record import JsonlWriter  # noqa: E402
+from vgtui.jsonl import JsonlWriter  # noqa: E402
 from vgtui.records import StepRecord  # noqa: E402
 from vgtui.trainer import Trainer  # noqa: E402
 

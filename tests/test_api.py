@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import vgtui
-from vgtui.build import LayerSpec
+from vgtui import LayerSpec
 from vgtui.channel import Channel
-from vgtui.record import read_recording
+from vgtui.jsonl import read_recording
 from vgtui.records import RunEvent, RunHeader, StepRecord
 
 STEPS, ACCUM, CLIP, SCALE = 3, 2, 0.5, 2.0**10

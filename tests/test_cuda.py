@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from test_probe import reference_norms, small
-from vgtui.build import build_model, make_optimizer
+from vgtui.models import build_model, make_optimizer
 from vgtui.config import load_preset
 from vgtui.data import SyntheticData
 from vgtui.probe import HIST_MAX_ELEMENTS, Probe

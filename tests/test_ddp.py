@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from vgtui.record import read_recording
+from vgtui.jsonl import read_recording
 from vgtui.records import StepRecord
 
 REPO = Path(__file__).resolve().parents[1]

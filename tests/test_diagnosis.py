@@ -185,7 +185,7 @@ def test_sigmoid_with_a_large_init_saturates():
 # -- the verdict travels with the record -------------------------------------------------------------
 def test_headless_run_prints_and_records_verdicts(tmp_path):
     from vgtui.headless import run_headless
-    from vgtui.record import read_recording
+    from vgtui.jsonl import read_recording
 
     out = io.StringIO()
     path = tmp_path / "run.jsonl"

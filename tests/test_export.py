@@ -14,7 +14,7 @@ from torch import nn
 import vgtui
 from vgtui.cli import main
 from vgtui.export import CSV_COLUMNS, TENSORBOARD_HINT, export_csv, export_tensorboard, read_csv
-from vgtui.record import JsonlWriter, read_recording
+from vgtui.jsonl import JsonlWriter, read_recording
 from vgtui.records import HIST_BINS, LAYER_METRICS, RunHeader, StepRecord
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None

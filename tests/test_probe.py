@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vgtui.build import build_model, make_optimizer
+from vgtui.models import build_model, make_optimizer
 from vgtui.config import load_preset
 from vgtui.data import SyntheticData
 from vgtui.probe import HIST_MAX_ELEMENTS, Probe

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from vgtui.config import load_preset
-from vgtui.record import JsonlWriter
+from vgtui.jsonl import JsonlWriter
 from vgtui.records import RunHeader, StepRecord
 from vgtui.tui.app import Dashboard, make_app
 from vgtui.tui.sources import FollowSource, LiveSource

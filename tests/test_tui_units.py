@@ -221,7 +221,7 @@ def test_no_color_means_mono(monkeypatch):
 
 
 def test_core_imports_stay_free_of_textual():
-    code = ("import sys, vgtui, vgtui.cli, vgtui.tui, vgtui.trainer, vgtui.record; "
+    code = ("import sys, vgtui, vgtui.cli, vgtui.tui, vgtui.trainer, vgtui.jsonl; "
             "vgtui.cli.build_parser(); "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'textual_plotext', 'plotext'))))")
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True,
@@ -260,7 +260,7 @@ def test_heatmap_groups_many_layers():
 
 
 def test_follow_source_survives_a_truncating_writer(tmp_path):
-    from vgtui.record import JsonlWriter
+    from vgtui.jsonl import JsonlWriter
     from vgtui.records import RunHeader
     from vgtui.tui.sources import FollowSource
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from vgtui.record import read_recording
+from vgtui.jsonl import read_recording
 from vgtui.records import RunError, RunEvent, StepRecord, Verdict
 from vgtui.tui.app import make_app
 from vgtui.tui.sources import ReplaySource, ScriptedSource

@@ -3,7 +3,8 @@
 __version__ = "0.1.0"
 
 # The library API is loaded on first use: `import vgtui` (and `vgtui --help`) must not import torch.
-_LAZY = {"watch": "vgtui.api", "Watcher": "vgtui.api", "default_layers": "vgtui.api"}
+_LAZY = {"watch": "vgtui.api", "Watcher": "vgtui.api", "default_layers": "vgtui.api",
+         "LayerSpec": "vgtui.layers"}
 
 __all__ = ["__version__", *_LAZY]
 

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .build import LayerSpec
+from .layers import LayerSpec
 from .channel import Channel
 from .config import RECTIFYING
 from .probe import SATURATION_MARGIN, HostTransfer, LogHistograms
@@ -103,7 +103,7 @@ def _spec(name: str, module: nn.Module) -> LayerSpec:
     params = _trainable_direct(module)
     if not params:
         raise ValueError(f"layer {name!r} ({type(module).__name__}) owns no trainable parameter: "
-                         "pick modules that hold weights, or pass a vgtui.build.LayerSpec")
+                         "pick modules that hold weights, or pass a vgtui.LayerSpec")
     weight = getattr(module, "weight", None)
     if not (isinstance(weight, nn.Parameter) and weight.requires_grad):
         weight = params[0]
@@ -179,7 +179,7 @@ class _Sink(threading.Thread):
 
     def __init__(self, path: Path | None, channel: Channel | None, diagnose: bool):
         super().__init__(name="vgtui-sink", daemon=True)
-        from .record import JsonlWriter
+        from .jsonl import JsonlWriter
 
         self.writer = JsonlWriter(path) if path is not None else None
         self.channel = channel
@@ -881,7 +881,7 @@ def watch(model: nn.Module, *, layers: LayersArg = None, sample_every: int = 1,
 
     layers:       None (every module that directly owns trainable parameters, in forward order),
                   a predicate ``(name, module) -> bool`` over those, or a list of module names,
-                  modules or :class:`vgtui.build.LayerSpec` (kept in the given order).
+                  modules or :class:`vgtui.LayerSpec` (kept in the given order).
     sample_every: measure every N-th optimiser step (the first is always measured).
     record:       a JSONL path (the format of ``vgtui run --record``: ``vgtui replay/attach`` read it).
     channel:      a :class:`vgtui.channel.Channel` that receives the same records in-process.

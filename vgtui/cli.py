@@ -11,11 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import UserError
+
 EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for: printed as one line, exit code 2."""
 
 
 def _add_training_options(parser: argparse.ArgumentParser, preset_default: str | None) -> None:

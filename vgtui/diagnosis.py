@@ -32,7 +32,7 @@ import math
 from collections import deque
 import numpy as np
 
-from .records import RunHeader, StepRecord, Verdict
+from .records import SEVERITY_ORDER, RunHeader, StepRecord, Verdict
 
 # -- smoothing --------------------------------------------------------------------------------
 #: Records in the smoothing window (median). Five is enough to ignore a single odd batch and short
@@ -141,7 +141,6 @@ SUGGESTIONS: dict[str, list[str]] = {
 #: Depth (layers measured, output included) from which the 30-layer presets are the better example.
 DEEP_LAYERS = 12
 
-SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 KIND_ORDER = {"nonfinite": 0, "exploding": 1, "vanishing": 2, "dead": 3, "saturation": 4,
               "plateau": 5, "healthy": 6}
 

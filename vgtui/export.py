@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .record import read_recording
+from .errors import UserError
+from .jsonl import read_recording
 from .records import LAYER_METRICS, RunHeader, StepRecord
 
 GLOBAL_METRICS = ("loss", "accuracy", "grad_norm_total", "grad_norm_clipped", "clipped")
@@ -114,8 +115,6 @@ def _tensorboard_writer():
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None:
-        from .cli import UserError
-
         raise UserError(TENSORBOARD_HINT)
     from torch.utils.tensorboard import SummaryWriter
 

@@ -15,20 +15,8 @@ from typing import TextIO
 
 from .channel import Channel
 from .config import Preset
+from .formatting import fmt
 from .records import RunError, RunHeader, StepRecord
-
-
-def fmt(value: float, width: int = 8) -> str:
-    """A short, fixed-width number: 3 significant digits, scientific when tiny or huge."""
-    if value is None:
-        return "-".rjust(width)
-    if math.isnan(value):
-        return "nan".rjust(width)
-    if math.isinf(value):
-        return ("inf" if value > 0 else "-inf").rjust(width)
-    if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
-        return f"{value:.2e}".rjust(width)
-    return f"{value:.3g}".rjust(width)
 
 
 def layer_table(header: RunHeader, record: StepRecord, detail: StepRecord | None = None) -> str:
@@ -52,9 +40,8 @@ def layer_table(header: RunHeader, record: StepRecord, detail: StepRecord | None
 
 
 def first_last_ratio(record: StepRecord) -> float:
-    """‖∂L/∂h‖ of the first layer over that of the last: ~1 healthy, << 1 vanishing."""
-    g = record.layers["act_grad_norm"]
-    return float(g[0] / g[-1]) if len(g) > 1 and g[-1] != 0 else float("nan")
+    """‖∂L/∂h‖ of the first measured layer over that of the last: ~1 healthy, << 1 vanishing."""
+    return record.first_last_ratio().value
 
 
 def step_line(record: StepRecord) -> str:
@@ -106,7 +93,7 @@ def run_headless(
 ) -> int:
     """Train ``steps`` steps; returns the process exit code (0, 1 on a training error,
     128 + signal number when stopped by a signal)."""
-    from .record import JsonlWriter
+    from .jsonl import JsonlWriter
     from .trainer import TrainerController  # torch: only when training, never for fmt()
 
     channel: Channel = Channel(maxlen=100_000)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -30,16 +30,23 @@ HIST_LOG10_MIN = -12.0
 HIST_LOG10_MAX = 2.0
 HIST_BINS = 28
 
+#: ‖∂L/∂h_t‖ through time is downsampled to at most this many time steps per layer.
+TIME_POINTS = 256
+
 
 def hist_edges() -> np.ndarray:
     return np.linspace(HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS + 1)
+
+
+#: Most severe first: the order verdicts are listed and drawn in.
+SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 
 
 @dataclass
 class Verdict:
     """One finding of the diagnosis: what, how bad, why, and what to try."""
 
-    kind: str  # vanishing | exploding | nonfinite | saturation | dead | plateau | healthy
+    kind: str  # vanishing | exploding | nonfinite | saturation | dead | plateau | spike | healthy
     severity: str  # info | warning | critical
     summary: str
     explanation: str = ""
@@ -80,11 +87,46 @@ class RunHeader:
     hist_edges: np.ndarray = field(default_factory=hist_edges)
     params: int = 0
     source: str = "vgtui"
+    #: Layers that share a parameter (tied weights, e.g. GPT-2's ``lm_head`` and ``wte``): layer
+    #: name -> the other layers holding the same tensor. A shared tensor is measured once.
+    tied: dict[str, list[str]] = field(default_factory=dict)
+
+
+class Ratio(NamedTuple):
+    """A first-over-last ratio of a per-layer metric, and which layers it used (indices)."""
+
+    value: float  # nan when fewer than two layers were measured, or the last one is 0
+    first: int | None
+    last: int | None
+
+
+@dataclass(frozen=True)
+class StepWindow:
+    """Every optimiser step since the previous record (inclusive of this one), accumulated on the
+    device without a host sync: what sampling alone would miss (a spike between samples)."""
+
+    steps: int  # how many optimiser steps this window covers
+    first_step: int
+    loss_min: float
+    loss_max: float
+    loss_mean: float
+    loss_last: float
+    loss_max_step: int  # the step of the largest loss
+    grad_norm_min: float
+    grad_norm_max: float
+    grad_norm_mean: float
+    grad_norm_last: float
+    grad_norm_max_step: int  # the step of the largest global gradient norm
 
 
 @dataclass
 class StepRecord:
-    """One sampled training step, measured."""
+    """One sampled training step, measured.
+
+    Not measured is not non-finite: a metric that was not measured for a layer (no activation
+    gradient reached it, the detail tier did not run, the layer is not recurrent, ...) is NaN in
+    ``layers`` *and* True in ``unmeasured[metric]``; a NaN with no such mark is a real NaN.
+    """
 
     step: int
     loss: float
@@ -105,9 +147,41 @@ class StepRecord:
     #: True when the detail tier (activation stats, ‖W‖, update ratio, histograms) was measured;
     #: on other sampled steps those columns are NaN and ``hist`` is None.
     detail: bool = True
+    #: metric name -> (n_layers,) bool, True where that metric was not measured for that layer.
+    #: A metric missing from the dict was measured for every layer (NaN there is a real NaN).
+    unmeasured: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Recurrent layers only: layer name -> ‖∂L/∂h_t‖ for each time step t (ascending) of the
+    #: measured batch, downsampled to at most TIME_POINTS points.
+    time_act_grad_norm: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Every step since the previous record (loss and global norm min/max/mean/last), or None.
+    window: StepWindow | None = None
+    #: Held-out evaluation at this step (nan where none ran).
+    heldout_loss: float = float("nan")
+    heldout_accuracy: float = float("nan")
 
     def metric(self, name: str) -> np.ndarray:
         return self.layers[name]
+
+    def measured(self, name: str) -> np.ndarray:
+        """(n_layers,) bool: where ``name`` was measured (its value may still be non-finite)."""
+        mask = self.unmeasured.get(name)
+        if mask is None:
+            return np.ones(len(self.layers[name]), dtype=bool)
+        return ~mask
+
+    def first_last_ratio(self, name: str = "act_grad_norm") -> Ratio:
+        """``name`` of the first measured layer over that of the last measured one: the one rule
+        for every "first/last" number vgtui shows (~1 healthy, << 1 vanishing, >> 1 exploding)."""
+        at = np.flatnonzero(self.measured(name))
+        if len(at) < 2:
+            return Ratio(float("nan"), None, None)
+        first, last = int(at[0]), int(at[-1])
+        values = self.layers[name]
+        den = float(values[last])
+        num = float(values[first])
+        if den == 0.0 or math.isnan(num) or math.isnan(den):
+            return Ratio(float("nan"), first, last)
+        return Ratio(num / den, first, last)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import memory
-from .build import Built, build_model, count_params, make_optimizer
+from .models import Built, build_model, count_params, make_optimizer
 from .channel import Channel
 from .config import Preset
 from .data import DataError, make_data

@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
 from vgtui.config import load_preset  # noqa: E402
-from vgtui.record import JsonlWriter  # noqa: E402
+from vgtui.jsonl import JsonlWriter  # noqa: E402
 from vgtui.trainer import run_to_completion  # noqa: E402
 
 FIXTURES = {  # name: (preset, steps, changes)

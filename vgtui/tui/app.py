@@ -24,7 +24,7 @@ from textual.widgets import ContentSwitcher, Footer, OptionList, Static
 from textual.widgets.option_list import Option
 
 from .. import memory
-from ..headless import fmt
+from ..formatting import fmt
 from ..records import RunError
 from . import render as R
 from .sources import FollowSource, ReplaySource, Source
@@ -862,9 +862,7 @@ class Compare(Monitor):
             return text
         step = min(a.last.step, b.last.step)
         ra, rb = _at_step(a, step), _at_step(b, step)
-        from ..headless import first_last_ratio
-
-        fa, fb = first_last_ratio(ra), first_last_ratio(rb)
+        fa, fb = ra.first_last_ratio().value, rb.first_last_ratio().value
         text.append(f"at step {step}: ", style="bold")
         text.append("input/output ‖∂L/∂h‖ ")
         text.append(f"{fmt(fa, 0).strip()}", style="bold")

@@ -11,8 +11,8 @@ import numpy as np
 from rich.style import Style
 from rich.text import Text
 
-from ..headless import fmt
-from ..records import Verdict
+from ..formatting import fmt
+from ..records import SEVERITY_ORDER, Verdict
 from .state import RunState
 
 # "turbo"-like ramp: vanishing = cold, exploding = hot
@@ -406,7 +406,6 @@ def _pct_style(value: float, mono: bool):
 
 # -- diagnosis ----------------------------------------------------------------------------------
 
-SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 SEVERITY_STYLE = {"critical": "bold white on red", "warning": "bold black on yellow", "info": "bold black on green"}
 
 

@@ -157,7 +157,7 @@ class ReplaySource(Source):
                  problems: list[str] | None = None, label: str | None = None):
         super().__init__()
         if records is None:
-            from ..record import read_recording
+            from ..jsonl import read_recording
 
             result = read_recording(path)
             records, problems = result.records, result.problems
@@ -208,7 +208,7 @@ class FollowSource(Source):
 
     def __init__(self, path: str | Path):
         super().__init__()
-        from ..record import JsonlReader
+        from ..jsonl import JsonlReader
 
         self.path = Path(path)
         self.reader = JsonlReader(self.path)
@@ -226,7 +226,7 @@ class FollowSource(Source):
             size = None
         if size is not None and size < getattr(self.reader, "_offset", 0):
             # the writer started over (a new run truncated the file): read it from the top
-            from ..record import JsonlReader
+            from ..jsonl import JsonlReader
 
             self.reader = JsonlReader(self.path)
             self.restarts += 1

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vgtui.config import load_preset
-from vgtui.record import JsonlReader, JsonlWriter, read_recording
+from vgtui.jsonl import JsonlReader, JsonlWriter, read_recording
 from vgtui.records import RunHeader, StepRecord
 from vgtui.trainer import run_to_completion
 

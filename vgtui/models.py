@@ -9,21 +9,8 @@ import torch
 from torch import nn
 
 from .config import Preset
+from .layers import LayerSpec, Taps
 from .data import INPUT_DIM, NUM_CLASSES
-
-
-@dataclass
-class LayerSpec:
-    """One probe point. ``output_module``'s output is h (its gradient is ‖∂L/∂h‖); ``weight`` is
-    the W of ‖∂L/∂W‖; ``act_module``'s output feeds the activation statistics. ``act_is_output``
-    says that output *is* h (a block without a shortcut): the probe then needs one hook, not two."""
-
-    name: str
-    output_module: nn.Module
-    weight: nn.Parameter
-    act_module: nn.Module | None = None
-    act_kind: str = "linear"
-    act_is_output: bool = False
 
 
 def make_activation(name: str, leaky_slope: float = 0.01) -> nn.Module:
@@ -37,10 +24,6 @@ def make_activation(name: str, leaky_slope: float = 0.01) -> nn.Module:
     }[name]()
 
 
-#: ``model(x, taps=[])`` appends one (activation, output) pair per probe point, in the order of
-#: ``Built.layers``: the probe reads h from the forward pass itself instead of through module
-#: hooks (a hooked module takes PyTorch's slow call path: 3 % of relu-30-he's step).
-Taps = list | None
 
 
 class Block(nn.Module):

@@ -2,13 +2,15 @@
 
 Line 1 is the header (``"type": "header"``), then one ``"step"`` line per sampled step, plus
 ``"event"`` and ``"error"`` lines. Non-finite floats are the strings "nan", "inf", "-inf" so that
-every line is strict JSON. The reader keeps every good line and reports each bad one with its
+every line is strict JSON; a value that was not measured is ``null`` (never "nan"). The reader keeps every good line and reports each bad one with its
 line number instead of giving up on the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from .records import (
     RunEvent,
     RunHeader,
     StepRecord,
+    StepWindow,
     Verdict,
     jsonable,
     unjson,
@@ -45,15 +48,25 @@ def to_json(record: Record, layer_names: list[str] | None = None) -> dict:
             "params": record.params,
             "hist_edges": jsonable(record.hist_edges),
             "source": record.source,
-        }
+        } | ({"tied": {k: list(v) for k, v in record.tied.items()}} if record.tied else {})
     if isinstance(record, StepRecord):
         count = len(record.layers[LAYER_METRICS[0]])
         names = layer_names or [f"layer{i}" for i in range(count)]
+        unmeasured = {metric: record.unmeasured.get(metric) for metric in LAYER_METRICS}
         layers = {
-            name: {metric: jsonable(record.layers[metric][i]) for metric in LAYER_METRICS}
+            name: {metric: None if unmeasured[metric] is not None and unmeasured[metric][i]
+                   else jsonable(record.layers[metric][i]) for metric in LAYER_METRICS}
             | ({"hist": jsonable(record.hist[i])} if record.hist is not None else {})
+            | ({"time_act_grad_norm": jsonable(record.time_act_grad_norm[name])}
+               if name in record.time_act_grad_norm else {})
             for i, name in enumerate(names)
         }
+        extra = {}
+        if record.window is not None:
+            extra["window"] = jsonable(dataclasses.asdict(record.window))
+        if not math.isnan(record.heldout_loss) or not math.isnan(record.heldout_accuracy):
+            extra["heldout_loss"] = jsonable(record.heldout_loss)
+            extra["heldout_accuracy"] = jsonable(record.heldout_accuracy)
         return {
             "type": "step",
             "step": record.step,
@@ -72,7 +85,7 @@ def to_json(record: Record, layer_names: list[str] | None = None) -> dict:
             "nonfinite": list(record.nonfinite) if record.nonfinite else None,
             "layers": layers,
             "verdicts": [v.to_json() for v in record.verdicts],
-        }
+        } | extra
     if isinstance(record, RunEvent):
         return {"type": "event", "kind": record.kind, "message": record.message,
                 "step": record.step, "run_id": record.run_id}
@@ -100,16 +113,23 @@ def from_json(data: dict, layer_names: list[str] | None) -> Record:
             hist_edges=np.asarray(unjson(data["hist_edges"]), dtype=float) if "hist_edges" in data
             else RunHeader.__dataclass_fields__["hist_edges"].default_factory(),
             source=str(data.get("source", "vgtui")),
+            tied={str(k): [str(n) for n in v] for k, v in data.get("tied", {}).items()},
         )
     if kind == "step":
         names = layer_names if layer_names is not None else list(data["layers"])
         per_layer = data["layers"]
         if set(per_layer) != set(names):
             raise ValueError("step layers do not match the header's layers")
-        columns = {
-            metric: np.array([_num(per_layer[n].get(metric, "nan")) for n in names], dtype=float)
-            for metric in LAYER_METRICS
-        }
+        columns, unmeasured = {}, {}
+        for metric in LAYER_METRICS:
+            raw = [per_layer[n].get(metric, "nan") for n in names]
+            columns[metric] = np.array([_num(v) for v in raw], dtype=float)
+            missing = np.array([v is None for v in raw], dtype=bool)
+            if missing.any():
+                unmeasured[metric] = missing
+        time_grads = {n: np.asarray(unjson(per_layer[n]["time_act_grad_norm"]), dtype=float)
+                      for n in names if per_layer[n].get("time_act_grad_norm") is not None}
+        window = data.get("window")
         hist = None
         if names and all("hist" in per_layer[n] for n in names):
             rows = [unjson(per_layer[n]["hist"]) for n in names]
@@ -135,6 +155,11 @@ def from_json(data: dict, layer_names: list[str] | None) -> Record:
             sample_every=int(data.get("sample_every", 1)),
             probe_overhead=_num(data.get("probe_overhead", "nan")),
             verdicts=[Verdict.from_json(v) for v in data.get("verdicts", [])],
+            unmeasured=unmeasured,
+            time_act_grad_norm=time_grads,
+            window=StepWindow(**unjson(window)) if window else None,
+            heldout_loss=_num(data.get("heldout_loss", "nan")),
+            heldout_accuracy=_num(data.get("heldout_accuracy", "nan")),
         )
     if kind == "event":
         return RunEvent(str(data["kind"]), str(data.get("message", "")), int(data.get("step", 0)),
