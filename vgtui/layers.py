@@ -19,6 +19,9 @@ class LayerSpec:
     act_module: nn.Module | None = None
     act_kind: str = "linear"
     act_is_output: bool = False
+    #: For a recurrent layer: the dimension of h that is time (1 for batch-first (B, T, H)
+    #: outputs, 0 for (T, B, H)); the probe then also records ‖∂L/∂h_t‖ for every t.
+    time_dim: int | None = None
 
 
 #: ``model(x, taps=[])`` appends one (activation, output) pair per probe point, in the order of
