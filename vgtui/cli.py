@@ -19,8 +19,8 @@ EXIT_USAGE = 2
 def _add_training_options(parser: argparse.ArgumentParser, preset_default: str | None) -> None:
     parser.add_argument("--preset", default=preset_default, metavar="NAME|PATH",
                         help="built-in preset name or path to a preset TOML file (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", metavar="cpu|cuda|auto",
-                        help="where to train (default: %(default)s)")
+    parser.add_argument("--device", default="auto", metavar="cpu|cuda|auto",
+                        help="where to train (default: %(default)s: CUDA when available)")
     parser.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                         help="folder with the data set's files (default: the data set's usual place)")
     parser.add_argument("--download", action="store_true",
@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(run, DEFAULT_PRESET)
     run.add_argument("--steps", type=int, default=500, help="training steps (default: %(default)s)")
     run.add_argument("--record", type=Path, default=None, metavar="FILE.jsonl", help="record every sampled step")
-    run.add_argument("--print-every", type=int, default=None, metavar="N", help="print a line every N steps")
+    run.add_argument("--print-every", type=int, default=None, metavar="N",
+                     help="print a line every N steps, from the newest measured step (default: steps/20)")
+    run.add_argument("--stop-on-nonfinite", action="store_true",
+                     help="stop after the first step with a NaN/inf (exit code 4; the recording is complete)")
 
     sub.add_parser("presets", help="list the built-in presets")
 
@@ -69,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="train two presets side by side on the same batches")
     compare.add_argument("a", metavar="A")
     compare.add_argument("b", metavar="B")
-    compare.add_argument("--device", default="cpu")
+    compare.add_argument("--device", default="auto", metavar="cpu|cuda|auto",
+                         help="where to train (default: %(default)s: CUDA when available)")
     compare.add_argument("--mono", action="store_true", help="monochrome display")
 
     export = sub.add_parser("export", help="convert a recording to CSV or TensorBoard")
@@ -134,12 +138,14 @@ def cmd_run(args) -> int:
     _check_device(args.device)
     if args.steps < 1:
         raise UserError(f"--steps: must be at least 1, got {args.steps}")
+    if args.print_every is not None and args.print_every < 1:
+        raise UserError(f"--print-every: must be at least 1, got {args.print_every}")
     preset = _load(args)
     from .headless import run_headless
 
     return run_headless(preset, args.steps, record=args.record, device=args.device,
                         print_every=args.print_every, data_root=args.data_root, download=args.download,
-                        overhead_budget=_budget(args))
+                        overhead_budget=_budget(args), stop_on_nonfinite=args.stop_on_nonfinite)
 
 
 def _tui_entry(name: str):

@@ -8,11 +8,19 @@ What is measured, and why it is the right quantity
 The quantity the literature uses for gradient flow is the back-propagated gradient of each layer's
 output, ‖∂L/∂h‖ (Glorot & Bengio 2010, figs. 5 and 7; He et al. 2015, sec. 2.2). Weight gradients
 ‖∂L/∂W‖ can look flat across layers while ‖∂L/∂h‖ decays, so the rules below use ‖∂L/∂h‖. The
-headline figure is the first/last ratio ``act_grad_norm[0] / act_grad_norm[-1]``: the first
-hidden layer against the output (logits) layer. Its (n-1)-th root is the per-layer factor, the
-geometric mean of the ratio between consecutive layers: the number that back-propagation
-multiplies the gradient by, on average, at each layer. A factor below 1 compounds with depth into
-vanishing, above 1 into exploding.
+headline figure is the first/last ratio (``StepRecord.first_last_ratio``): ‖∂L/∂h‖ of the first
+layer that was measured over that of the last one (normally the first hidden layer and the output
+layer; a layer never called as a module has no ‖∂L/∂h‖ and is skipped, never read as NaN). Its
+k-th root, k the layers between the two, is the per-layer factor, the geometric mean of the ratio
+between consecutive layers: the number that back-propagation multiplies the gradient by, on
+average, at each layer. A factor below 1 compounds with depth into vanishing, above 1 into
+exploding. Where no ‖∂L/∂h‖ was measured at all (a compiled model) the rules say so instead of
+calling the run healthy, and fall back to what is sound without it (see :func:`ratio_verdict`).
+
+Recurrent layers add a second axis: ‖∂L/∂h_t‖ per time step (``StepRecord.time_act_grad_norm``),
+fitted log-linearly to a per-step factor (:func:`fit_through_time`). Every record may carry a
+``StepWindow`` (every optimiser step since the previous record), which the spike rule reads so that
+a spike on a step that was not sampled is still caught and named.
 
 Smoothing and hysteresis
 ------------------------
@@ -28,11 +36,15 @@ rules and the ratios measured on the built-in presets (produced by benchmarks/di
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from collections import deque
+from typing import NamedTuple
+
 import numpy as np
 
-from .records import SEVERITY_ORDER, RunHeader, StepRecord, Verdict
+from .records import SEVERITY_ORDER, TIME_POINTS, RunHeader, StepRecord, Verdict
 
 # -- smoothing --------------------------------------------------------------------------------
 #: Records in the smoothing window (median). Five is enough to ignore a single odd batch and short
@@ -92,6 +104,46 @@ CLIP_WINDOW = 20
 CLIP_MOST = 0.5
 CLIP_MOST_EXIT = 0.3
 
+# -- without ‖∂L/∂h‖: the weight-gradient fallback -------------------------------------------------
+#: When no layer's ‖∂L/∂h‖ was measured (a compiled model), first/last ‖∂L/∂W‖ below this enters
+#: "vanishing" (a warning: weaker evidence). Three decades, not one: ‖∂L/∂W‖ = ‖∂L/∂h‖ times the
+#: layer's input, so it is not the flow itself. Measured at steps 0-4 of the built-in presets,
+#: healthy stacks range from 0.016 (sigmoid-residual) to 2.1 (relu-30-he) while the clearly
+#: vanishing ones read 6e-5 (sigmoid-deep) to 5e-7 (autoencoder-sigmoid). ‖∂L/∂W‖ cannot show the
+#: rest: relu-30-xavier (‖∂L/∂h‖ ratio 5e-5) reads 1.3, exploding (96) 0.5. So a ratio above the
+#: line is "not judged", never "healthy", and ‖∂L/∂W‖ never enters "exploding".
+WEIGHT_VANISH_ENTER = 1e-3
+WEIGHT_VANISH_EXIT = 2e-3
+
+# -- spikes -------------------------------------------------------------------------------------
+#: Records in the trailing reference of the spike rule; Lightning's ``SpikeDetection`` uses a
+#: running mean over ``window=10`` steps. Here the reference is the median (one earlier spike does
+#: not raise it, and a lasting change of level stops counting as a spike after ~5 records).
+SPIKE_WINDOW = 10
+#: A value spikes when it exceeds its trailing reference by this multiple of the reference
+#: (``value - ref >= SPIKE_RTOL * |ref|``, i.e. 3x): Lightning's default ``rtol=2.0``.
+SPIKE_RTOL = 2.0
+#: Earlier records needed before the rule judges: a full trailing window. The first steps of a
+#: run move fast (sigmoid-residual's loss goes 3 -> 60 -> 3 in its first 40 steps, which is the
+#: start of training, not a spike in it).
+SPIKE_WARMUP = SPIKE_WINDOW
+#: A loss rise smaller than this fraction of the run's starting loss is not a spike, however
+#: large relative to the median (Lightning's ``atol``, scaled to the run): a converged
+#: classifier's batch losses vary 3x and more around 0.05 when it started at 2.3.
+SPIKE_MIN_LOSS_RISE = 0.1
+#: A spike verdict stays this many records after the last spike, so it can be read.
+SPIKE_HOLD = HOLD
+#: Records before a measured spike in which a layer's ‖∂L/∂W‖ may have moved first.
+SPIKE_LEAD = 3
+#: Layers named in a spike verdict.
+SPIKE_LAYERS = 3
+
+# -- through time (recurrent layers) ---------------------------------------------------------------
+#: "Inputs more than N steps back get less than this share of the gradient at the last step."
+TIME_FLOOR = 1e-3
+#: Measured, non-zero time steps needed to fit a per-step factor.
+TIME_MIN_POINTS = 3
+
 # -- saturation ----------------------------------------------------------------------------------
 #: Fraction of a sigmoid/tanh layer's units within the probe's SATURATION_MARGIN of an asymptote
 #: (there sigma' < 0.02: the local gradient is cut 12x below its 0.25 peak). Glorot & Bengio 2010
@@ -137,12 +189,108 @@ SUGGESTIONS: dict[str, list[str]] = {
     "saturation": ["sigmoid-batchnorm", "relu-he", "sigmoid-xavier"],
     "plateau": ["relu-he"],
     "plateau_autoencoder": ["autoencoder-relu"],
+    "spike": ["exploding-clipped"],
+    # Through time: gated cells keep an additive path for the gradient (Hochreiter &
+    # Schmidhuber 1997); clipping by norm tames the growing one (Pascanu et al. 2013).
+    "vanishing_time": ["lstm", "gru"],
+    "exploding_time": ["rnn-clipped", "lstm", "gru"],
 }
+#: Suggested presets that other work is adding right now; the test that every suggestion is a
+#: built-in preset skips only these until they exist (remove this set once they are merged).
+PENDING_PRESETS = {"rnn-tanh", "lstm", "gru", "rnn-exploding", "rnn-clipped", "cnn-plain",
+                   "cnn-residual", "cnn-sigmoid"}
 #: Depth (layers measured, output included) from which the 30-layer presets are the better example.
 DEEP_LAYERS = 12
 
-KIND_ORDER = {"nonfinite": 0, "exploding": 1, "vanishing": 2, "dead": 3, "saturation": 4,
-              "plateau": 5, "healthy": 6}
+KIND_ORDER = {"nonfinite": 0, "exploding": 1, "vanishing": 2, "spike": 3, "dead": 4,
+              "saturation": 5, "plateau": 6, "unjudged": 7, "healthy": 8}
+
+
+def ratio_verdict(ratio: float | None, metric: str = "act_grad_norm") -> str | None:
+    """What a first/last ratio says by itself, by the enter lines of the verdicts: "vanishing",
+    "exploding", "healthy", or None when it cannot say (no ratio; or a ‖∂L/∂W‖ ratio above its
+    line, which does not rule vanishing out). The one place the TUI and the text output read the
+    thresholds from; the verdicts add smoothing and hysteresis on top.
+
+    ``metric``: "act_grad_norm" (‖∂L/∂h‖ across layers, and through time: the same lines over a
+    sequence) or "weight_grad_norm" (the fallback when no ‖∂L/∂h‖ was measured)."""
+    if ratio is None or ratio != ratio:
+        return None
+    if metric == "weight_grad_norm":
+        return "vanishing" if ratio < WEIGHT_VANISH_ENTER else None
+    if ratio < VANISH_ENTER:
+        return "vanishing"
+    if ratio > EXPLODE_ENTER:
+        return "exploding"
+    return "healthy"
+
+
+class TimeFit(NamedTuple):
+    """A per-step factor fitted to ‖∂L/∂h_t‖ through time (see :func:`fit_through_time`)."""
+
+    factor: float  # what the gradient is multiplied by per time step going back (< 1: vanishing)
+    ratio: float  # fitted first-step / last-step ‖∂L/∂h_t‖ (0 when early steps get exactly 0)
+    span: float  # time steps between the first and the last measured point
+    steps_to_floor: float  # steps back beyond which less than TIME_FLOOR arrives (inf: never)
+    zero_steps: float  # time steps at the start that receive exactly zero gradient
+    points: int  # points the fit used
+
+
+def fit_through_time(norms, stride: float = 1.0) -> TimeFit | None:
+    """Fit log ‖∂L/∂h_t‖ = a + b·t by least squares over the measured, non-zero points (t
+    ascending, ``stride`` time steps apart). Zeros and NaN (not measured) do not enter the fit; but
+    exact zeros at the *start* mean the gradient never reached those steps (a vanilla RNN
+    underflows to 0 over ~100 steps), so the ratio is then 0, whatever the fit says.
+    None when there is nothing to judge (fewer than TIME_MIN_POINTS usable points, no zeros)."""
+    g = np.asarray(norms, dtype=np.float64)
+    if g.ndim != 1 or len(g) < 2:
+        return None
+    t = np.arange(len(g), dtype=np.float64) * stride
+    finite = np.isfinite(g)
+    positive = finite & (g > 0)
+    if not positive.any():  # no gradient at any step (or none measured): nothing through time
+        return None
+    t_first, t_last = t[finite][0], t[finite][-1]
+    span = float(t_last - t_first)
+    before = finite & (g == 0) & (t < t[positive][0])
+    zero_steps = float(t[before][-1] - t_first + stride) if before.any() else 0.0
+    points = int(positive.sum())
+    factor = float("nan")
+    if points >= max(2, TIME_MIN_POINTS if not before.any() else 2):
+        x, y = t[positive], np.log(g[positive])
+        var = float(((x - x.mean()) ** 2).sum())
+        if var > 0:
+            slope = float(((x - x.mean()) * (y - y.mean())).sum() / var)
+            factor = math.exp(-slope)
+    if factor != factor and not before.any():
+        return None
+    if before.any():
+        ratio = 0.0
+        # the steps that get nothing are at most this far back from the last step
+        reach = float(t_last - t[before][-1])
+    else:
+        ratio = factor ** span
+        reach = math.inf
+    if factor == factor and factor < 1.0:
+        steps = math.log(TIME_FLOOR) / math.log(factor) if factor > 0 else 0.0
+    else:
+        steps = math.inf
+    return TimeFit(factor, ratio, span, min(steps, reach), zero_steps, points)
+
+
+def nonfinite_step(record: StepRecord) -> int | None:
+    """The first step this record shows a non-finite value at: the measured step, or a step in
+    its window (every step since the previous record) whose loss or global norm was not finite."""
+    window = record.window
+    steps = []
+    if window is not None:
+        if not math.isfinite(window.loss_max):
+            steps.append(int(window.loss_max_step))
+        if not math.isfinite(window.grad_norm_max):
+            steps.append(int(window.grad_norm_max_step))
+    if record.nonfinite is not None:
+        steps.append(int(record.step))
+    return min(steps) if steps else None
 
 
 def _builtin_preset_names() -> set[str]:
@@ -302,6 +450,11 @@ class Diagnoser:
     def _reset_phase(self) -> None:
         self.count = 0
         self.ratios: deque[float] = deque(maxlen=WINDOW)
+        # Whether each record in the window measured ‖∂L/∂h‖ on two layers or more.
+        self.act_measured: deque[bool] = deque(maxlen=WINDOW)
+        self.ratio_layers: tuple[int, int] | None = None  # the newest measured first/last pair
+        self.w_ratios: deque[float] = deque(maxlen=WINDOW)
+        self.w_ratio_layers: tuple[int, int] | None = None
         self.act_grads = _Ring(WINDOW, self.n)
         self.upd_first: deque[float] = deque(maxlen=DETAIL_WINDOW)
         self.upd_last: deque[float] = deque(maxlen=DETAIL_WINDOW)
@@ -315,6 +468,7 @@ class Diagnoser:
         self.first_loss = float("nan")
         self.vanish = _Latch(VANISH_ENTER, VANISH_EXIT, high=False)
         self.vanish_crit = _Latch(VANISH_CRITICAL, VANISH_CRITICAL_EXIT, high=False)
+        self.w_vanish = _Latch(WEIGHT_VANISH_ENTER, WEIGHT_VANISH_EXIT, high=False)
         self.frozen = _Latch(UPDATE_FROZEN, 2 * UPDATE_FROZEN, high=False)
         self.explode = _Latch(EXPLODE_ENTER, EXPLODE_EXIT, high=True)
         self.explode_crit = _Latch(EXPLODE_CRITICAL, EXPLODE_CRITICAL_EXIT, high=True)
@@ -326,9 +480,28 @@ class Diagnoser:
         self.dead_crit = _Latch(DEAD_CRITICAL, DEAD_CRITICAL_EXIT, high=True)
         self._dead_med = self._sat_med = np.full(self.n, np.nan)
         self.plateau = _Latch(PLATEAU_MIN_IMPROVEMENT, PLATEAU_EXIT_IMPROVEMENT, high=False)
+        # spikes: trailing references (medians of earlier records), ‖∂L/∂W‖ rows, recent spikes
+        self.spike_ref = {"loss": deque(maxlen=SPIKE_WINDOW), "grad_norm": deque(maxlen=SPIKE_WINDOW)}
+        self.wgrad_rows: deque[np.ndarray] = deque(maxlen=SPIKE_WINDOW + SPIKE_LEAD)
+        self.spikes: deque[dict] = deque(maxlen=SPIKE_WINDOW)
+        self.since_spike = SPIKE_HOLD
+        # through time: per record, the most vanishing and the most exploding layer's fit
+        self.time_low: deque[float] = deque(maxlen=WINDOW)
+        self.time_high: deque[float] = deque(maxlen=WINDOW)
+        self.time_fits: dict[str, TimeFit] = {}
+        self.time_vanish = _Latch(VANISH_ENTER, VANISH_EXIT, high=False)
+        self.time_vanish_crit = _Latch(VANISH_CRITICAL, VANISH_CRITICAL_EXIT, high=False)
+        self.time_explode = _Latch(EXPLODE_ENTER, EXPLODE_EXIT, high=True)
+        self.time_explode_crit = _Latch(EXPLODE_CRITICAL, EXPLODE_CRITICAL_EXIT, high=True)
 
-    # -- the one entry point ---------------------------------------------------------------------
+    # -- the entry points ------------------------------------------------------------------------
+    def diagnose(self, record: StepRecord) -> StepRecord:
+        """The record with its verdicts: a new record, built whole (records are never mutated),
+        e.g. ``record = diagnoser.diagnose(record)`` before handing it on."""
+        return dataclasses.replace(record, verdicts=self.update(record))
+
     def update(self, record: StepRecord) -> list[Verdict]:
+        """This record's verdicts, worst first (empty until MIN_RECORDS records have been seen)."""
         if record.phase != self.phase:
             # Another phase measures other layers (pre-training one layer at a time): start over.
             self.phase = record.phase
@@ -345,6 +518,9 @@ class Diagnoser:
                 self.first_nonfinite = {"step": int(record.step), "layer": str(layer),
                                         "direction": str(direction), "phase": record.phase,
                                         "not_before": int(min(after, record.step))}
+                seen = nonfinite_step(record)
+                if seen is not None and seen < record.step:  # the window saw it on an earlier step
+                    self.first_nonfinite["window_step"] = int(seen)
         self.last_step = int(record.step)
         if self.first_nonfinite is not None:
             verdicts.append(self._nonfinite_verdict(record))
@@ -352,7 +528,10 @@ class Diagnoser:
         if record.nonfinite is None:
             # A non-finite record's other columns are garbage (nan compares as "not active"):
             # the windows keep the last finite measurements instead.
+            spiked = self._observe_spikes(record)
             self._observe(record)
+        else:
+            spiked = False
         if self.count < MIN_RECORDS and not verdicts:
             return []
         if record.phase.startswith("pretrain:"):
@@ -363,10 +542,17 @@ class Diagnoser:
 
         if self.count >= MIN_RECORDS:
             verdicts += self._flow_verdicts(record)
+            verdicts += self._time_verdicts()
+            spike = self._spike_verdict(spiked)
+            if spike is not None:
+                verdicts.append(spike)
             verdicts += self._local_verdicts()
             plateau = self._plateau_verdict(verdicts)
             if plateau is not None:
                 verdicts.append(plateau)
+            if not any(self.act_measured) and not any(
+                    v.evidence.get("basis") == "weight_grad_norm" for v in verdicts):
+                verdicts.append(self._unjudged_verdict())  # never "healthy" on what was not seen
         if not verdicts:
             verdicts.append(self._healthy_verdict())
         return _ordered(verdicts)
@@ -375,23 +561,37 @@ class Diagnoser:
     def _observe(self, record: StepRecord) -> None:
         self.count += 1
         cols = record.layers
-        g = np.asarray(cols["act_grad_norm"], dtype=np.float64)
-        ratio = _ratio(float(g[0]), float(g[-1])) if len(g) > 1 else float("nan")
+        measured = record.measured("act_grad_norm")
+        first_last = record.first_last_ratio("act_grad_norm")
+        self.act_measured.append(first_last.first is not None)
+        ratio = first_last.value
+        if not math.isfinite(ratio):  # inf over a finite last layer: no usable ratio
+            ratio = float("nan")
         self.ratios.append(ratio)
+        if first_last.first is not None:
+            self.ratio_layers = (first_last.first, first_last.last)
         if ratio == ratio:
             self.last_finite_ratio = ratio
+        g = np.where(measured, np.asarray(cols["act_grad_norm"], dtype=np.float64), np.nan)
         self.act_grads.push(g)
+        if first_last.first is None:  # no ‖∂L/∂h‖: keep what ‖∂L/∂W‖ can tell
+            w = record.first_last_ratio("weight_grad_norm")
+            self.w_ratios.append(w.value if math.isfinite(w.value) else float("nan"))
+            if w.first is not None:
+                self.w_ratio_layers = (w.first, w.last)
         if getattr(record, "detail", True):  # not measured on the other steps: nan, not zero
-            upd = cols["update_ratio"]
-            if len(upd) and upd[0] == upd[0] and upd[-1] == upd[-1]:
-                self.upd_first.append(float(upd[0]))
-                self.upd_last.append(float(upd[-1]))
+            upd = np.where(record.measured("update_ratio"), cols["update_ratio"], np.nan)
+            at = np.flatnonzero(~np.isnan(upd))
+            if len(at) >= 2:
+                self.upd_first.append(float(upd[at[0]]))
+                self.upd_last.append(float(upd[at[-1]]))
             if len(self.relu_layers):
-                dead = np.asarray(cols["dead"])[self.relu_layers]
+                dead = np.where(record.measured("dead"), cols["dead"], np.nan)[self.relu_layers]
                 if not np.isnan(dead).all():
                     self.dead.push(dead)
             if len(self.saturating_layers):
-                sat = np.asarray(cols["saturated"])[self.saturating_layers]
+                sat = np.where(record.measured("saturated"), cols["saturated"],
+                               np.nan)[self.saturating_layers]
                 if not np.isnan(sat).all():
                     self.saturated.push(sat)
         total = float(record.grad_norm_total)
@@ -406,6 +606,8 @@ class Diagnoser:
         self.losses.append(loss if math.isfinite(loss) else float("nan"))
         if self.first_loss != self.first_loss and len(self.losses) >= MIN_RECORDS:
             self.first_loss = _median(self.losses)
+        if record.time_act_grad_norm:
+            self._observe_time(record)
 
     # -- vanishing / exploding -------------------------------------------------------------------
     def _flow_verdicts(self, record: StepRecord) -> list[Verdict]:
@@ -418,12 +620,15 @@ class Diagnoser:
         upd_last = _median(self.upd_last)
         upd_spread = _ratio(upd_first, upd_last)
         frozen = self.frozen.update(upd_first) and upd_spread == upd_spread and upd_spread < UPDATE_SPREAD
+        w_vanishing = False
+        if not any(self.act_measured):
+            w_vanishing = self.w_vanish.update(_median(self.w_ratios))
         g = steps = None
-        if vanishing or frozen:
+        if vanishing or frozen or w_vanishing:
             g = self.act_grads.median()
             steps = self._consecutive(g)
             out.append(self._vanishing_verdict(ratio, per_layer, steps, g, upd_first, upd_last,
-                                               upd_spread, critical, frozen))
+                                               upd_spread, critical, frozen, w_vanishing))
         exploding_layers = self.explode.update(ratio)
         explode_critical = self.explode_crit.update(ratio)
         growth = self.growth_now
@@ -443,38 +648,66 @@ class Diagnoser:
                     clipping, explode_critical or nonfinite or growth > STEP_GROWTH_CRITICAL))
         return out
 
+    def _span(self) -> int:
+        """Layers between the first and the last measured layer (n - 1 when all were measured)."""
+        if self.ratio_layers is None:
+            return self.n - 1
+        return self.ratio_layers[1] - self.ratio_layers[0]
+
     def _per_layer_factor(self, ratio: float) -> float:
-        if ratio != ratio or self.n < 2:
+        span = self._span()
+        if ratio != ratio or span < 1:
             return float("nan")
         if ratio <= 0:
             return 0.0
-        return float(ratio ** (1.0 / (self.n - 1)))
+        return float(ratio ** (1.0 / span))
 
-    def _consecutive(self, g: np.ndarray) -> list[float]:
-        """g[i] / g[i+1]: what back-propagation through layer i+1 multiplied the gradient by."""
+    def _pair_names(self, pair: tuple[int, int] | None) -> tuple[str, str]:
+        if pair is None:
+            return "", ""
+        return self.names[pair[0]], self.names[pair[1]]
+
+    def _consecutive(self, g: np.ndarray) -> list[float | None]:
+        """g[i] / g[i+1]: what back-propagation through layer i+1 multiplied the gradient by
+        (None where either layer was not measured or the ratio is not a number)."""
         with np.errstate(all="ignore"):
             r = g[:-1] / g[1:]
-        return np.where(np.isfinite(r), r, np.nan).tolist()
+        return [float(x) if math.isfinite(x) else None for x in r]
 
     def _vanishing_verdict(self, ratio, per_layer, steps, g, upd_first, upd_last, upd_spread,
-                           critical, frozen) -> Verdict:
+                           critical, frozen, w_vanishing=False) -> Verdict:
         act = self.activation
         saturating = act in ("sigmoid", "tanh")
         init = self.preset.get("init")  # None: a user's model, init unknown
-        depth = self.n - 1
+        depth = self._span()
+        first, last = self._pair_names(self.ratio_layers)
         dead_all = ratio == 0.0
+        basis = "act_grad_norm"
         if dead_all:
-            summary = "no gradient reaches the first layer (first/last ‖∂L/∂h‖ = 0)"
+            summary = f"no gradient reaches {first} (first/last ‖∂L/∂h‖ = 0, {first} / {last})"
         elif ratio == ratio and ratio < VANISH_ENTER:
-            summary = (f"‖∂L/∂h‖ falls {_fmt(1 / ratio)}× from output to first layer "
+            summary = (f"‖∂L/∂h‖ falls {_fmt(1 / ratio)}× from {last} to {first} "
                        f"(first/last {_fmt(ratio)}, ×{_fmt(per_layer)} per layer)")
+        elif w_vanishing:
+            basis = "weight_grad_norm"
+            w_ratio = _median(self.w_ratios)
+            first, last = self._pair_names(self.w_ratio_layers)
+            summary = (f"‖∂L/∂W‖ of {first} is {_fmt(1 / w_ratio) if w_ratio > 0 else '∞'}× smaller"
+                       f" than of {last} (no ‖∂L/∂h‖ measured: judged from ‖∂L/∂W‖)")
         else:
             summary = (f"first-layer updates frozen: ‖ΔW‖/‖W‖ {_fmt(upd_first)} vs "
                        f"{_fmt(upd_last)} at the output")
         worst = _argmax(-np.asarray(steps, dtype=np.float64)) if steps else -1
-        causes = [f"Back-propagation multiplies the gradient by one factor per layer; here it is "
-                  f"×{_fmt(per_layer)} on average over {depth} layers, so the first layer gets "
-                  f"{_fmt(ratio)} of the gradient the output layer gets."]
+        if basis == "weight_grad_norm":
+            causes = ["No layer's ‖∂L/∂h‖ was measured (a compiled model, or layers never called"
+                      " as modules), so the flow itself cannot be seen. ‖∂L/∂W‖ is ‖∂L/∂h‖ times"
+                      f" the layer's input; a first/last ratio of {_fmt(_median(self.w_ratios))}"
+                      " (three decades or more) is beyond what the input's size explains in any"
+                      " healthy network measured here."]
+        else:
+            causes = [f"Back-propagation multiplies the gradient by one factor per layer; here it"
+                      f" is ×{_fmt(per_layer)} on average over the {depth} layers from {last} to"
+                      f" {first}, so {first} gets {_fmt(ratio)} of the gradient {last} gets."]
         if saturating:
             peak = "0.25" if act == "sigmoid" else "1 (at 0 only)"
             causes.append(f"{act} is a saturating activation: its derivative is at most {peak}"
@@ -508,26 +741,33 @@ class Diagnoser:
         else:
             suggest = SUGGESTIONS["vanishing_relu"]
         evidence = {
+            "basis": basis,
             "first_last_ratio": float(ratio),
+            "first_layer": first,
+            "last_layer": last,
             "per_layer_factor": float(per_layer),
             "layer_ratios": steps,
-            "act_grad_norm": g.tolist(),
+            "act_grad_norm": [float(x) if x == x else None for x in g.tolist()],
             "weakest_layer": self.names[worst + 1] if worst >= 0 else "",
             "first_update_ratio": float(upd_first),
             "last_update_ratio": float(upd_last),
             "update_spread": float(upd_spread),
             "updates_frozen": bool(frozen),
         }
-        return Verdict("vanishing", "critical" if critical or dead_all else "warning", summary,
-                       " ".join(causes), evidence, _suggest(self.preset, suggest))
+        if basis == "weight_grad_norm":
+            evidence["weight_grad_ratio"] = float(_median(self.w_ratios))
+        severity = "critical" if (critical or dead_all) and basis == "act_grad_norm" else "warning"
+        return Verdict("vanishing", severity, summary, " ".join(causes), evidence,
+                       _suggest(self.preset, suggest))
 
     def _exploding_verdict(self, ratio, per_layer, steps, growth, clip_fraction, layers, growing,
                            clipping, critical) -> Verdict:
         parts, causes = [], []
         nf = self.first_nonfinite
+        first, last = self._pair_names(self.ratio_layers)
         if layers:
             shown = ratio if ratio == ratio else self.last_finite_ratio
-            parts.append(f"‖∂L/∂h‖ grows {_fmt(shown)}× from output to first layer "
+            parts.append(f"‖∂L/∂h‖ grows {_fmt(shown)}× from {last} to {first} "
                          f"(×{_fmt(self._per_layer_factor(shown))} per layer)")
             causes.append("Each layer multiplies the back-propagated gradient by more than 1:"
                           " the weights are initialised too large for the depth (for ReLU the"
@@ -557,6 +797,8 @@ class Diagnoser:
             severity = "warning"
         evidence = {
             "first_last_ratio": float(ratio if ratio == ratio else self.last_finite_ratio),
+            "first_layer": first,
+            "last_layer": last,
             "per_layer_factor": float(self._per_layer_factor(ratio if ratio == ratio
                                                              else self.last_finite_ratio)),
             "layer_ratios": steps,
@@ -574,6 +816,219 @@ class Diagnoser:
         return Verdict("exploding", severity, "; ".join(parts), " ".join(causes), evidence,
                        _suggest(self.preset, suggest))
 
+    def _unjudged_verdict(self) -> Verdict:
+        w_ratio = _median(self.w_ratios)
+        first, last = self._pair_names(self.w_ratio_layers)
+        weight = (f"; ‖∂L/∂W‖ first/last {_fmt(w_ratio)} ({first} / {last})"
+                  if w_ratio == w_ratio else "")
+        return Verdict(
+            "unjudged", "info",
+            f"vanishing/exploding across layers not judged: no layer's ‖∂L/∂h‖ was measured{weight}",
+            "The diagnosis judges gradient flow from the back-propagated ‖∂L/∂h‖ of each layer's"
+            " output, and none was measured here (a compiled model, or layers that are never"
+            " called as modules). ‖∂L/∂W‖ is a weaker substitute: it also scales with each layer's"
+            f" input, so only a first/last ratio below {WEIGHT_VANISH_ENTER:g} is read as vanishing;"
+            " above it nothing can be concluded either way. Non-finite values, gradient-norm"
+            " growth, spikes, clipping, dead and saturated units and the loss are still judged.",
+            {"weight_grad_ratio": float(w_ratio), "first_layer": first, "last_layer": last}, [])
+
+    # -- spikes -------------------------------------------------------------------------------------
+    def _observe_spikes(self, record: StepRecord) -> bool:
+        """Compare this record's loss and global ‖g‖ (the largest of every step since the previous
+        record, when the record carries that window; else the measured step's) with the median of
+        the same over the previous SPIKE_WINDOW records; remember spikes. True when this record
+        shows one."""
+        w = record.window
+        if w is not None:
+            values = {"loss": (w.loss_max, w.loss_max_step),
+                      "grad_norm": (w.grad_norm_max, w.grad_norm_max_step)}
+        else:
+            values = {"loss": (record.loss, record.step),
+                      "grad_norm": (record.grad_norm_total, record.step)}
+        wgrad = np.where(record.measured("weight_grad_norm"),
+                         np.asarray(record.layers["weight_grad_norm"], dtype=np.float64), np.nan)
+        found = False
+        for metric, (peak, step) in values.items():
+            peak = float(peak)
+            ref_values = self.spike_ref[metric]
+            ref = _median(ref_values)
+            floor = (SPIKE_MIN_LOSS_RISE * abs(self.first_loss)
+                     if metric == "loss" and self.first_loss == self.first_loss else 0.0)
+            if (metric == "grad_norm" and self.growth.on) or len(ref_values) < SPIKE_WARMUP:
+                pass  # sustained growth is the exploding verdict's; too little history to judge
+            elif not math.isfinite(peak) or (ref == ref and peak > ref + floor
+                                             and peak - ref >= SPIKE_RTOL * abs(ref)):
+                found = True
+                self.spikes.append(self._spike_event(metric, record, peak, int(step), ref, wgrad))
+            if math.isfinite(peak):  # the reference is of peaks too: a window's largest value
+                ref_values.append(peak)  # against earlier windows' largest, like for like
+        self.wgrad_rows.append(wgrad)
+        self.since_spike = 0 if found else self.since_spike + 1
+        return found
+
+    def _spike_event(self, metric, record, peak, step, ref, wgrad) -> dict:
+        event = {"metric": metric, "step": step, "value": peak, "reference": ref,
+                 "ratio": _ratio(peak, ref) if math.isfinite(peak) else float("inf"),
+                 "record_step": int(record.step), "sampled": step == int(record.step),
+                 "layers": [], "layer_factors": [], "first_layer": ""}
+        rows = list(self.wgrad_rows)
+        if not event["sampled"] or len(rows) < MIN_RECORDS:
+            return event
+        # The measured step shows the spike: which layers' ‖∂L/∂W‖ moved, against their medians.
+        with np.errstate(all="ignore"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                factor = wgrad / np.nanmedian(np.stack(rows[-SPIKE_WINDOW:]), axis=0)
+                factor = np.where(np.isfinite(factor), factor, np.nan)
+                order = [int(i) for i in np.argsort(-np.nan_to_num(factor, nan=-np.inf))
+                         if factor[i] == factor[i]][:SPIKE_LAYERS]
+                event["layers"] = [self.names[i] for i in order]
+                event["layer_factors"] = [float(factor[i]) for i in order]
+                # First: a layer already up by the spike line in an earlier record, the earliest.
+                line = 1.0 + SPIKE_RTOL
+                for back in range(min(SPIKE_LEAD, len(rows) - MIN_RECORDS), 0, -1):
+                    then = rows[-back]
+                    before = rows[max(0, len(rows) - back - SPIKE_WINDOW):len(rows) - back]
+                    moved = then / np.nanmedian(np.stack(before), axis=0)
+                    moved = np.where(np.isfinite(moved), moved, -np.inf)
+                    if moved.max() >= line:
+                        event["first_layer"] = self.names[int(moved.argmax())]
+                        event["first_step_back"] = back
+                        break
+        return event
+
+    def _spike_verdict(self, spiked: bool) -> Verdict | None:
+        if not self.spikes or self.since_spike >= SPIKE_HOLD:
+            return None
+        last = self.spikes[-1]
+        what = "loss" if last["metric"] == "loss" else "global ‖g‖"
+        if math.isfinite(last["value"]):
+            size = f"{_fmt(last['ratio'])}× its trailing median {_fmt(last['reference'])}"
+        else:
+            size = f"not finite ({_fmt(last['value'])}), trailing median {_fmt(last['reference'])}"
+        where = ("" if last["sampled"] else
+                 f", between samples (next measured step {last['record_step']})")
+        summary = f"{what} spike at step {last['step']}: {size}{where}"
+        if last["layers"]:
+            moved = ", ".join(f"{name} ×{_fmt(f)}" for name, f in
+                              zip(last["layers"], last["layer_factors"]))
+            summary += f"; ‖∂L/∂W‖ moved most in {moved}"
+            if last["first_layer"]:
+                summary += f" (first: {last['first_layer']})"
+        count = len(self.spikes)
+        if count > 1:
+            summary += f" ({count} spikes so far)" if count < SPIKE_WINDOW else \
+                f" ({count}+ spikes so far)"
+        explanation = (f"A {what} more than {1 + SPIKE_RTOL:g}× the median of the previous"
+                       f" {SPIKE_WINDOW} records (Lightning's SpikeDetection rule, rtol"
+                       f" {SPIKE_RTOL:g}). ")
+        if not last["sampled"]:
+            explanation += (f"It happened on step {last['step']}, which was not measured layer by"
+                            " layer: every step's loss and global norm are accumulated between"
+                            " samples, so it is caught and named, but which layers moved is not"
+                            " known. ")
+        explanation += ("Spikes come from a learning rate too high for the curvature met, a bad"
+                        " batch, or a growing gradient; one that is not absorbed can end in"
+                        " divergence or NaN. Remedies: clipping by norm, a smaller learning rate"
+                        " or a warm-up.")
+        evidence = {k: v for k, v in last.items()} | {"spikes": count}
+        return Verdict("spike", "warning", summary, explanation, evidence,
+                       _suggest(self.preset, SUGGESTIONS["spike"]))
+
+    # -- through time --------------------------------------------------------------------------------
+    def _time_stride(self, points: int) -> float:
+        """Time steps between recorded points: 1 unless the series was downsampled to TIME_POINTS
+        and the preset names its sequence length."""
+        if points < TIME_POINTS:
+            return 1.0
+        for key in ("seq_len", "sequence_length", "seq_length"):
+            length = self.preset.get(key)
+            if isinstance(length, (int, float)) and length > points:
+                return (float(length) - 1.0) / (points - 1)
+        return 1.0
+
+    def _observe_time(self, record: StepRecord) -> None:
+        fits = {}
+        for name, norms in record.time_act_grad_norm.items():
+            fit = fit_through_time(norms, self._time_stride(len(norms)))
+            if fit is not None:
+                fits[name] = fit
+        if not fits:
+            return
+        self.time_fits = fits
+        ratios = [f.ratio for f in fits.values() if f.ratio == f.ratio]
+        if ratios:
+            self.time_low.append(min(ratios))
+            self.time_high.append(max(ratios))
+
+    def _time_verdicts(self) -> list[Verdict]:
+        if not self.time_low:
+            return []
+        low, high = _median(self.time_low), _median(self.time_high)
+        out = []
+        vanishing, critical = self.time_vanish.update(low), self.time_vanish_crit.update(low)
+        exploding, ex_critical = self.time_explode.update(high), self.time_explode_crit.update(high)
+        if vanishing:
+            name = min(self.time_fits, key=lambda k: self.time_fits[k].ratio)
+            out.append(self._time_verdict("vanishing", name, low, critical))
+        if exploding:
+            name = max(self.time_fits, key=lambda k: self.time_fits[k].ratio)
+            out.append(self._time_verdict("exploding", name, high, ex_critical))
+        return out
+
+    def _time_verdict(self, kind: str, name: str, ratio: float, critical: bool) -> Verdict:
+        fit = self.time_fits[name]
+        span = int(round(fit.span))
+        if kind == "vanishing":
+            if fit.zero_steps:
+                summary = (f"through time in {name}: no gradient reaches the first"
+                           f" {int(fit.zero_steps)} of {span + 1} time steps (exactly 0)")
+                if fit.factor == fit.factor:
+                    summary += f"; the gradient reaching step t−k falls ×{_fmt(fit.factor)} per step"
+            else:
+                summary = (f"through time in {name}: the gradient reaching step t−k falls"
+                           f" ×{_fmt(fit.factor)} per step")
+                if fit.steps_to_floor <= fit.span:
+                    summary += (f"; inputs more than {math.ceil(fit.steps_to_floor)} steps back"
+                                f" get less than {TIME_FLOOR:g} of it")
+                else:
+                    summary += f"; the first step gets {_fmt(fit.ratio)} of it"
+            explanation = (
+                f"‖∂L/∂h_t‖ of {name}, fitted log-linearly over the {fit.points} measured time"
+                f" steps, is multiplied by {_fmt(fit.factor)} for every step back from the last"
+                " one (where the loss is): back-propagation through time multiplies by the"
+                " recurrent Jacobian once per step, and when its largest singular value is below 1"
+                " the gradient from far-back inputs decays geometrically (Bengio, Simard &"
+                " Frasconi 1994; Hochreiter 1991), so the network cannot learn long-range"
+                " dependencies. Remedies: a gated cell (LSTM, GRU), whose additive cell path passes"
+                " the gradient on nearly unchanged (Hochreiter & Schmidhuber 1997); an orthogonal"
+                " init of the recurrent weights (singular values 1); shorter sequences."
+                " Clipping does not help: it only scales large gradients down.")
+            suggest = SUGGESTIONS["vanishing_time"]
+        else:
+            summary = (f"through time in {name}: the gradient grows ×{_fmt(fit.factor)} per step"
+                       f" back; the first step gets {_fmt(fit.ratio)}× that of the last")
+            explanation = (
+                f"‖∂L/∂h_t‖ of {name} grows by {_fmt(fit.factor)} for every step back from the"
+                " last one: the recurrent Jacobian's largest singular value is above 1, so the"
+                " gradient grows geometrically through time and the run overflows or takes wild"
+                " steps (Pascanu, Mikolov & Bengio 2013). Remedies: gradient clipping by norm,"
+                " an orthogonal init of the recurrent weights (or scaled to a spectral radius"
+                " below 1), a gated cell (LSTM, GRU).")
+            suggest = SUGGESTIONS["exploding_time"]
+        evidence = {
+            "through_time": True,
+            "layer": name,
+            "per_step_factor": float(fit.factor),
+            "first_last_ratio": float(ratio),
+            "span": float(fit.span),
+            "steps_to_floor": float(fit.steps_to_floor),
+            "zero_steps": float(fit.zero_steps),
+            "per_step_factors": {k: float(f.factor) for k, f in self.time_fits.items()},
+        }
+        return Verdict(kind, "critical" if critical else "warning", summary, explanation,
+                       evidence, _suggest(self.preset, suggest))
+
     def _nonfinite_verdict(self, record: StepRecord) -> Verdict:
         nf = self.first_nonfinite
         where = "the loss" if nf["layer"] == "loss" else f"layer {nf['layer']}"
@@ -584,6 +1039,8 @@ class Diagnoser:
             gap = f" (step {nf['not_before']} was not sampled)"
         else:
             gap = f" (steps {nf['not_before']}–{nf['step'] - 1} were not sampled)"
+        if "window_step" in nf:
+            gap += f" (the loss or global ‖g‖ was already not finite at step {nf['window_step']})"
         summary = (f"NaN/inf first at step {nf['step']} in {where} ({nf['direction']} pass)"
                    f"{gap}; {self.nonfinite_records} non-finite record"
                    f"{'s' if self.nonfinite_records != 1 else ''} so far")
@@ -600,6 +1057,8 @@ class Diagnoser:
                     "phase": nf["phase"], "not_before": nf["not_before"],
                     "records": self.nonfinite_records,
                     "last_finite_ratio": float(self.last_finite_ratio)}
+        if "window_step" in nf:
+            evidence["window_step"] = nf["window_step"]
         return Verdict("nonfinite", "critical", summary, explanation, evidence,
                        _suggest(self.preset, SUGGESTIONS["nonfinite"]))
 
@@ -739,9 +1198,16 @@ class Diagnoser:
             "max_saturated_fraction": float(sat[_argmax(sat)]) if _argmax(sat) >= 0 else float("nan"),
             "grad_norm_total": float(_median(self.gnorm)),
         }
-        return Verdict("healthy", "info",
-                       f"gradient reaches the first layer: first/last ‖∂L/∂h‖ {_fmt(ratio)}"
-                       f" (×{_fmt(per_layer)} per layer)",
+        first, last = self._pair_names(self.ratio_layers)
+        evidence.update({"first_layer": first, "last_layer": last})
+        summary = (f"gradient reaches {first or 'the first layer'}: first/last ‖∂L/∂h‖"
+                   f" {_fmt(ratio)} ({first} / {last}, ×{_fmt(per_layer)} per layer)")
+        if self.time_fits:
+            name = min(self.time_fits, key=lambda k: self.time_fits[k].ratio)
+            factor = self.time_fits[name].factor
+            summary += f"; through time ×{_fmt(factor)} per step ({name})"
+            evidence["time_per_step_factor"] = float(factor)
+        return Verdict("healthy", "info", summary,
                        "No vanishing or exploding gradient, no non-finite values, no large"
                        " fraction of dead or saturated units, and the loss is still moving"
                        " (or has converged). The first/last ratio near 1 means every layer"

@@ -2,12 +2,21 @@
 
 The main thread is the consumer: it drains the channel, writes the recording and prints. Signals
 (SIGINT, SIGTERM, SIGHUP when an SSH session drops) stop the trainer after its current step; every
-record that was produced is written before the process exits.
+record that was produced is written before the process exits. Whatever happens in the consumer,
+the trainer thread is stopped and joined before this returns or raises: a thread still inside
+torch when the interpreter exits aborts the process ("terminate called without an active
+exception", exit 134).
+
+Exit codes (the README's command-line section lists them too): 0 done; 1 training failed;
+3 the recording could not be written (disk full, ...): training went on unrecorded and the file
+is valid up to its last complete line; 4 stopped at the first non-finite step
+(``--stop-on-nonfinite``); 128 + N stopped by signal N. Bad input is 2 (``vgtui.cli``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -15,8 +24,17 @@ from typing import TextIO
 
 from .channel import Channel
 from .config import Preset
+from .diagnosis import nonfinite_step
+from .errors import UserError
 from .formatting import fmt
-from .records import RunError, RunHeader, StepRecord
+from .records import Record, RunError, RunEvent, RunHeader, StepRecord
+
+EXIT_OK = 0
+EXIT_TRAINING_ERROR = 1
+#: Training ran on, but the recording stopped (disk full or another write error).
+EXIT_RECORDING_FAILED = 3
+#: ``--stop-on-nonfinite``: stopped after the first step with a non-finite value.
+EXIT_NONFINITE = 4
 
 
 def layer_table(header: RunHeader, record: StepRecord, detail: StepRecord | None = None) -> str:
@@ -44,13 +62,109 @@ def first_last_ratio(record: StepRecord) -> float:
     return record.first_last_ratio().value
 
 
-def step_line(record: StepRecord) -> str:
+def step_line(record: StepRecord, at: int | None = None) -> str:
+    """One line for ``record``; ``at``: the step this line stands for, when the record (the
+    newest measured one) is older than that."""
     acc = "" if math.isnan(record.accuracy) else f"  acc {record.accuracy:6.1%}"
     clip = "  clipped" if record.clipped else ""
     bad = f"  NON-FINITE at {record.nonfinite[0]} ({record.nonfinite[1]})" if record.nonfinite else ""
     phase = "" if record.phase == "train" else f"  [{record.phase}]"
-    return (f"step {record.step:>6}  loss {fmt(record.loss)}{acc}  |g| {fmt(record.grad_norm_total)}"
-            f"  first/last |dL/dh| {fmt(first_last_ratio(record))}{clip}{bad}{phase}")
+    older = f"  (measured at step {record.step})" if at is not None and at != record.step else ""
+    return (f"step {record.step if at is None else at:>6}  loss {fmt(record.loss)}{acc}"
+            f"  |g| {fmt(record.grad_norm_total)}"
+            f"  first/last |dL/dh| {fmt(first_last_ratio(record))}{clip}{bad}{phase}{older}")
+
+
+class _StepPrinter:
+    """A line at every ``every``-th step, from the newest record measured at or before it.
+
+    Records arrive only for sampled steps, and the overhead budget widens the sampling interval
+    as it likes, so the boundaries themselves are often not measured: testing ``step % every``
+    on each record skipped them (steps 200 and 300 of a 600-step run were never printed)."""
+
+    def __init__(self, every: int, out: TextIO):
+        self.every, self.out = every, out
+        self.next = 0
+        self.previous: StepRecord | None = None
+        self.printed: StepRecord | None = None
+
+    def record(self, rec: StepRecord) -> None:
+        while self.next <= rec.step:
+            self._line(rec if rec.step == self.next else self.previous, self.next)
+        self.previous = rec
+
+    def finish(self, last_step: int) -> None:
+        """Boundaries up to the last step trained, after the newest record."""
+        while self.previous is not None and self.next <= last_step:
+            self._line(self.previous, self.next)
+
+    def _line(self, rec: StepRecord | None, at: int) -> None:
+        self.next += self.every
+        if rec is None:
+            return
+        if rec is self.printed:  # nothing measured since the previous line
+            print(f"step {at:>6}  (no step measured since step {rec.step}; sampling every"
+                  f" {rec.sample_every})", file=self.out)
+            return
+        print(step_line(rec, at), file=self.out)
+        self.printed = rec
+
+
+class _Recorder:
+    """The ``--record`` file. A write that fails (disk full, quota, a vanished mount) ends the
+    recording, not training: one line names the file, the partial line is cut off so the file
+    stays valid up to its last complete line, and training goes on unrecorded."""
+
+    def __init__(self, path: Path, err: TextIO):
+        from .jsonl import JsonlWriter
+
+        self.path, self.err = path, err
+        try:
+            self.writer = JsonlWriter(path)
+        except OSError as exc:  # before training: the user's path is the problem
+            raise UserError(f"{path}: cannot record there: {exc.strerror or exc}") from None
+        self.good_size = 0
+        self.failed: str | None = None
+
+    def write(self, record: Record) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.write(record)
+            self.good_size = os.path.getsize(self.path)
+        except OSError as exc:
+            step = getattr(record, "step", 0)
+            self.failed = exc.strerror or str(exc)
+            print(f"vgtui: {self.path}: recording stopped at step {step} ({self.failed});"
+                  " training goes on unrecorded, the file is valid up to its last complete line",
+                  file=self.err)
+            self._abandon()
+
+    def _abandon(self) -> None:
+        writer, self.writer = self.writer, None
+        try:
+            writer.close()  # flushing the failed line fails again; the file is closed regardless
+        except OSError:
+            pass
+        try:
+            os.truncate(self.path, self.good_size)  # drop the partial line written before the error
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.close()
+        except OSError as exc:
+            self.failed = exc.strerror or str(exc)
+            print(f"vgtui: {self.path}: the last records could not be written ({self.failed})",
+                  file=self.err)
+            self.writer = None
+            try:
+                os.truncate(self.path, self.good_size)
+            except OSError:
+                pass
 
 
 class _SignalStop:
@@ -83,65 +197,83 @@ def run_headless(
     steps: int,
     *,
     record: Path | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     print_every: int | None = None,
     out: TextIO = sys.stdout,
     data_root: Path | None = None,
     download: bool = False,
     table_every: int | None = None,
     overhead_budget: float | None = None,
+    stop_on_nonfinite: bool = False,
+    err: TextIO | None = None,
 ) -> int:
-    """Train ``steps`` steps; returns the process exit code (0, 1 on a training error,
-    128 + signal number when stopped by a signal)."""
-    from .jsonl import JsonlWriter
+    """Train ``steps`` steps; returns the process exit code (see the module docstring)."""
     from .trainer import TrainerController  # torch: only when training, never for fmt()
 
+    err = err if err is not None else sys.stderr
     channel: Channel = Channel(maxlen=100_000)
     controller = TrainerController(channel, device=device, data_root=data_root, download=download,
                                    max_steps=steps, overhead_budget=overhead_budget)
     print_every = print_every or max(1, steps // 20)
     table_every = table_every or max(print_every, steps // 4)
-    writer = JsonlWriter(record) if record else None
+    recorder = _Recorder(record, err) if record else None
+    printer = _StepPrinter(print_every, out)
+    next_table = table_every
     header: RunHeader | None = None
     last: StepRecord | None = None
     last_detail: StepRecord | None = None
     error: RunError | None = None
-    code = 0
+    stopped_at: int | None = None  # --stop-on-nonfinite: the first non-finite step
+    code = EXIT_OK
     seen_nonfinite = False
     with _SignalStop() as signals:
         controller.start(preset)
         trainer = controller.trainer
-        while True:
-            alive = trainer.is_alive()
-            channel.wait(0.2)
-            for rec in channel.drain():
-                if writer:
-                    writer.write(rec)
-                if isinstance(rec, RunHeader):
-                    header = rec
-                    print(f"vgtui: {preset.name} — {preset.description}", file=out)
-                    print(f"  {len(rec.layers)} layers, {rec.params:,} parameters, device {rec.device}",
-                          file=out)
-                elif isinstance(rec, StepRecord):
-                    last = rec
-                    if rec.detail:
-                        last_detail = rec
-                    first_bad = rec.nonfinite is not None and not seen_nonfinite
-                    seen_nonfinite = seen_nonfinite or rec.nonfinite is not None
-                    if rec.step % print_every == 0 or first_bad:
-                        print(step_line(rec), file=out)
-                    if header and rec.step and rec.step % table_every == 0:
-                        print(layer_table(header, rec, last_detail), file=out)
-                elif isinstance(rec, RunError):
-                    error = rec
-                    print(f"vgtui: training failed at step {rec.step}: {rec.message}", file=sys.stderr)
-            if signals.received is not None and trainer.is_alive():
-                trainer.stop()
-            if not alive and not len(channel):
-                break
-        trainer.join()
-    if writer:
-        writer.close()
+        try:
+            while True:
+                alive = trainer.is_alive()
+                channel.wait(0.2)
+                for rec in channel.drain():
+                    if recorder:
+                        recorder.write(rec)
+                    if isinstance(rec, RunHeader):
+                        header = rec
+                        print(f"vgtui: {preset.name} — {preset.description}", file=out)
+                        print(f"  {len(rec.layers)} layers, {rec.params:,} parameters, device {rec.device}",
+                              file=out)
+                    elif isinstance(rec, StepRecord):
+                        last = rec
+                        if rec.detail:
+                            last_detail = rec
+                        bad_step = nonfinite_step(rec)
+                        first_bad = bad_step is not None and not seen_nonfinite
+                        seen_nonfinite = seen_nonfinite or bad_step is not None
+                        printer.record(rec)
+                        if first_bad and printer.printed is not rec:
+                            print(step_line(rec), file=out)
+                        if header and rec.step >= next_table:
+                            print(layer_table(header, rec, last_detail), file=out)
+                            next_table = (rec.step // table_every + 1) * table_every
+                        if first_bad and stop_on_nonfinite and stopped_at is None:
+                            stopped_at = bad_step
+                            trainer.stop()
+                    elif isinstance(rec, RunError):
+                        error = rec
+                        print(f"vgtui: training failed at step {rec.step}: {rec.message}", file=err)
+                if signals.received is not None and trainer.is_alive():
+                    trainer.stop()
+                if not alive and not len(channel):
+                    break
+        finally:  # never leave the trainer running into interpreter exit (abort, exit 134)
+            trainer.stop()
+            trainer.join()
+    if recorder and stopped_at is not None:
+        recorder.write(RunEvent("notice", f"stopped at the first non-finite step {stopped_at}"
+                                f" (--stop-on-nonfinite)", step=stopped_at,
+                                run_id=header.run_id if header else 0))
+    if recorder:
+        recorder.close()
+    printer.finish(trainer.step - 1)
     if last is not None and header is not None:
         print(f"\nfinal (step {last.step}):", file=out)
         print(step_line(last), file=out)
@@ -156,11 +288,22 @@ def run_headless(
               f"sampling every {last.sample_every} step(s)", file=out)
     if channel.dropped:
         print(f"  ({channel.dropped} records dropped by a slow consumer)", file=out)
-    if record:
-        print(f"  recorded to {record}", file=out)
+    if stopped_at is not None:
+        print(f"  stopped at the first non-finite step ({stopped_at}): --stop-on-nonfinite", file=out)
+    if recorder:
+        state = (f"recording stopped early ({recorder.failed}); valid up to its last complete line"
+                 if recorder.failed else "recorded")
+        print(f"  {state}: {record}", file=out)
     if signals.received is not None:
         code = 128 + signals.received
     elif error is not None:
-        code = 1
-    out.flush()
+        code = EXIT_TRAINING_ERROR
+    elif stopped_at is not None:
+        code = EXIT_NONFINITE
+    elif recorder and recorder.failed:
+        code = EXIT_RECORDING_FAILED
+    try:
+        out.flush()
+    except OSError:
+        pass
     return code
