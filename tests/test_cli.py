@@ -105,3 +105,122 @@ def test_readme_lists_every_builtin_preset():
     text = README.read_text()
     for name in builtin_names():
         assert f"`{name}`" in text, name
+
+
+# -- vgtui run: every N steps, the device, stopping at the NaN, a full disk ----------------------
+def test_print_every_prints_every_boundary_from_the_newest_measured_step():
+    """Sampled every 3rd step, printed every 4: the boundaries 4, 8, ... are mostly not measured
+    (the bug: only steps that were both sampled and multiples of N were printed)."""
+    out = io.StringIO()
+    preset = load_preset("relu-he").replace(width=16, sample_every=3)
+    assert run_headless(preset, 24, out=out, print_every=4, table_every=1000) == 0
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("step")]
+    printed = [int(line.split()[1]) for line in lines[:-1]]  # the last one is the final summary
+    assert printed == [0, 4, 8, 12, 16, 20]
+    assert "(measured at step 3)" in lines[1]  # step 4: the newest record is step 3's
+    assert "(measured at step 12)" not in lines[3]  # step 12 was measured itself
+
+
+def test_device_defaults_to_auto():
+    from vgtui.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args([]).device == "auto"
+    assert parser.parse_args(["run"]).device == "auto"
+    assert parser.parse_args(["compare", "a", "b"]).device == "auto"
+
+
+def test_stop_on_nonfinite_exits_4_with_a_complete_recording(tmp_path):
+    from vgtui.headless import EXIT_NONFINITE
+    from vgtui.jsonl import read_recording
+    from vgtui.records import RunEvent, StepRecord
+
+    path = tmp_path / "run.jsonl"
+    out = io.StringIO()
+    code = run_headless(load_preset("exploding").replace(sample_every=1), 60, record=path, out=out,
+                        stop_on_nonfinite=True, print_every=1)
+    assert code == EXIT_NONFINITE == 4
+    result = read_recording(path)
+    assert result.problems == []
+    steps = [r for r in result.records if isinstance(r, StepRecord)]
+    first_bad = next(r for r in steps if r.nonfinite is not None)
+    assert first_bad.step == 5  # tests/test_diagnosis.py: hidden2 overflows at step 5
+    assert steps[-1].step <= first_bad.step + 1  # stopped after that step (one more may finish)
+    events = [(r.kind, r.message) for r in result.records if isinstance(r, RunEvent)]
+    assert ("stopped", "") in events
+    assert any(kind == "notice" and "non-finite step 5" in message for kind, message in events)
+    assert "stopped at the first non-finite step (5)" in out.getvalue()
+
+
+def _fill_after(lines_before_failure: int):
+    """A JsonlWriter.write that, after some lines, writes half a line and then fails like a full
+    disk (ENOSPC), as a real write does when the device fills mid-line."""
+    import errno
+
+    from vgtui.jsonl import JsonlWriter
+
+    original = JsonlWriter.write
+
+    def write(self, record):
+        if self.lines >= lines_before_failure:
+            self._file.write('{"type":"step","step":')
+            self._file.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, record)
+
+    return write
+
+
+def test_a_full_disk_ends_the_recording_not_training(tmp_path, monkeypatch, capsys):
+    from vgtui.headless import EXIT_RECORDING_FAILED
+    from vgtui.jsonl import JsonlWriter, read_recording
+
+    monkeypatch.setattr(JsonlWriter, "write", _fill_after(6))
+    path = tmp_path / "run.jsonl"
+    out = io.StringIO()
+    code = run_headless(load_preset("relu-he").replace(width=16), 20, record=path, out=out)
+    assert code == EXIT_RECORDING_FAILED == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "No space left on device" in err
+    assert "final (step 19)" in out.getvalue()  # training went on to the end
+    result = read_recording(path)
+    assert result.problems == []  # the partial line was cut off
+    assert len(result.records) == 6
+
+
+def test_an_unwritable_record_path_is_one_line_exit_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["run", "--steps", "1", "--record", str(blocker / "run.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run.jsonl" in err and "Traceback" not in err
+
+
+def test_a_real_full_filesystem(tmp_path):
+    """`vgtui run --record` on a 64 KiB tmpfs: one line, exit 3, no traceback and no abort
+    (exit 134, "terminate called without an active exception"). Needs mount (root)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        import pytest
+
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.strip()}")
+    try:
+        path = mount_point / "run.jsonl"
+        proc = subprocess.run(
+            [sys.executable, "-m", "vgtui", "run", "--preset", "sigmoid-deep", "--steps", "60",
+             "--budget", "0", "--device", "cpu", "--record", str(path)],
+            capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                              "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 3, proc.stderr
+        assert proc.stderr.count("\n") == 1 and str(path) in proc.stderr
+        assert "Traceback" not in proc.stderr and "terminate called" not in proc.stderr
+        assert "final (step 59)" in proc.stdout
+        from vgtui.jsonl import read_recording
+
+        result = read_recording(path)
+        assert result.problems == [] and len(result.records) > 3
+    finally:
+        subprocess.run(["umount", str(mount_point)], capture_output=True)
