@@ -392,6 +392,16 @@ class _Ring:
         return 0.5 * (ordered[lo, cols] + ordered[hi, cols])
 
 
+def _values(record: StepRecord, metric: str) -> np.ndarray:
+    """The metric's column, NaN where it was not measured (already so in well-formed records; the
+    copy is made only when a mask says something was not measured)."""
+    values = record.layers[metric]
+    mask = record.unmeasured.get(metric)
+    if mask is None or not mask.any():
+        return values
+    return np.where(mask, np.nan, values)
+
+
 def _main_kind(kinds: list[str]) -> str:
     """The most common activation among the layers (ties: the first), "" if all are linear."""
     counts: dict[str, int] = {}
@@ -566,7 +576,6 @@ class Diagnoser:
     def _observe(self, record: StepRecord) -> None:
         self.count += 1
         cols = record.layers
-        measured = record.measured("act_grad_norm")
         first_last = record.first_last_ratio("act_grad_norm")
         self.act_measured.append(first_last.first is not None)
         ratio = first_last.value
@@ -577,26 +586,24 @@ class Diagnoser:
             self.ratio_layers = (first_last.first, first_last.last)
         if ratio == ratio:
             self.last_finite_ratio = ratio
-        g = np.where(measured, np.asarray(cols["act_grad_norm"], dtype=np.float64), np.nan)
-        self.act_grads.push(g)
+        self.act_grads.push(_values(record, "act_grad_norm"))
         if first_last.first is None:  # no ‖∂L/∂h‖: keep what ‖∂L/∂W‖ can tell
             w = record.first_last_ratio("weight_grad_norm")
             self.w_ratios.append(w.value if math.isfinite(w.value) else float("nan"))
             if w.first is not None:
                 self.w_ratio_layers = (w.first, w.last)
         if getattr(record, "detail", True):  # not measured on the other steps: nan, not zero
-            upd = np.where(record.measured("update_ratio"), cols["update_ratio"], np.nan)
+            upd = _values(record, "update_ratio")
             at = np.flatnonzero(~np.isnan(upd))
             if len(at) >= 2:
                 self.upd_first.append(float(upd[at[0]]))
                 self.upd_last.append(float(upd[at[-1]]))
             if len(self.relu_layers):
-                dead = np.where(record.measured("dead"), cols["dead"], np.nan)[self.relu_layers]
+                dead = np.asarray(_values(record, "dead"))[self.relu_layers]
                 if not np.isnan(dead).all():
                     self.dead.push(dead)
             if len(self.saturating_layers):
-                sat = np.where(record.measured("saturated"), cols["saturated"],
-                               np.nan)[self.saturating_layers]
+                sat = np.asarray(_values(record, "saturated"))[self.saturating_layers]
                 if not np.isnan(sat).all():
                     self.saturated.push(sat)
         total = float(record.grad_norm_total)
@@ -850,8 +857,7 @@ class Diagnoser:
         else:
             values = {"loss": (record.loss, record.step),
                       "grad_norm": (record.grad_norm_total, record.step)}
-        wgrad = np.where(record.measured("weight_grad_norm"),
-                         np.asarray(record.layers["weight_grad_norm"], dtype=np.float64), np.nan)
+        wgrad = np.array(_values(record, "weight_grad_norm"), dtype=np.float64)  # kept: a copy
         found = False
         for metric, (peak, step) in values.items():
             peak = float(peak)
