@@ -42,8 +42,8 @@ def train(preset, steps: int) -> tuple[RunHeader, list[StepRecord]]:
 
 
 def ratio(record: StepRecord) -> float:
-    g = record.layers["act_grad_norm"]
-    return float(g[0] / g[-1]) if g[-1] > 0 else float("nan")
+    """The diagnosis's own first/last rule: first and last *measured* layers."""
+    return record.first_last_ratio().value
 
 
 def sig(x: float) -> str:
@@ -157,7 +157,7 @@ def main() -> int:
     lines = [
         f"Measured by `benchmarks/diagnosis_table.py --steps {args.steps}` (synthetic data, fixed "
         "seeds, CPU, 1 torch thread). Ratio = first/last ‖∂L/∂h‖ (first hidden layer over the "
-        "output layer); per layer = its (n−1)-th root; dead = median over steps of the worst "
+        "output layer; the first and last measured layers in general); per layer = its (n−1)-th root; dead = median over steps of the worst "
         "layer's fraction of ReLU units off for the whole batch; saturated = same for "
         "sigmoid/tanh units within 0.02 of an asymptote.",
         "",

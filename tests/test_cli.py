@@ -224,3 +224,22 @@ def test_a_real_full_filesystem(tmp_path):
         assert result.problems == [] and len(result.records) > 3
     finally:
         subprocess.run(["umount", str(mount_point)], capture_output=True)
+
+
+def test_a_fault_in_the_consumer_still_stops_and_joins_the_trainer():
+    """Whatever the consumer raises, the trainer thread does not outlive run_headless: a thread
+    still inside torch at interpreter exit aborts the process (exit 134)."""
+    import threading
+
+    import pytest
+
+    class Broken(io.StringIO):
+        def write(self, text):
+            if text.startswith("step"):
+                raise RuntimeError("terminal went away")
+            return super().write(text)
+
+    preset = load_preset("relu-he").replace(width=16)
+    with pytest.raises(RuntimeError, match="terminal went away"):
+        run_headless(preset, 100_000, out=Broken(), print_every=1)
+    assert not [t for t in threading.enumerate() if t.name.startswith("vgtui-trainer")]

@@ -543,10 +543,8 @@ class Diagnoser:
         if record.nonfinite is None:
             # A non-finite record's other columns are garbage (nan compares as "not active"):
             # the windows keep the last finite measurements instead.
-            spiked = self._observe_spikes(record)
+            self._observe_spikes(record)
             self._observe(record)
-        else:
-            spiked = False
         if self.count < MIN_RECORDS and not verdicts:
             return []
         if record.phase.startswith("pretrain:"):
@@ -558,7 +556,7 @@ class Diagnoser:
         if self.count >= MIN_RECORDS:
             verdicts += self._flow_verdicts(record)
             verdicts += self._time_verdicts()
-            spike = self._spike_verdict(spiked)
+            spike = self._spike_verdict()
             if spike is not None:
                 verdicts.append(spike)
             verdicts += self._local_verdicts()
@@ -909,7 +907,7 @@ class Diagnoser:
                         break
         return event
 
-    def _spike_verdict(self, spiked: bool) -> Verdict | None:
+    def _spike_verdict(self) -> Verdict | None:
         if not self.spikes or self.since_spike >= SPIKE_HOLD:
             return None
         last = self.spikes[-1]
