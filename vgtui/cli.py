@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="train without a UI, print per-layer tables, optionally record")
+    run = sub.add_parser(
+        "run", help="train without a UI, print per-layer tables, optionally record",
+        epilog="exit codes: 0 done; 1 training failed; 2 bad input; 3 the recording stopped (disk "
+               "full, ...), training went on unrecorded; 4 stopped at the first non-finite step "
+               "(--stop-on-nonfinite); 128+N stopped by signal N")
     _add_training_options(run, DEFAULT_PRESET)
     run.add_argument("--steps", type=int, default=500, help="training steps (default: %(default)s)")
     run.add_argument("--record", type=Path, default=None, metavar="FILE.jsonl", help="record every sampled step")

@@ -132,9 +132,10 @@ class _Recorder:
         try:
             self.writer.write(record)
             self.good_size = os.path.getsize(self.path)
-        except OSError as exc:
+        except Exception as exc:  # OSError above all (ENOSPC); anything else is ours, same rule
             step = getattr(record, "step", 0)
-            self.failed = exc.strerror or str(exc)
+            self.failed = (exc.strerror if isinstance(exc, OSError) and exc.strerror
+                           else f"{type(exc).__name__}: {exc}")
             print(f"vgtui: {self.path}: recording stopped at step {step} ({self.failed});"
                   " training goes on unrecorded, the file is valid up to its last complete line",
                   file=self.err)
