@@ -243,3 +243,9 @@ def test_a_fault_in_the_consumer_still_stops_and_joins_the_trainer():
     with pytest.raises(RuntimeError, match="terminal went away"):
         run_headless(preset, 100_000, out=Broken(), print_every=1)
     assert not [t for t in threading.enumerate() if t.name.startswith("vgtui-trainer")]
+
+
+def test_stop_on_nonfinite_from_the_command_line(capsys):
+    assert main(["run", "--preset", "exploding", "--steps", "40", "--device", "cpu",
+                 "--sample-every", "1", "--budget", "0", "--stop-on-nonfinite"]) == 4
+    assert "stopped at the first non-finite step (5)" in capsys.readouterr().out

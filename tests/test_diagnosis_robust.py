@@ -319,3 +319,17 @@ def test_fit_through_time_ignores_not_measured_points_and_downsampling():
     assert fit_through_time([np.nan, np.nan]) is None
     assert fit_through_time([0.0, 0.0, 0.0]) is None  # no gradient at all: nothing through time
     assert VANISH_CRITICAL < 1
+
+
+def test_a_measured_spike_names_the_layer_that_moved_first():
+    """hidden layer 1 is up 10x one record before the spike; at the spike the head moved most."""
+    d = Diagnoser(_header())
+    act = [1.0] * len(NAMES)
+    records = [_record(s, act, gnorm=1.0, wgrad=np.ones(5)) for s in range(SPIKE_WARMUP + 2)]
+    early = _record(SPIKE_WARMUP + 2, act, gnorm=1.5, wgrad=[1, 10, 1, 1, 1])
+    spike = _record(SPIKE_WARMUP + 3, act, gnorm=40.0, wgrad=[1, 12, 1, 1, 60])
+    out = _run(d, records + [early, spike])
+    v = [x for x in out if x.kind == "spike"][0]
+    assert v.evidence["layers"][:2] == [NAMES[4], NAMES[1]]
+    assert v.evidence["first_layer"] == NAMES[1] and v.evidence["first_step_back"] == 1
+    assert f"(first: {NAMES[1]})" in v.summary

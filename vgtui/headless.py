@@ -200,7 +200,7 @@ def run_headless(
     record: Path | None = None,
     device: str = "auto",
     print_every: int | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     data_root: Path | None = None,
     download: bool = False,
     table_every: int | None = None,
@@ -211,6 +211,7 @@ def run_headless(
     """Train ``steps`` steps; returns the process exit code (see the module docstring)."""
     from .trainer import TrainerController  # torch: only when training, never for fmt()
 
+    out = out if out is not None else sys.stdout  # at call time: tests and callers swap it
     err = err if err is not None else sys.stderr
     channel: Channel = Channel(maxlen=100_000)
     controller = TrainerController(channel, device=device, data_root=data_root, download=download,
