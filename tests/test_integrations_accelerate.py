@@ -4,6 +4,10 @@ accelerator.clip_grad_norm_), checked against autograd on a copy of the network.
 from __future__ import annotations
 
 import copy
+import runpy
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ from torch import nn
 
 from vgtui.channel import Channel
 from vgtui.integrations.accelerate import watch
+from vgtui.jsonl import iter_steps, read_recording
 from vgtui.records import RunHeader, StepRecord
 
 STEPS, ACCUM, CLIP = 8, 2, 1.0
@@ -96,3 +101,39 @@ def test_accelerate_loop_with_prepared_optimizer_and_clip(tmp_path, fresh_accele
         clipped.append(record.clipped)
         assert np.all(np.isfinite(record.layers["update_ratio"]))  # the prepared optimizer's step was seen
     assert any(clipped) and not all(clipped)
+
+
+def test_example_accelerate_loop_runs(tmp_path, monkeypatch, fresh_accelerate_state):
+    """examples/accelerate_loop.py, shortened: it trains and writes a recording with finite losses."""
+    path = tmp_path / "run.jsonl"
+    monkeypatch.setattr(sys, "argv", ["accelerate_loop.py", "--steps", "6", "--record", str(path)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runpy.run_path(str(Path(__file__).parents[1] / "examples" / "accelerate_loop.py"), run_name="__main__")
+    steps = list(iter_steps(read_recording(path).records))
+    assert [s.step for s in steps] == [0, 5] and all(np.isfinite(s.loss) for s in steps)
+
+
+def test_a_fault_inside_vgtui_is_reported_once_and_training_goes_on(fresh_accelerate_state):
+    accelerator = Accelerator(cpu=True)
+    net = make_net()
+    model, optimizer = accelerator.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    watcher = watch(accelerator, model, optimizer)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    watcher.watcher.step = broken
+    before = net[0].weight.detach().clone()
+    with pytest.warns(UserWarning, match="measuring stopped after RuntimeError: disk on fire") as caught:
+        for _ in range(3):
+            loss = F.cross_entropy(model(torch.randn(4, 5)), torch.randint(0, 4, (4,)))
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), CLIP)
+            watcher.step(optimizer, loss)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert len([w for w in caught if "vgtui" in str(w.message)]) == 1
+    assert not torch.equal(before, net[0].weight)  # the loop trained on
+    assert "clip_grad_norm_" not in accelerator.__dict__  # vgtui took itself out
+    watcher.close()

@@ -9,7 +9,10 @@ next-token cross-entropy over the step's tokens), gradients and clip with torch.
 from __future__ import annotations
 
 import copy
+import runpy
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from vgtui.channel import Channel
+from vgtui.jsonl import iter_steps, read_recording
 from vgtui.records import RunHeader, StepRecord
 
 with warnings.catch_warnings():
@@ -165,3 +169,14 @@ def test_hf_bf16_loss_and_norms(tmp_path):
         assert record.loss == pytest.approx(loss, rel=2e-2)
         np.testing.assert_allclose(record.layers["weight_grad_norm"], per_layer, rtol=5e-2)
         assert record.grad_norm_total == pytest.approx(total, rel=5e-2)
+
+
+def test_example_hf_trainer_runs(tmp_path, monkeypatch):
+    """examples/hf_trainer.py, shortened: it trains and writes a recording with finite losses."""
+    path = tmp_path / "run.jsonl"
+    monkeypatch.setattr(sys, "argv", ["hf_trainer.py", "--steps", "6", "--record", str(path)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runpy.run_path(str(Path(__file__).parents[1] / "examples" / "hf_trainer.py"), run_name="__main__")
+    steps = list(iter_steps(read_recording(path).records))
+    assert [s.step for s in steps] == [0, 5] and all(np.isfinite(s.loss) for s in steps)

@@ -8,7 +8,10 @@ with ``torch.autograd.grad`` on a fresh copy of the network, without vgtui or Li
 from __future__ import annotations
 
 import copy
+import runpy
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgtui.channel import Channel
+from vgtui.jsonl import iter_steps, read_recording
 from vgtui.records import RunHeader, StepRecord
 
 with warnings.catch_warnings():
@@ -165,3 +169,14 @@ def test_lightning_fp16_amp_records_unscaled_gradients_and_loss():
         np.testing.assert_allclose(record.layers["weight_grad_norm"], per_layer, rtol=2e-2)
         assert record.grad_norm_total == pytest.approx(total, rel=2e-2)
         assert record.grad_norm_clipped == pytest.approx(after, rel=2e-2)
+
+
+def test_example_lightning_callback_runs(tmp_path, monkeypatch):
+    """examples/lightning_callback.py, shortened: it trains and writes a recording with finite losses."""
+    path = tmp_path / "run.jsonl"
+    monkeypatch.setattr(sys, "argv", ["lightning_callback.py", "--steps", "6", "--record", str(path)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runpy.run_path(str(Path(__file__).parents[1] / "examples" / "lightning_callback.py"), run_name="__main__")
+    steps = list(iter_steps(read_recording(path).records))
+    assert [s.step for s in steps] == [0, 5] and all(np.isfinite(s.loss) for s in steps)

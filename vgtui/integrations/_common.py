@@ -35,9 +35,9 @@ def watch_run(model, info: dict[str, Any], **options) -> Watcher:
 
 
 def describe(watcher: Watcher, info: dict[str, Any]) -> None:
-    """Merge ``info`` into the header's ``preset``. The Watcher has no public way to take it yet
-    (see docs/API.md, Integrations): this is the one place that reaches inside it, and it only
-    adds keys, so a Watcher without ``_preset`` records a header without them."""
+    """Merge ``info`` into the header's ``preset``. The Watcher takes no run description of its
+    own yet, so this is the one place that reaches inside it; it only adds keys, and a Watcher
+    without ``_preset`` records a header without them."""
     base = getattr(watcher, "_preset", None)
     if not callable(base):
         return

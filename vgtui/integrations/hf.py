@@ -54,6 +54,7 @@ class VgtuiCallback(Guarded, TrainerCallback):
         self.clip: ClipObserver | None = None
         self._sums = StepSums()
         self._steps = 0
+        self._saved_step = None
 
     # -- TrainerCallback hooks -----------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
@@ -93,6 +94,7 @@ class VgtuiCallback(Guarded, TrainerCallback):
         self.watcher = watch_run(model, self.info, optimizer=unwrap_optimizer(trainer.optimizer),
                                  scaler=getattr(accelerator, "scaler", None), **options)
         self.clip = ClipObserver(accelerator, self.watcher, self.info, self)
+        self._saved_step = trainer.__dict__.get("training_step")
         original = trainer.training_step
         sums = self._sums
 
@@ -126,8 +128,11 @@ class VgtuiCallback(Guarded, TrainerCallback):
         if self.clip is not None:
             self.clip.restore()
             self.clip = None
-        if self.trainer is not None:
-            self.trainer.__dict__.pop("training_step", None)
+        if self.trainer is not None and "training_step" in self.trainer.__dict__:
+            if self._saved_step is not None:
+                self.trainer.training_step = self._saved_step
+            else:
+                del self.trainer.training_step
         watcher, self.watcher = self.watcher, None
         if watcher is not None:
             watcher.close()
