@@ -78,13 +78,13 @@ def loader() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
 
 
-def fit(namespace, callback_class, steps: int, **trainer_options):
+def fit(namespace, callback_class, steps: int, callback_options=None, **trainer_options):
     channel = Channel(maxlen=10_000)
     module = module_class(namespace)()
     trainer = namespace.Trainer(
         accelerator="cpu", max_steps=steps, gradient_clip_val=CLIP, accumulate_grad_batches=ACCUM,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[callback_class(channel=channel)], **trainer_options)
+        callbacks=[callback_class(channel=channel, **(callback_options or {}))], **trainer_options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's advice about workers and logging
         trainer.fit(module, loader())
@@ -180,3 +180,15 @@ def test_example_lightning_callback_runs(tmp_path, monkeypatch):
         runpy.run_path(str(Path(__file__).parents[1] / "examples" / "lightning_callback.py"), run_name="__main__")
     steps = list(iter_steps(read_recording(path).records))
     assert [s.step for s in steps] == [0, 5] and all(np.isfinite(s.loss) for s in steps)
+
+
+def test_lightning_sampled_steps_hold_their_own_micro_batches_only():
+    """Unmeasured steps still close their loss window: a measured step's loss is its own."""
+    module, _, steps = fit(L, VgtuiCallback, 9, {"sample_every": 4})
+    assert [r.step for r in steps] == [0, 4, 8]
+    for record in steps:
+        loss, per_layer, total, _, accuracy = reference(module, record.step)
+        assert record.loss == pytest.approx(loss, rel=1e-5)
+        assert record.accuracy == pytest.approx(accuracy)
+        np.testing.assert_allclose(record.layers["weight_grad_norm"], per_layer, rtol=1e-5)
+        assert record.grad_norm_total == pytest.approx(total, rel=1e-5)
