@@ -61,12 +61,18 @@ def main(out):
 
     from vgtui import distributed as vd
 
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model = make_model()
+    kinds = [vd.sharding_kind(model)]
     for j in LAYERS:
         fully_shard(model[j])
     fully_shard(model)
+    kinds.append(vd.sharding_kind(model))
+    tp = parallelize_module(make_model(), init_device_mesh("cpu", (RANKS,)), {"2": RowwiseParallel()})
+    kinds.append(vd.sharding_kind(tp))
     params = list(model.parameters())
     assert all(isinstance(p, DTensor) for p in params)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -124,7 +130,7 @@ def main(out):
         partial = str(exc)
     if rank == 0:
         with open(f"{out}/fsdp.json", "w") as f:
-            json.dump({"steps": results, "extra": extra.tolist(), "partial": partial}, f)
+            json.dump({"steps": results, "extra": extra.tolist(), "partial": partial, "kinds": kinds}, f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -212,3 +218,8 @@ def test_replicated_pieces_count_once_and_partial_is_refused(fsdp_run):
     full_sq = float((torch.arange(12.0) ** 2).sum())
     assert results["extra"] == pytest.approx([full_sq, full_sq, 0.0], rel=1e-6)
     assert "partial sums" in results["partial"]
+
+
+def test_tensor_parallelism_is_told_apart_from_fsdp(fsdp_run):
+    results, _ = fsdp_run
+    assert results["kinds"] == ["none", "fsdp", "tensor_parallel"]  # plain, fully_shard, RowwiseParallel

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_sharded", "local_piece", "local_sq_norms", "reduce_sum", "sharded_sq_norms"]
+__all__ = ["is_sharded", "local_piece", "local_sq_norms", "reduce_sum", "sharded_sq_norms", "sharding_kind"]
 
 
 def _dtensor_type():
@@ -107,3 +107,28 @@ def sharded_sq_norms(tensors: Sequence[torch.Tensor | None], group=None) -> torc
     on every rank, from one ``all_reduce`` and no gather. ``group`` must span the DTensors' mesh
     (default: the world)."""
     return reduce_sum([local_sq_norms(tensors, group)], group)[0]
+
+
+def sharding_kind(model: torch.nn.Module) -> str:
+    """How ``model``'s trainable parameters are distributed: ``"none"`` (no DTensor), ``"fsdp"``
+    (FSDP2: every DTensor parameter managed by ``fully_shard``, sharded on dim 0 only),
+    ``"hsdp"`` (the same with a replicated mesh dimension), or ``"tensor_parallel"`` (anything
+    else: a DTensor parameter outside ``fully_shard``, sharded on another dim or on two mesh
+    dims). The first three shard only the weights and keep the batch split over ranks, so
+    activation sums combine over ranks as under DDP; tensor parallelism splits activations by
+    feature, which that reduction would get wrong, so a monitor must refuse it."""
+    params = [p for p in model.parameters() if p.requires_grad and is_sharded(p)]
+    if not params:
+        return "none"
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return "tensor_parallel"
+    managed = {id(p) for m in model.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
+    replicated = False
+    for p in params:
+        shards = [pl for pl in p.placements if pl.is_shard()]
+        if id(p) not in managed or len(shards) > 1 or any(pl.dim != 0 for pl in shards):
+            return "tensor_parallel"
+        replicated = replicated or any(pl.is_replicate() for pl in p.placements)
+    return "hsdp" if replicated else "fsdp"
