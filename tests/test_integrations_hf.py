@@ -180,3 +180,19 @@ def test_example_hf_trainer_runs(tmp_path, monkeypatch):
         runpy.run_path(str(Path(__file__).parents[1] / "examples" / "hf_trainer.py"), run_name="__main__")
     steps = list(iter_steps(read_recording(path).records))
     assert [s.step for s in steps] == [0, 5] and all(np.isfinite(s.loss) for s in steps)
+
+
+def test_hf_watch_binds_the_trainer_explicitly(tmp_path):
+    from vgtui.integrations.hf import watch
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=2,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=make_model(), args=args, train_dataset=Tokens())
+    channel = Channel(maxlen=1000)
+    callback = watch(trainer, channel=channel)
+    assert callback.trainer is trainer and callback in trainer.callback_handler.callbacks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    steps = [r for r in channel.drain() if isinstance(r, StepRecord)]
+    assert [r.step for r in steps] == [0, 1] and all(np.isfinite(r.loss) for r in steps)
