@@ -128,7 +128,7 @@ def test_generated_presets_validate_or_fail_in_one_line(data):
         message = str(err)
         assert message.startswith("gen.toml")
         assert "\n" not in message
-        assert err.key is None or err.key in data or err.key in ("code_width", "pretrain_steps", "skip")
+        assert err.key is None or err.key in data or err.key in ("code_width", "pretrain_steps", "skip", "network", "depth")
     else:
         assert isinstance(preset, Preset)
 
