@@ -21,17 +21,18 @@ NUM_CLASSES = 10
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 #: The recall task's alphabet: one-hot symbols, the label being the first symbol of the sequence.
 RECALL_SYMBOLS = NUM_CLASSES
+#: Recall inputs: the one-hot symbol plus a marker channel that is 1 on the symbol to remember.
+RECALL_INPUTS = RECALL_SYMBOLS + 1
 _SEED_MASK = 0x7FFF_FFFF_FFFF_FFFF
-#: Held-out batches draw from generator seeds with this bit set; training's seeds have it clear
-#: (seed * 1_000_003 + index stays below 2^62 for any seed below ~4.6e12), so the two streams
-#: never share a draw.
-_HELDOUT_BIT = 1 << 62
 SPLITS = ("train", "heldout")
 
 
 def _batch_seed(seed: int, index: int, split: str) -> int:
-    base = (seed * 1_000_003 + index) & _SEED_MASK
-    return base if split == "train" else (base & (_HELDOUT_BIT - 1)) | _HELDOUT_BIT
+    """The generator seed of batch ``index``. Training counts up from the seed's base, held-out
+    down from base - 1: torch's CPU generator keeps only the low 32 bits of a seed, so the two
+    streams meet only after 2^32 batches."""
+    offset = index if split == "train" else -1 - index
+    return (seed * 1_000_003 + offset) & _SEED_MASK
 
 
 class DataError(RuntimeError):
@@ -78,11 +79,12 @@ class SyntheticData:
 
 
 class RecallData:
-    """Sequences of ``seq_len`` random symbols (one-hot, ``RECALL_SYMBOLS`` wide); the label is the
-    FIRST symbol. Every later symbol is a distractor from the same alphabet, so the answer depends
-    on an input ``seq_len - 1`` steps back and nothing else: the gradient that could teach it has
-    to travel back through every step. Chance is 1/10 (loss ln 10). Generated in-process,
-    deterministic by seed; x is (batch, seq_len, 10), y is (batch,).
+    """Sequences of ``seq_len`` random symbols (one-hot over ``RECALL_SYMBOLS``) whose label is the
+    FIRST symbol, marked by an extra input channel (1 there, 0 elsewhere: a network can tell what
+    to keep). Every later symbol is a distractor from the same alphabet, so the answer depends on
+    an input ``seq_len - 1`` steps back and nothing else: the gradient that could teach it has to
+    travel back through every step. Chance is 1/10 (loss ln 10). Generated in-process,
+    deterministic by seed; x is (batch, seq_len, RECALL_INPUTS), y is (batch,).
     """
 
     def __init__(self, seed: int, batch_size: int, seq_len: int, device: torch.device | str = "cpu",
@@ -96,7 +98,8 @@ class RecallData:
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(_batch_seed(self.seed, index, self.split))
         symbols = torch.randint(0, RECALL_SYMBOLS, (self.batch_size, self.seq_len), generator=gen)
-        x = torch.nn.functional.one_hot(symbols, RECALL_SYMBOLS).float()
+        x = torch.nn.functional.one_hot(symbols, RECALL_INPUTS).float()
+        x[:, 0, RECALL_SYMBOLS] = 1.0
         return x.to(self.device, non_blocking=True), symbols[:, 0].to(self.device, non_blocking=True)
 
 

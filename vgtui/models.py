@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import Preset
 from .layers import LayerSpec, Taps
-from .data import INPUT_DIM, NUM_CLASSES, RECALL_SYMBOLS
+from .data import INPUT_DIM, NUM_CLASSES, RECALL_INPUTS
 
 IMAGE_SIDE = 28
 
@@ -177,12 +177,12 @@ class Recurrent(nn.Module):
 
 
 class SequenceClassifier(nn.Module):
-    """(B, T, symbols) -> ``depth`` stacked recurrent layers of ``width`` -> linear head on the
+    """(B, T, recall inputs) -> ``depth`` stacked recurrent layers of ``width`` -> linear head on the
     last step's h -> 10 logits."""
 
     def __init__(self, preset: Preset):
         super().__init__()
-        sizes = [RECALL_SYMBOLS] + [preset.width] * preset.depth
+        sizes = [RECALL_INPUTS] + [preset.width] * preset.depth
         self.recurrent = nn.ModuleList(Recurrent(preset.cell, a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.head = nn.Linear(preset.width, NUM_CLASSES)
 
