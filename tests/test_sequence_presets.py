@@ -126,7 +126,7 @@ def _recurrent_weight_norms(name: str, steps: int) -> list[float]:
     built = build_model(preset)
     optimizer = make_optimizer(built.model.parameters(), preset)
     data = make_data(preset.data, preset.seed, preset.batch_size, "cpu", seq_len=preset.seq_len)
-    norms = [float(built.model.recurrent[0].weight_hh.norm())]
+    norms = [float(built.model.recurrent[0].weight_hh.detach().norm())]
     for step in range(steps):
         x, y = data.batch(step)
         optimizer.zero_grad()
@@ -134,7 +134,7 @@ def _recurrent_weight_norms(name: str, steps: int) -> list[float]:
         if preset.clip == "norm":
             nn.utils.clip_grad_norm_(built.model.parameters(), preset.clip_threshold)
         optimizer.step()
-        norms.append(float(built.model.recurrent[0].weight_hh.norm()))
+        norms.append(float(built.model.recurrent[0].weight_hh.detach().norm()))
     return norms
 
 
