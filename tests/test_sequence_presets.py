@@ -199,7 +199,7 @@ def test_orthogonal_and_spectral_recurrent_init():
     layer = lstm.model.recurrent[0]
     for block in layer.weight_hh.detach().split(16):  # every gate's block, one by one
         assert float(torch.linalg.eigvals(block.double()).abs().max()) == pytest.approx(0.5, rel=1e-5)
-    assert torch.all(layer.bias_ih[16:32] == 1.0) and torch.all(layer.bias_hh[16:32] == 0.0)
+    assert torch.all(layer.bias_ih[16:32] == 3.0) and torch.all(layer.bias_hh[16:32] == 0.0)  # forget gate
 
 
 def test_cli_runs_a_sequence_preset(tmp_path, capsys):

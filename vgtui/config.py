@@ -236,6 +236,8 @@ def _check_network(preset: Preset, data: dict[str, Any], source: str) -> None:
             raise PresetError(source, key, 'is not supported for network = "rnn"')
     if preset.spectral_radius != defaults.spectral_radius and preset.recurrent_init != "spectral":
         raise PresetError(source, "spectral_radius", 'applies to recurrent_init = "spectral" only')
+    if preset.forget_bias != defaults.forget_bias and preset.cell not in ("lstm", "gru"):
+        raise PresetError(source, "forget_bias", f'applies to cell = "lstm" or "gru" only; got cell = "{preset.cell}"')
 
 
 def load_preset_file(path: str | Path) -> Preset:

@@ -104,7 +104,6 @@ class AutoEncoder(nn.Module):
         return _head(self.head, x, taps)
 
 
-
 #: Gate blocks stacked in each recurrent weight, in PyTorch's order (LSTM: i, f, g, o; GRU: r, z, n).
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 #: The gate whose bias ``forget_bias`` sets: LSTM's forget gate f, GRU's update gate z (the share
@@ -136,8 +135,6 @@ class Recurrent(nn.Module):
         bound = 1.0 / math.sqrt(hidden_size)  # PyTorch's own recurrent init
         for weight in self.parameters():
             nn.init.uniform_(weight, -bound, bound)
-        # Stands for the layer's nonlinearity for module hooks; the loop calls torch.tanh/relu.
-        self.act = nn.ReLU() if cell == "rnn_relu" else nn.Tanh()
 
     def forward(self, x: torch.Tensor, taps: Taps = None) -> torch.Tensor:
         batch, steps, _ = x.shape
@@ -260,7 +257,6 @@ class ConvNet(nn.Module):
     def __init__(self, preset: Preset):
         super().__init__()
         width = preset.width
-        self.skip = preset.skip
         self.stem = ConvBlock(1, width, 2, preset)
         self.convs = nn.ModuleList()
         self.strides: list[int] = []
@@ -359,7 +355,7 @@ def _build_sequence(preset: Preset, device) -> Built:
     model = SequenceClassifier(preset)
     # The time axis of the tapped h (B, T, H) is 1; h's activation kind is its cell's.
     kind = {"rnn_tanh": "tanh", "rnn_relu": "relu"}.get(preset.cell, preset.cell)
-    layers = [LayerSpec(f"{preset.cell}{i + 1}", layer, layer.weight_hh, layer.act, kind,
+    layers = [LayerSpec(f"{preset.cell}{i + 1}", layer, layer.weight_hh, None, kind,
                         act_is_output=True, time_dim=1)
               for i, layer in enumerate(model.recurrent)]
     layers.append(LayerSpec("output", model.head, model.head.weight, None, "linear"))
