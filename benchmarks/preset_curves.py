@@ -77,7 +77,7 @@ def curve(name: str, steps: int, every: int) -> None:
         elif preset.clip == "value":
             torch.nn.utils.clip_grad_value_(built.model.parameters(), preset.clip_threshold)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         hits.append(float((out.argmax(1) == y).float().mean()))
 
 

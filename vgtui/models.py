@@ -140,32 +140,38 @@ class Recurrent(nn.Module):
         batch, steps, _ = x.shape
         hidden = self.hidden_size
         # Every step's input projection in one matrix product; only h_{t-1} @ W_hh^T is serial.
-        projected = torch.addmm(self.bias_ih, x.reshape(batch * steps, -1), self.weight_ih.t())
+        # A GRU's b_hh sits inside r * (...): it stays in the loop; the others add it here, once.
+        gru = self.cell == "gru"
+        bias = self.bias_ih if gru else self.bias_ih + self.bias_hh
+        projected = torch.addmm(bias, x.reshape(batch * steps, -1), self.weight_ih.t())
         projected = projected.reshape(batch, steps, -1).unbind(1)
         delta = x.new_zeros(batch, steps, hidden).requires_grad_() if taps is not None else None
+        # One unbind (its backward: one stack), not a select per step (each a full-size zero grad).
+        deltas = delta.unbind(1) if delta is not None else None
         w_hh_t = self.weight_hh.t()
         h = x.new_zeros(batch, hidden)
         c = x.new_zeros(batch, hidden) if self.cell == "lstm" else None
         outputs = []
         for t in range(steps):
-            recurrent = torch.addmm(self.bias_hh, h, w_hh_t)
-            if self.cell == "lstm":
-                i, f, g, o = (projected[t] + recurrent).chunk(4, 1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
-            elif self.cell == "gru":
+            if gru:
                 x_r, x_z, x_n = projected[t].chunk(3, 1)
-                h_r, h_z, h_n = recurrent.chunk(3, 1)
+                h_r, h_z, h_n = torch.addmm(self.bias_hh, h, w_hh_t).chunk(3, 1)
                 r = torch.sigmoid(x_r + h_r)
                 z = torch.sigmoid(x_z + h_z)
                 n = torch.tanh(x_n + r * h_n)
                 h = n + z * (h - n)  # (1 - z) * n + z * h
-            elif self.cell == "rnn_relu":
-                h = torch.relu(projected[t] + recurrent)
             else:
-                h = torch.tanh(projected[t] + recurrent)
-            if delta is not None:
-                h = h + delta[:, t]
+                pre = torch.addmm(projected[t], h, w_hh_t)
+                if self.cell == "lstm":
+                    i, f, g, o = pre.chunk(4, 1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                elif self.cell == "rnn_relu":
+                    h = torch.relu(pre)
+                else:
+                    h = torch.tanh(pre)
+            if deltas is not None:
+                h = h + deltas[t]
             outputs.append(h)
         out = torch.stack(outputs, 1)
         if taps is not None:
