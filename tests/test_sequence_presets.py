@@ -15,8 +15,9 @@ from torch import nn
 from vgtui.cli import main
 from vgtui.config import load_preset
 from vgtui.data import make_data
+from vgtui.jsonl import read_recording
 from vgtui.models import Recurrent, build_model, make_optimizer
-from vgtui.records import RunError, StepRecord
+from vgtui.records import RunError, RunHeader, StepRecord
 from vgtui.trainer import run_to_completion
 
 SEQUENCE_PRESETS = ["rnn-tanh", "lstm", "gru", "rnn-exploding", "rnn-clipped"]
@@ -202,11 +203,16 @@ def test_orthogonal_and_spectral_recurrent_init():
     assert torch.all(layer.bias_ih[16:32] == 3.0) and torch.all(layer.bias_hh[16:32] == 0.0)  # forget gate
 
 
-def test_cli_runs_a_sequence_preset(tmp_path, capsys):
+def test_cli_runs_a_sequence_preset(tmp_path):
     record = tmp_path / "lstm.jsonl"
     assert main(["run", "--preset", "lstm", "--steps", "20", "--budget", "0", "--record", str(record)]) == 0
-    assert "lstm1" in capsys.readouterr().out
-    assert record.stat().st_size > 0
+    recording = read_recording(record)
+    assert not recording.problems
+    headers = [r for r in recording.records if isinstance(r, RunHeader)]
+    assert headers[0].layers == ["lstm1", "output"] and headers[0].preset["network"] == "rnn"
+    steps = [r for r in recording.records if isinstance(r, StepRecord)]
+    assert [r.step for r in steps] == list(range(20))
+    assert all(np.isfinite(r.layers["act_grad_norm"]).all() for r in steps)
 
 
 def test_cli_refuses_image_data_for_a_sequence_preset(capsys):
