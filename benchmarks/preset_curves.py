@@ -1,6 +1,6 @@
 """What the sequence and convolution presets do in training: the numbers behind docs/PRESETS.md.
 
-    .venv/bin/python benchmarks/preset_curves.py [--steps 1500] [--every 500] [NAME ...]
+    .venv/bin/python benchmarks/preset_curves.py [--steps 1500] [--every 500] [--data D] [NAME ...]
 
 Trains each preset as the Trainer does (its own optimiser, clipping and batches) and at step 0
 and every ``--every`` steps prints: the first/last ratio of ‖∂L/∂h‖ (recurrent presets: of the
@@ -50,8 +50,10 @@ def evaluate(built, batches) -> tuple[float, float]:
     return losses / count, hits / count
 
 
-def curve(name: str, steps: int, every: int) -> None:
+def curve(name: str, steps: int, every: int, data_name: str | None = None) -> None:
     preset = load_preset(name)
+    if data_name:
+        preset = preset.replace(data=data_name)
     built = build_model(preset)
     optimizer = make_optimizer(built.model.parameters(), preset)
     data = make_data(preset.data, preset.seed, preset.batch_size, "cpu", seq_len=preset.seq_len)
@@ -86,13 +88,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data", default=None, help="data set in place of the presets' own")
     parser.add_argument("names", nargs="*", default=PRESETS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("| preset | step | first/last ‖∂L/∂h‖ | train loss | train acc | held-out loss | held-out acc |")
     print("|---|---|---|---|---|---|---|")
     for name in args.names:
-        curve(name, args.steps, args.every)
+        curve(name, args.steps, args.every, args.data)
 
 
 if __name__ == "__main__":
