@@ -23,7 +23,8 @@ from vgtui.config import load_preset  # noqa: E402
 from vgtui.data import heldout_batches, make_data  # noqa: E402
 from vgtui.models import build_model, make_optimizer  # noqa: E402
 
-PRESETS = ["rnn-tanh", "lstm", "gru", "rnn-exploding", "rnn-clipped", "cnn-plain", "cnn-residual", "cnn-sigmoid"]
+PRESETS = ["rnn-tanh", "lstm", "gru", "rnn-orthogonal", "rnn-exploding", "rnn-clipped",
+           "cnn-plain", "cnn-residual", "cnn-sigmoid"]
 
 
 def gradient_ratio(built, preset, x, y) -> float:

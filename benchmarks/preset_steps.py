@@ -25,8 +25,8 @@ from vgtui.data import make_data  # noqa: E402
 from vgtui.models import build_model, make_optimizer  # noqa: E402
 from vgtui.probe import Probe  # noqa: E402
 
-PRESETS = ["rnn-tanh", "lstm", "gru", "rnn-exploding", "rnn-clipped", "cnn-plain", "cnn-residual",
-           "cnn-sigmoid", "sigmoid-deep"]
+PRESETS = ["rnn-tanh", "lstm", "gru", "rnn-orthogonal", "rnn-exploding", "rnn-clipped",
+           "cnn-plain", "cnn-residual", "cnn-sigmoid", "sigmoid-deep"]
 
 
 def make_step(preset, probed: bool):

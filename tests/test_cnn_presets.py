@@ -67,7 +67,8 @@ def test_layout_stem_three_stages_and_residual_blocks():
     shapes = [tuple(h.shape[1:]) for _, h in taps[:-1]]
     assert shapes[0] == (16, 14, 14) and shapes[1] == (16, 14, 14)
     assert shapes[7] == (32, 7, 7) and shapes[-1] == (64, 4, 4)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in build_model(load_preset("cnn-plain")).model.modules())
+    plain = build_model(load_preset("cnn-plain")).model
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
 
 
 def test_residual_cnn_needs_an_odd_depth():

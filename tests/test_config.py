@@ -27,7 +27,8 @@ REQUIRED = [
     "sigmoid-batchnorm", "sigmoid-residual", "sigmoid-xavier", "init-too-small", "exploding",
     "exploding-clipped", "clip-by-value", "shallow", "relu-30-xavier", "relu-30-he",
     "autoencoder-sigmoid", "autoencoder-relu", "autoencoder-sigmoid-pretrained",
-    "rnn-tanh", "lstm", "gru", "rnn-exploding", "rnn-clipped", "cnn-plain", "cnn-residual", "cnn-sigmoid",
+    "rnn-tanh", "lstm", "gru", "rnn-orthogonal", "rnn-exploding", "rnn-clipped",
+    "cnn-plain", "cnn-residual", "cnn-sigmoid",
 ]
 
 

@@ -20,7 +20,7 @@ from vgtui.models import Recurrent, build_model, make_optimizer
 from vgtui.records import RunError, RunHeader, StepRecord
 from vgtui.trainer import run_to_completion
 
-SEQUENCE_PRESETS = ["rnn-tanh", "lstm", "gru", "rnn-exploding", "rnn-clipped"]
+SEQUENCE_PRESETS = ["rnn-tanh", "lstm", "gru", "rnn-orthogonal", "rnn-exploding", "rnn-clipped"]
 TORCH_CELLS = {"rnn_tanh": nn.RNNCell, "rnn_relu": nn.RNNCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}
 
 
@@ -40,7 +40,8 @@ def through_time_truth(name: str, batch_index: int = 0, **changes) -> tuple[np.n
     training batch ``batch_index``, computed with torch's cells; and the loss."""
     preset = load_preset(name).replace(**changes) if changes else load_preset(name)
     model = build_model(preset).model
-    x, y = make_data(preset.data, preset.seed, preset.batch_size, "cpu", seq_len=preset.seq_len).batch(batch_index)
+    data = make_data(preset.data, preset.seed, preset.batch_size, "cpu", seq_len=preset.seq_len)
+    x, y = data.batch(batch_index)
     kept = []
     for layer in model.recurrent:
         cell = torch_cell_replica(layer)
@@ -116,6 +117,11 @@ def test_rnn_tanh_vanishes_through_time_orders_of_magnitude_more_than_lstm_and_g
     assert lstm > 1e4 * tanh and gru > 1e4 * tanh
     # The forget-gate bias is what buys it: at bias 0 the same LSTM starts near 1e-10.
     assert first_last(through_time_truth("lstm", forget_bias=0.0)[0]) < 1e-2 * lstm
+
+
+def test_orthogonal_init_keeps_the_vanilla_rnns_gradient_through_time():
+    orthogonal = first_last(through_time_truth("rnn-orthogonal")[0])
+    assert orthogonal > 1e8 * first_last(through_time_truth("rnn-tanh")[0])
 
 
 def test_rnn_exploding_gradient_grows_back_in_time():

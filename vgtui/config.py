@@ -224,7 +224,8 @@ def _check_network(preset: Preset, data: dict[str, Any], source: str) -> None:
         key = "data" if "data" in data else "network"
         wanted = "a sequence data set (recall)" if network == "rnn" else "an image data set (" + \
             ", ".join(IMAGE_DATASETS) + ")"
-        raise PresetError(source, key, f'network = "{network}" trains on {wanted}; got data = "{preset.data}"')
+        raise PresetError(source, key,
+                          f'network = "{network}" trains on {wanted}; got data = "{preset.data}"')
     defaults = Preset()
     if network != "rnn":
         for key in RECURRENT_KEYS:
@@ -237,7 +238,8 @@ def _check_network(preset: Preset, data: dict[str, Any], source: str) -> None:
     if preset.spectral_radius != defaults.spectral_radius and preset.recurrent_init != "spectral":
         raise PresetError(source, "spectral_radius", 'applies to recurrent_init = "spectral" only')
     if preset.forget_bias != defaults.forget_bias and preset.cell not in ("lstm", "gru"):
-        raise PresetError(source, "forget_bias", f'applies to cell = "lstm" or "gru" only; got cell = "{preset.cell}"')
+        raise PresetError(source, "forget_bias",
+                          f'applies to cell = "lstm" or "gru" only; got cell = "{preset.cell}"')
 
 
 def load_preset_file(path: str | Path) -> Preset:
@@ -306,6 +308,7 @@ CATALOGUE_ORDER = [
     "rnn-tanh",
     "lstm",
     "gru",
+    "rnn-orthogonal",
     "rnn-exploding",
     "rnn-clipped",
     "cnn-plain",

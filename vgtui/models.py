@@ -224,7 +224,8 @@ class ConvBlock(nn.Module):
         self.act = make_activation(preset.activation, preset.leaky_slope)
         self.residual = residual
 
-    def forward(self, x: torch.Tensor, taps: Taps = None, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, taps: Taps = None,
+                shortcut: torch.Tensor | None = None) -> torch.Tensor:
         z = self.conv(x)
         if self.norm is not None:
             z = self.norm(z)
