@@ -27,6 +27,8 @@ REQUIRED = [
     "sigmoid-batchnorm", "sigmoid-residual", "sigmoid-xavier", "init-too-small", "exploding",
     "exploding-clipped", "clip-by-value", "shallow", "relu-30-xavier", "relu-30-he",
     "autoencoder-sigmoid", "autoencoder-relu", "autoencoder-sigmoid-pretrained",
+    "rnn-tanh", "lstm", "gru", "rnn-orthogonal", "rnn-exploding", "rnn-clipped",
+    "cnn-plain", "cnn-residual", "cnn-sigmoid",
 ]
 
 
@@ -60,6 +62,28 @@ def test_sigmoid_deep_is_exactly_the_seed_network():
         ("[model]\ndepth = 3", "model", "unknown key"),
         ("clip = 'norm'\nclip_threshold = 0", "clip_threshold", "(0,"),
         ("task = 'classifier'\npretrain_steps = 10", "pretrain_steps", "autoencoder"),
+        # networks and the recurrent keys
+        ("network = 'transformer'", "network", "mlp, cnn, rnn"),
+        ("network = 'cnn'\ntask = 'autoencoder'", "network", '"mlp"'),
+        ("network = 'cnn'\nskip = true\ndepth = 6", "depth", "odd"),
+        ("network = 'rnn'", "network", "recall"),
+        ("network = 'rnn'\ndata = 'fashion-mnist'", "data", "recall"),
+        ("data = 'recall'", "data", "image data set"),
+        ("network = 'rnn'\ndata = 'recall'\ncell = 'lstmm'", "cell", "rnn_tanh, rnn_relu, lstm, gru"),
+        ("network = 'rnn'\ndata = 'recall'\nseq_len = 0", "seq_len", "1..100000"),
+        ("network = 'rnn'\ndata = 'recall'\nseq_len = 2.5", "seq_len", "integer"),
+        ("network = 'rnn'\ndata = 'recall'\nrecurrent_init = 'identity'", "recurrent_init",
+         "default, orthogonal, spectral"),
+        ("network = 'rnn'\ndata = 'recall'\nrecurrent_init = 'spectral'\nspectral_radius = 0",
+         "spectral_radius", "(0, 100]"),
+        ("network = 'rnn'\ndata = 'recall'\nspectral_radius = 2.0", "spectral_radius",
+         'recurrent_init = "spectral"'),
+        ("network = 'rnn'\ndata = 'recall'\ncell = 'gru'\nforget_bias = 'high'", "forget_bias", "number"),
+        ("network = 'rnn'\ndata = 'recall'\ncell = 'lstm'\nforget_bias = inf", "forget_bias", "[-100, 100]"),
+        ("network = 'rnn'\ndata = 'recall'\nbatch_norm = true", "batch_norm", "not supported"),
+        ("network = 'rnn'\ndata = 'recall'\nforget_bias = 3", "forget_bias", 'cell = "lstm" or "gru"'),
+        ("cell = 'lstm'", "cell", 'network = "rnn" only'),
+        ("network = 'cnn'\nseq_len = 20", "seq_len", 'network = "rnn" only'),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path, text, key, fragment):
@@ -97,6 +121,25 @@ def test_missing_file_and_unknown_name(tmp_path):
         load_preset("no-such-preset")
 
 
+def test_recurrent_and_conv_keys_load(tmp_path):
+    path = tmp_path / "seq.toml"
+    path.write_text('network = "rnn"\ndata = "recall"\ncell = "gru"\nseq_len = 80\nwidth = 32\n'
+                    'recurrent_init = "spectral"\nspectral_radius = 1.5\nforget_bias = 2\n')
+    p = load_preset_file(path)
+    assert (p.network, p.cell, p.seq_len, p.width, p.recurrent_init, p.spectral_radius, p.forget_bias) == \
+        ("rnn", "gru", 80, 32, "spectral", 1.5, 2.0)
+    assert p.replace(seq_len=10).seq_len == 10  # replace re-validates every key, cross-key rules included
+    assert load_preset("cnn-residual").replace(depth=21).depth == 21
+
+
+def test_cli_bad_recurrent_key_is_one_line_exit_2(tmp_path, capsys):
+    path = tmp_path / "bad-rnn.toml"
+    path.write_text('network = "rnn"\ndata = "recall"\ncell = "transformer"\n')
+    assert main(["run", "--preset", str(path), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}: cell: " in err and "Traceback" not in err
+
+
 def test_cli_exit_code_2_and_one_line(tmp_path, capsys):
     path = tmp_path / "bad.toml"
     path.write_text("width = 'wide'\n")
@@ -128,7 +171,7 @@ def test_generated_presets_validate_or_fail_in_one_line(data):
         message = str(err)
         assert message.startswith("gen.toml")
         assert "\n" not in message
-        assert err.key is None or err.key in data or err.key in ("code_width", "pretrain_steps", "skip")
+        assert err.key is None or err.key in data or err.key in ("code_width", "pretrain_steps", "skip", "network", "depth")
     else:
         assert isinstance(preset, Preset)
 

@@ -6,7 +6,21 @@ import struct
 import pytest
 import torch
 
-from vgtui.data import FASHION_MNIST_DIR, DataError, SyntheticData, load_fashion_mnist, load_mnist, read_idx
+from vgtui.config import load_preset
+from vgtui.data import (
+    FASHION_MNIST_DIR,
+    DataError,
+    RecallData,
+    SyntheticData,
+    heldout_batches,
+    load_fashion_mnist,
+    load_mnist,
+    make_data,
+    read_idx,
+)
+
+HAVE_FASHION_MNIST = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists() or \
+    (FASHION_MNIST_DIR / "train-images-idx3-ubyte").exists()
 
 
 def test_synthetic_is_deterministic_by_seed_and_mnist_shaped():
@@ -75,3 +89,55 @@ def test_real_fashion_mnist_from_debian_package():
     x, y = data.batch(0)
     assert x.shape == (100, 784) and y.shape == (100,)
     assert torch.equal(x, load_fashion_mnist(None, 0, 100, "cpu").batch(0)[0])
+
+
+def test_recall_is_deterministic_and_labelled_by_its_first_symbol():
+    a, b, c = RecallData(3, 16, 40), RecallData(3, 16, 40), RecallData(4, 16, 40)
+    x, y = a.batch(5)
+    assert torch.equal(x, b.batch(5)[0]) and torch.equal(y, b.batch(5)[1])
+    assert not torch.equal(x, c.batch(5)[0]) and not torch.equal(x, a.batch(6)[0])
+    assert x.shape == (16, 40, 11) and y.shape == (16,) and y.dtype == torch.long
+    assert torch.equal(x[..., :10].sum(-1), torch.ones(16, 40))  # one-hot symbols
+    assert torch.equal(x[:, 0, :10].argmax(-1), y)
+    assert torch.equal(x[..., 10].sum(0), torch.tensor([16.0] + [0.0] * 39))  # the marker: first step only
+    assert len(set(y.tolist())) > 3  # the label varies
+
+
+def _rows(batches) -> set[bytes]:
+    return {row.numpy().tobytes() for x, _ in batches for row in x.reshape(len(x), -1)}
+
+
+@pytest.mark.parametrize("name", ["lstm", "sigmoid-deep"])
+def test_heldout_batches_are_fixed_and_never_drawn_for_training(name):
+    preset = load_preset(name).replace(batch_size=20)
+    held = heldout_batches(preset, 3)
+    again = heldout_batches(preset, 3)
+    assert len(held) == 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(held, again))
+    train = make_data(preset.data, preset.seed, preset.batch_size, "cpu", seq_len=preset.seq_len)
+    assert held[0][0].shape == train.batch(0)[0].shape
+    assert not _rows(held) & _rows(train.batch(i) for i in range(200))
+    other_seed = heldout_batches(preset.replace(seed=1), 1)
+    assert not torch.equal(other_seed[0][0], held[0][0])
+
+
+def test_synthetic_heldout_is_the_same_task():
+    train, held = SyntheticData(2, 10), SyntheticData(2, 10, split="heldout")
+    assert torch.equal(train.prototypes, held.prototypes)
+
+
+def test_heldout_asks_for_a_known_split():
+    with pytest.raises(ValueError, match="split"):
+        make_data("synthetic", 0, 10, "cpu", split="test")
+    assert heldout_batches(load_preset("lstm"), 0) == []
+
+
+@pytest.mark.skipif(not HAVE_FASHION_MNIST, reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_heldout_is_its_test_set_in_order():
+    preset = load_preset("cnn-plain").replace(data="fashion-mnist", batch_size=4000)
+    held = heldout_batches(preset, 5)
+    assert len(held) == 2  # 10,000 test images hold two whole batches of 4,000
+    images = read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
+    assert torch.equal(held[1][0], images[4000:8000].reshape(4000, -1).float() / 255)
+    assert torch.equal(held[1][1], labels[4000:8000].long())

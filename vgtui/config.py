@@ -29,7 +29,14 @@ INITS = (
     "normal",
 )
 TASKS = ("classifier", "autoencoder")
-DATASETS = ("synthetic", "fashion-mnist", "mnist")
+#: mlp: fully connected; cnn: 3x3 convolutions on 28x28 images; rnn: recurrent layers on sequences.
+NETWORKS = ("mlp", "cnn", "rnn")
+CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+RECURRENT_INITS = ("default", "orthogonal", "spectral")
+#: recall: sequences of random symbols whose label is the first one (generated, see data.py).
+DATASETS = ("synthetic", "fashion-mnist", "mnist", "recall")
+IMAGE_DATASETS = ("synthetic", "fashion-mnist", "mnist")
+SEQUENCE_DATASETS = ("recall",)
 CLIPS = ("none", "norm", "value")
 OPTIMIZERS = ("sgd", "adam")
 
@@ -55,8 +62,9 @@ class Preset:
     description: str = ""
     # model
     task: str = "classifier"
-    depth: int = 5
-    width: int = 1000
+    network: str = "mlp"
+    depth: int = 5  # mlp: hidden layers; cnn: conv layers; rnn: stacked recurrent layers
+    width: int = 1000  # mlp: units; cnn: channels of the first stage; rnn: hidden size
     code_width: int = 32
     activation: str = "sigmoid"
     leaky_slope: float = 0.01
@@ -65,6 +73,12 @@ class Preset:
     init: str = "default"
     init_std: float = 0.01
     bias_init: float = 0.0
+    # recurrent networks (network = "rnn")
+    cell: str = "rnn_tanh"
+    seq_len: int = 50
+    recurrent_init: str = "default"  # of the hidden-to-hidden weights
+    spectral_radius: float = 1.0  # recurrent_init = "spectral": largest |eigenvalue| of each W_hh block
+    forget_bias: float = 1.0  # LSTM forget gate / GRU update gate bias: > 0 keeps the past
     # data
     data: str = "synthetic"
     batch_size: int = 100
@@ -101,6 +115,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "seed": (0, 2**63 - 1),
     "sample_every": (1, 1_000_000),
     "detail_every": (1, 1_000_000),
+    "seq_len": (1, 100_000),
 }
 _FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     # key: (low, high, low is exclusive)
@@ -111,9 +126,14 @@ _FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     "momentum": (0.0, 1.0, False),
     "weight_decay": (0.0, 10.0, False),
     "clip_threshold": (0.0, 1e12, True),
+    "spectral_radius": (0.0, 100.0, True),
+    "forget_bias": (-100.0, 100.0, False),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "task": TASKS,
+    "network": NETWORKS,
+    "cell": CELLS,
+    "recurrent_init": RECURRENT_INITS,
     "activation": ACTIVATIONS,
     "init": INITS,
     "data": DATASETS,
@@ -180,9 +200,46 @@ def preset_from_dict(data: dict[str, Any], source: str = "<preset>") -> Preset:
         raise PresetError(source, "code_width", f"must be at most width ({preset.width}) for an autoencoder")
     if preset.pretrain_steps and preset.task != "autoencoder":
         raise PresetError(source, "pretrain_steps", "layer-wise pre-training needs task = \"autoencoder\"")
+    if preset.network == "cnn" and preset.skip and preset.depth % 2 == 0:
+        raise PresetError(source, "depth", "with skip = true a cnn has a stem conv and blocks of two convs: "
+                          f"depth must be odd; got {preset.depth}")
     if preset.skip and preset.task == "autoencoder":
         raise PresetError(source, "skip", "skip connections are supported for the classifier task only")
+    _check_network(preset, data, source)
     return preset
+
+
+#: Keys that only a recurrent network reads; set to anything but their default elsewhere, they are
+#: a mistake worth one line rather than a silently ignored value.
+RECURRENT_KEYS = ("cell", "seq_len", "recurrent_init", "spectral_radius", "forget_bias")
+
+
+def _check_network(preset: Preset, data: dict[str, Any], source: str) -> None:
+    """The rules that tie network, data and the recurrent keys together."""
+    network = preset.network
+    if network != "mlp" and preset.task != "classifier":
+        raise PresetError(source, "network", f'must be "mlp" for task = "{preset.task}"; got "{network}"')
+    sequences = preset.data in SEQUENCE_DATASETS
+    if (network == "rnn") != sequences:
+        key = "data" if "data" in data else "network"
+        wanted = "a sequence data set (recall)" if network == "rnn" else "an image data set (" + \
+            ", ".join(IMAGE_DATASETS) + ")"
+        raise PresetError(source, key,
+                          f'network = "{network}" trains on {wanted}; got data = "{preset.data}"')
+    defaults = Preset()
+    if network != "rnn":
+        for key in RECURRENT_KEYS:
+            if getattr(preset, key) != getattr(defaults, key):
+                raise PresetError(source, key, 'applies to network = "rnn" only')
+        return
+    for key in ("batch_norm", "skip"):
+        if getattr(preset, key):
+            raise PresetError(source, key, 'is not supported for network = "rnn"')
+    if preset.spectral_radius != defaults.spectral_radius and preset.recurrent_init != "spectral":
+        raise PresetError(source, "spectral_radius", 'applies to recurrent_init = "spectral" only')
+    if preset.forget_bias != defaults.forget_bias and preset.cell not in ("lstm", "gru"):
+        raise PresetError(source, "forget_bias",
+                          f'applies to cell = "lstm" or "gru" only; got cell = "{preset.cell}"')
 
 
 def load_preset_file(path: str | Path) -> Preset:
@@ -248,6 +305,15 @@ CATALOGUE_ORDER = [
     "autoencoder-sigmoid",
     "autoencoder-sigmoid-pretrained",
     "autoencoder-relu",
+    "rnn-tanh",
+    "lstm",
+    "gru",
+    "rnn-orthogonal",
+    "rnn-exploding",
+    "rnn-clipped",
+    "cnn-plain",
+    "cnn-residual",
+    "cnn-sigmoid",
 ]
 
 

@@ -226,7 +226,8 @@ class Trainer(threading.Thread):
         device = resolve_device(self.device_name)
         preset = self.preset
         built = build_model(preset, device)
-        data = make_data(preset.data, preset.seed, preset.batch_size, device, self.data_root, self.download)
+        data = make_data(preset.data, preset.seed, preset.batch_size, device, self.data_root, self.download,
+                         seq_len=preset.seq_len)
         self.built = built
         header = RunHeader(
             preset=preset.to_dict(),
