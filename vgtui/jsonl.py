@@ -72,6 +72,7 @@ GZIP_FLUSH_SECONDS = 1.0
 GZIP_FLUSH_BYTES = 256 * 1024
 
 _CHUNK = 1 << 20
+_GZIP_READ = 1 << 16  # compressed bytes read at a time (a checkpoint may fall between two reads)
 _INF = float("inf")
 
 
@@ -337,12 +338,11 @@ def _columns_v2(data: dict, names: list[str]):
     for metric in LAYER_METRICS:
         raw = raw_columns.get(metric, "nan")
         if isinstance(raw, list):
-            if len(raw) != count:
+            values = _floats(raw)  # None -> nan (and marked below), "nan"/"inf" parsed
+            if values.shape != (count,):
                 raise ValueError(f"{metric}: {len(raw)} values for {count} layers")
-            if any(isinstance(v, bool) or not isinstance(v, (int, float, str, type(None))) for v in raw):
-                raise TypeError(f"{metric}: not a number")
-            columns[metric] = np.array(raw, dtype=float)  # None -> nan, "nan"/"inf" parsed
-            if None in raw:
+            columns[metric] = values
+            if np.isnan(values).any() and None in raw:
                 unmeasured[metric] = np.array([v is None for v in raw], dtype=bool)
         else:
             columns[metric] = np.full(count, _num(raw), dtype=float)
@@ -350,12 +350,18 @@ def _columns_v2(data: dict, names: list[str]):
                 unmeasured[metric] = np.ones(count, dtype=bool)
     hist = None
     if data.get("hist") is not None:
-        hist = np.array(unjson(data["hist"]), dtype=float)
+        hist = _floats(data["hist"])
         if hist.ndim != 2 or hist.shape[0] != count:
             raise ValueError("histograms do not match the header's layers")
-    time_grads = {str(n): np.asarray(unjson(v), dtype=float)
-                  for n, v in (data.get("time_act_grad_norm") or {}).items()}
+    time_grads = {str(n): _floats(v) for n, v in (data.get("time_act_grad_norm") or {}).items()}
     return columns, unmeasured, hist, time_grads
+
+
+def _floats(raw) -> np.ndarray:
+    """A JSON list (of lists) of numbers, "nan"/"inf"/"-inf" and nulls as a float array."""
+    if not isinstance(raw, list):
+        raise TypeError(f"expected a list of numbers, got {type(raw).__name__}")
+    return np.array(raw, dtype=float)
 
 
 def _num(value) -> float:
@@ -548,7 +554,7 @@ class _GzipBytes:
         with open(self.path, "rb") as handle:
             handle.seek(offset)
             while have < end:
-                raw = handle.read(1 << 16)
+                raw = handle.read(_GZIP_READ)
                 if not raw:
                     break
                 out = inflater.feed(raw)
@@ -569,7 +575,7 @@ def _decoded_chunks(path: Path, offset: int = 0, inflater: _Inflater | None = No
         while True:
             if gz is not None:
                 gz.checkpoint(decoded, handle.tell(), inflater.state() if inflater.fed else None)
-            raw = handle.read(_CHUNK if inflater is None else 1 << 16)
+            raw = handle.read(_CHUNK if inflater is None else _GZIP_READ)
             if not raw:
                 return
             if inflater is None:
@@ -635,6 +641,16 @@ class JsonlReader:
         self._inflater: _Inflater | None = None
         self._gzip: bool | None = None
         self._parser = _Parser(self.path)
+
+    def resume(self, index: "RecordingIndex") -> None:
+        """Go on after the lines ``index`` (built with ``growing=True`` on a plain file) covers."""
+        if index.gzip:
+            raise ValueError("a gzip recording cannot be resumed mid-stream")
+        self._gzip, self._inflater = False, None
+        self._offset, self._line_no, self._partial = index.end, index.lines, b""
+        for header in index.headers.values():
+            self._parser.layers[header.run_id] = header.layers
+        self._parser.window_fields.update(index.window_fields)
 
     def iter_new(self, problems: list[str], final: bool = False) -> Iterator[Record]:
         """Records of the lines appended since the last call, streamed; problems go to ``problems``."""
@@ -738,8 +754,9 @@ class RecordingIndex:
     then returns None and adds the line to :attr:`problems`.
     """
 
-    def __init__(self, path: str | Path, cache: int = 4096):
+    def __init__(self, path: str | Path, cache: int = 4096, *, growing: bool = False):
         self.path = Path(path)
+        self.growing = growing  # a writer may be mid-line: leave a last line without newline alone
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no such recording")
         self.problems: list[str] = []
@@ -812,9 +829,11 @@ class RecordingIndex:
                 offset += len(chunk)
         except zlib.error as exc:
             self.problems.append(f"{self.path}: compressed data damaged ({exc}); read up to there")
-        if partial.strip():
+        #: where the newline-terminated lines end, and how many there are (a follower goes on there)
+        self.end, self.lines = offset - len(partial), line_no
+        if partial.strip() and not self.growing:
             add(partial, offset - len(partial), last=True)
-        if inflater is not None and inflater.fed:
+        if inflater is not None and inflater.fed and not self.growing:
             self.problems.append(f"{self.path}: the compressed data ends early (a killed writer?); "
                                  "everything up to there was read")
         self.starts = np.array(starts, dtype=np.int64)
@@ -825,6 +844,7 @@ class RecordingIndex:
         self.run_ids = np.array(runs, dtype=np.int64)
         self.flags = np.array(flags, dtype=np.int8)
         self._header_at = sorted(i for i, r in self._kept.items() if isinstance(r, RunHeader))
+        self.window_fields = dict(parser.window_fields)
         self.size = offset
 
     def __len__(self) -> int:

@@ -168,11 +168,13 @@ class ReplaySource(Source):
 
     def __init__(self, path: str | Path | None = None, *, records: list | None = None,
                  problems: list[str] | None = None, label: str | None = None,
-                 history: int = HISTORY, overview_size: int = OVERVIEW):
+                 history: int = HISTORY, overview_size: int = OVERVIEW, index=None):
         super().__init__()
         from ..jsonl import STEP, RecordingIndex
 
-        if records is None:
+        if index is not None:
+            self.index = index
+        elif records is None:
             self.index = RecordingIndex(path, cache=2 * history + overview_size + 64)
             self.index.problems[:0] = list(problems or [])
         else:
@@ -300,7 +302,7 @@ class ReplaySource(Source):
             stride = max(1, -(-len(positions) // size))
             picked = positions[::stride]
             if len(positions) and picked[-1] != positions[-1]:
-                picked = np.append(picked[1:] if len(picked) >= size else picked, positions[-1])
+                picked = np.append(picked[:-1] if len(picked) >= size else picked, positions[-1])
             records = self.index.records([int(self._ordinals[p]) for p in picked])
             self._overview = {key: [r for r in records if r is not None]}  # the latest one only
         return self._overview[key]
@@ -404,11 +406,16 @@ class _ListIndex:
 
 
 class FollowSource(Source):
-    """Follows a growing recording like ``tail -f``; the file may not exist yet."""
+    """Follows a growing recording like ``tail -f``; the file may not exist yet. A long plain
+    file is not read whole on attaching: it is indexed, the screen gets what a replay at its last
+    step would show (:meth:`ReplaySource.upto`), and following goes on from its end."""
 
     kind = "follow"
 
-    def __init__(self, path: str | Path):
+    #: Files above this size are indexed on attaching instead of read record by record.
+    CATCH_UP_BYTES = 4 << 20
+
+    def __init__(self, path: str | Path, *, history: int = HISTORY):
         super().__init__()
         from ..jsonl import JsonlReader
 
@@ -416,6 +423,23 @@ class FollowSource(Source):
         self.reader = JsonlReader(self.path)
         self.label = self.path.name
         self.restarts = 0
+        self.history = history
+        self._attached = False
+
+    def _catch_up(self) -> list | None:
+        """The window of a long existing recording, read through its index; None to read it all."""
+        from ..jsonl import RecordingIndex, is_gzip
+
+        try:
+            if self.path.stat().st_size <= self.CATCH_UP_BYTES or is_gzip(self.path):
+                return None
+            index = RecordingIndex(self.path, cache=self.history + 64, growing=True)
+        except OSError:
+            return None
+        self.reader.resume(index)
+        replay = ReplaySource(index=index, history=self.history)
+        self.problems.extend(index.problems)
+        return replay.upto(replay.n_steps - 1)
 
     @property
     def exists(self) -> bool:
@@ -432,6 +456,14 @@ class FollowSource(Source):
 
             self.reader = JsonlReader(self.path)
             self.restarts += 1
+        if not self._attached and self.path.exists():
+            self._attached = True
+            caught_up = self._catch_up()
+            if caught_up is not None:
+                for record in caught_up:
+                    if isinstance(record, RunHeader):
+                        self.device = record.device
+                return caught_up
         result = self.reader.read_new()
         self.problems.extend(result.problems)
         for record in result.records:
