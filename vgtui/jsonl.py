@@ -526,6 +526,13 @@ class _PlainBytes:
             handle.seek(start)
             return handle.read(end - start)
 
+    def read_ranges(self, ranges: list[tuple[int, int]]) -> Iterator[bytes]:
+        """The bytes of each (start, end), in the order given (sorted by start)."""
+        with open(self.path, "rb") as handle:
+            for start, end in ranges:
+                handle.seek(start)
+                yield handle.read(end - start)
+
 
 class _GzipBytes:
     """Random reads of a gzip file's decoded bytes: the scan leaves a decompressor checkpoint
@@ -538,6 +545,7 @@ class _GzipBytes:
         self._points: list[tuple[int, int, object]] = []  # (decoded offset, file offset, state)
         self._starts: list[int] = []
         self._cache: tuple[int, bytes] = (0, b"")
+        self._walk: tuple = (None, 0, 0, b"")  # where read_ranges stopped
 
     def checkpoint(self, decoded: int, offset: int, state) -> None:
         if not self._starts or decoded - self._starts[-1] >= self.SPACING:
@@ -564,6 +572,33 @@ class _GzipBytes:
         data = b"".join(parts)
         self._cache = (start, data)
         return data[:end - start]
+
+    def read_ranges(self, ranges: list[tuple[int, int]]) -> Iterator[bytes]:
+        """The decoded bytes of each (start, end), sorted by start, in one forward walk that jumps
+        to a later checkpoint only where that skips decoding. The walk is kept for the next call:
+        stepping forward record by record decodes each byte once."""
+        with open(self.path, "rb") as handle:
+            inflater, offset, have, pending = self._walk  # pending: decoded bytes from ``have`` on
+            for start, end in ranges:
+                point = max(0, bisect.bisect_right(self._starts, start) - 1)
+                if inflater is None or start < have or self._starts[point] > have + len(pending):
+                    have, offset, state = self._points[point]
+                    inflater, pending = _Inflater(state.copy() if state is not None else None), b""
+                handle.seek(offset)
+                while have + len(pending) < end:
+                    raw = handle.read(_GZIP_READ)
+                    if not raw:
+                        break
+                    offset += len(raw)
+                    out = inflater.feed(raw)
+                    if have + len(pending) + len(out) <= start:
+                        have, pending = have + len(pending) + len(out), b""
+                    else:
+                        pending += out
+                cut = max(0, start - have)
+                pending, have = pending[cut:], have + cut
+                self._walk = (inflater, offset, have, pending)
+                yield pending[:end - start]
 
 
 def _decoded_chunks(path: Path, offset: int = 0, inflater: _Inflater | None = None,
@@ -738,6 +773,8 @@ HEADER, STEP, EVENT, ERROR = 0, 1, 2, 3
 DETAIL, NONFINITE = 1, 2  # RecordingIndex.flags bits
 
 _STEP_PREFIX = re.compile(rb'\{"type":"step","step":(-?\d+),"run_id":(-?\d+),')
+_STEP_V2 = re.compile(rb'\{"type":"step","step":(-?\d+),"run_id":(-?\d+),"phase":"(?:[^"\\]|\\.)*",'
+                      rb'"detail":(true|false),"nonfinite":(null|\[)')
 _DETAIL = re.compile(rb'"detail":(true|false)')
 _NONFINITE = re.compile(rb'"nonfinite":(null|\[)')
 
@@ -776,25 +813,37 @@ class RecordingIndex:
         parser = self._parser
         known_runs: set[int] = set()
         match_step, find_detail, find_nonfinite = _STEP_PREFIX.match, _DETAIL.search, _NONFINITE.search
+        match_v2 = _STEP_V2.match
 
-        def add(line: bytes, start: int, last: bool = False) -> None:
+        def add(data: bytes, at: int, end: int, base: int, last: bool = False) -> None:
+            """The line data[at:end] (starting at byte ``base + at``); step lines are not copied."""
             nonlocal line_no
             line_no += 1
-            if not line.strip():
-                return
-            m = match_step(line)
-            if m is not None and line.rstrip().endswith(b"}"):
-                detail, nonfinite = find_detail(line), find_nonfinite(line)
-                if detail is not None and nonfinite is not None:
-                    run_id = int(m.group(2))
+            if end > at and data[end - 1] == 0x7D:  # "}": a complete line as vgtui writes them
+                m = match_v2(data, at, end)
+                if m is not None:
+                    step, run_id, detail, nonfinite = m.groups()
+                else:
+                    m = match_step(data, at, end)
+                    found = m and find_detail(data, at, end), m and find_nonfinite(data, at, end)
+                    if m is not None and None not in found:
+                        (step, run_id), detail, nonfinite = m.groups(), found[0].group(1), found[1].group(1)
+                    else:
+                        m = None
+                if m is not None:
+                    run_id = int(run_id)
                     if run_id not in known_runs:
                         self.problems.append(f"{self.path}:{line_no}: step before any header skipped")
                         return
-                    starts.append(start), lengths.append(len(line)), line_nos.append(line_no)
-                    kinds.append(STEP), steps.append(int(m.group(1))), runs.append(run_id)
-                    flags.append((DETAIL if detail.group(1) == b"true" else 0)
-                                 | (NONFINITE if nonfinite.group(1) == b"[" else 0))
+                    starts.append(base + at), lengths.append(end - at), line_nos.append(line_no)
+                    kinds.append(STEP), steps.append(int(step)), runs.append(run_id)
+                    flags.append((DETAIL if detail[0] == 0x74 else 0)  # "t"rue
+                                 | (NONFINITE if nonfinite == b"[" else 0))
                     return
+            line = data[at:end]
+            if not line.strip():
+                return
+            start = base + at
             record = parser.parse(line, line_no, self.problems, last=last)
             if record is None:
                 return
@@ -823,7 +872,7 @@ class RecordingIndex:
                     end = data.find(b"\n", at)
                     if end < 0:
                         break
-                    add(data[at:end], base + at)
+                    add(data, at, end, base)
                     at = end + 1
                 partial = data[at:]
                 offset += len(chunk)
@@ -832,7 +881,7 @@ class RecordingIndex:
         #: where the newline-terminated lines end, and how many there are (a follower goes on there)
         self.end, self.lines = offset - len(partial), line_no
         if partial.strip() and not self.growing:
-            add(partial, offset - len(partial), last=True)
+            add(partial, 0, len(partial), offset - len(partial), last=True)
         if inflater is not None and inflater.fed and not self.growing:
             self.problems.append(f"{self.path}: the compressed data ends early (a killed writer?); "
                                  "everything up to there was read")
@@ -877,10 +926,9 @@ class RecordingIndex:
         ordinals = [int(i) for i in ordinals]
         found: dict[int, Record | None] = {}
         missing = sorted({i for i in ordinals if i not in self._kept and i not in self._cache})
-        for group in _runs_of(missing, self.starts, self.lengths):
-            first, last = group[0], group[-1]
-            base = int(self.starts[first])
-            blob = self._bytes.read(base, int(self.starts[last] + self.lengths[last]))
+        groups = list(_runs_of(missing, self.starts, self.lengths))
+        spans = [(int(self.starts[g[0]]), int(self.starts[g[-1]] + self.lengths[g[-1]])) for g in groups]
+        for group, (base, _), blob in zip(groups, spans, self._bytes.read_ranges(spans)):
             for i in group:
                 at = int(self.starts[i]) - base
                 found[i] = self._parse_step(blob[at:at + int(self.lengths[i])], i)
