@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/long_recording.py /tmp/long.jsonl --records 100000
     .venv/bin/python benchmarks/replay_bench.py /tmp/long.jsonl            # headless, no Textual
-    .venv/bin/python benchmarks/replay_bench.py /tmp/long.jsonl --pilot    # + the real app's first frame
+    .venv/bin/python benchmarks/replay_bench.py /tmp/long.jsonl --pilot    # + the app in run_test
+    .venv/bin/python benchmarks/replay_bench.py /tmp/long.jsonl --pty      # + the real `vgtui replay`
     .venv/bin/python benchmarks/replay_bench.py /tmp/long.jsonl --export   # + `vgtui export --csv`
 
 Each measurement runs in a fresh child process so that its peak resident memory (ru_maxrss, the
@@ -13,6 +14,9 @@ interpreter and numpy included) is its own, and the figure is the median of ``--
 * seek: ``--seeks`` random positions, each ``seek(p)`` fed into a fresh RunState (cold: positions
   far apart, so the record cache does not help), then as many ``step_forward()`` calls;
 * pilot: the Textual app in ``run_test`` from process start until the dashboard has drawn;
+* pty: ``python -m vgtui replay FILE`` on a pseudo-terminal (benchmarks/tui_keys.py's Terminal):
+  spawn until the status bar shows the last step, then home / end / f until it shows the new
+  position (a key's time includes the app's frame pacing);
 * export: ``vgtui export FILE --csv OUT`` as a user runs it.
 """
 
@@ -105,6 +109,31 @@ def child_pilot(path: str, started: float) -> dict:
     return {"first_frame_s": first_frame, "peak_mb": _peak_mb()}
 
 
+def pty_replay(path: str, steps: int, last_step: int, first_nan: int | None) -> dict:
+    """The real `vgtui replay FILE` on a pty at 120x40: spawn -> the last step in the status bar,
+    peak memory then, and key -> the status bar at the new position (home, end, f)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from tui_keys import Terminal
+
+    term = Terminal(["-m", "vgtui", "replay", path], 120, 40)
+    first = term.wait_for(f"step {last_step}".encode(), timeout=120)
+    first = time.perf_counter() - term.start if first == first else first  # from the spawn
+    with open(f"/proc/{term.pid}/status") as status:
+        peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+    keys = {}
+    term.drain(1.0)
+    for name, key, marker in (("home", b"\x1b[H", f"(1/{steps})"), ("end", b"\x1b[F", f"({steps}/{steps})"),
+                              ("f", b"f", f"({(first_nan or 0) + 1}/{steps})")):
+        if name == "f" and first_nan is None:
+            continue
+        term.buffer = b""
+        term.press(key)
+        keys[name] = term.wait_for(marker.encode(), timeout=30)
+        term.drain(0.5)
+    term.close()
+    return {"first_frame_s": first, "peak_mb": peak, **{f"{k}_s": v for k, v in keys.items()}}
+
+
 def _child(mode: str, path: str, *extra: str) -> dict:
     started = time.time()
     out = subprocess.run([sys.executable, __file__, "--child", mode, path, "--started", repr(started), *extra],
@@ -132,6 +161,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seeks", type=int, default=50)
     parser.add_argument("--pilot", action="store_true", help="also time the Textual app's first frame")
+    parser.add_argument("--pty", action="store_true", help="also run the real `vgtui replay` on a pty")
     parser.add_argument("--export", action="store_true", help="also time `vgtui export --csv`")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--started", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -165,6 +195,18 @@ def main() -> None:
         print(f"vgtui replay in run_test (median of {args.repeat}): first frame "
               f"{median(pilots, 'first_frame_s'):.2f} s after process start; peak RSS "
               f"{median(pilots, 'peak_mb'):.0f} MB")
+    if args.pty:
+        from vgtui.tui.sources import ReplaySource
+
+        source = ReplaySource(args.path)
+        last_step, first_nan = int(source.step_numbers[-1]), source.first_nonfinite()
+        del source
+        runs = [pty_replay(args.path, steps, last_step, first_nan) for _ in range(args.repeat)]
+        keys = ", ".join(f"{k} {median(runs, f'{k}_s') * 1e3:.0f} ms" for k in ("home", "end", "f")
+                         if f"{k}_s" in runs[0])
+        print(f"vgtui replay on a pty (median of {args.repeat}): spawn -> last step on screen "
+              f"{median(runs, 'first_frame_s'):.2f} s, peak RSS (VmHWM) then {median(runs, 'peak_mb'):.0f} MB; "
+              f"key -> new position on screen: {keys}")
     if args.export:
         result = _export(args.path)
         print(f"vgtui export --csv: {result['rows']:,} rows in {result['export_s']:.1f} s, "
