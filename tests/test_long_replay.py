@@ -123,20 +123,22 @@ def test_the_first_nonfinite_step_is_found_from_the_index(long):
     assert state.nonfinite == (step, layer, where)
 
 
-def test_attaching_to_a_long_recording_reads_its_end_then_follows(long, tmp_path, monkeypatch):
-    plain, _, written = long
-    data = plain.read_bytes()
-    cut = data.rindex(b"\n", 0, len(data) * 4 // 5) + 1
-    live = tmp_path / "live.jsonl"
-    live.write_bytes(data[:cut] + data[cut:cut + 100])  # the writer is mid-line
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "gzip"])
+def test_attaching_to_a_long_recording_reads_its_end_then_follows(long, tmp_path, monkeypatch, packed):
+    plain, gz, written = long
+    data = (gz if packed else plain).read_bytes()
+    cut = len(data) * 4 // 5 if packed else data.rindex(b"\n", 0, len(data) * 4 // 5) + 101
+    live = tmp_path / ("live.jsonl.gz" if packed else "live.jsonl")
+    live.write_bytes(data[:cut])  # the writer is mid-line (mid-member)
     monkeypatch.setattr(FollowSource, "CATCH_UP_BYTES", 1 << 20)
     source = FollowSource(live, history=HISTORY)
     first = source.poll()
     steps = [r for r in first if isinstance(r, StepRecord)]
     assert isinstance(first[0], RunHeader) and len(steps) == HISTORY and source.problems == []
+    assert steps[-1].step > RECORDS // 2
     with open(live, "ab") as handle:
-        handle.write(data[cut + 100:])
+        handle.write(data[cut:])
     rest = [r for r in source.poll() if isinstance(r, StepRecord)]
     assert [r.step for r in rest] == list(range(steps[-1].step + 1, RECORDS))
     _equal(rest[-1], [r for r in iter_records(plain) if isinstance(r, StepRecord)][-1])
-    assert written[-1].step == rest[-1].step
+    assert written[-1].step == rest[-1].step and source.problems == []

@@ -601,25 +601,21 @@ class _GzipBytes:
                 yield pending[:end - start]
 
 
-def _decoded_chunks(path: Path, offset: int = 0, inflater: _Inflater | None = None,
-                    gz: _GzipBytes | None = None) -> Iterator[bytes]:
-    """The file's bytes from ``offset`` (decoded when ``inflater`` is given), a chunk at a time."""
+def _decoded_chunks(path: Path, inflater: _Inflater | None = None,
+                    gz: _GzipBytes | None = None) -> Iterator[tuple[int, bytes]]:
+    """(file bytes read so far, the bytes they decode to) a chunk at a time (decoded when
+    ``inflater`` is given, leaving ``gz`` a checkpoint now and then)."""
     decoded = 0
     with open(path, "rb") as handle:
-        handle.seek(offset)
         while True:
             if gz is not None:
                 gz.checkpoint(decoded, handle.tell(), inflater.state() if inflater.fed else None)
             raw = handle.read(_CHUNK if inflater is None else _GZIP_READ)
             if not raw:
                 return
-            if inflater is None:
-                yield raw
-                continue
-            out = inflater.feed(raw)
+            out = raw if inflater is None else inflater.feed(raw)
             decoded += len(out)
-            if out:
-                yield out
+            yield handle.tell(), out
 
 
 # -- reading: records -------------------------------------------------------------------------------
@@ -678,11 +674,13 @@ class JsonlReader:
         self._parser = _Parser(self.path)
 
     def resume(self, index: "RecordingIndex") -> None:
-        """Go on after the lines ``index`` (built with ``growing=True`` on a plain file) covers."""
-        if index.gzip:
-            raise ValueError("a gzip recording cannot be resumed mid-stream")
-        self._gzip, self._inflater = False, None
-        self._offset, self._line_no, self._partial = index.end, index.lines, b""
+        """Go on after the lines ``index`` (built with ``growing=True``) covers."""
+        self._offset, self._partial, inflater, fed = index.resume_at
+        self._gzip, self._line_no = index.gzip, index.lines
+        self._inflater = None
+        if inflater is not None:
+            self._inflater = _Inflater(inflater.state())
+            self._inflater.fed = fed
         for header in index.headers.values():
             self._parser.layers[header.run_id] = header.layers
         self._parser.window_fields.update(index.window_fields)
@@ -809,7 +807,7 @@ class RecordingIndex:
         starts, lengths, line_nos = array("q"), array("l"), array("l")
         kinds, steps, runs, flags = array("b"), array("q"), array("q"), array("b")
         inflater = _Inflater() if self.gzip else None
-        offset, line_no, partial = 0, 0, b""
+        offset, line_no, partial, raw_end = 0, 0, b"", 0
         parser = self._parser
         known_runs: set[int] = set()
         match_step, find_detail, find_nonfinite = _STEP_PREFIX.match, _DETAIL.search, _NONFINITE.search
@@ -863,8 +861,8 @@ class RecordingIndex:
             self._kept[ordinal] = record
 
         try:
-            for chunk in _decoded_chunks(self.path, inflater=inflater,
-                                         gz=self._bytes if self.gzip else None):
+            for raw_end, chunk in _decoded_chunks(self.path, inflater=inflater,
+                                                  gz=self._bytes if self.gzip else None):
                 data = partial + chunk
                 base = offset - len(partial)
                 at = 0
@@ -878,8 +876,12 @@ class RecordingIndex:
                 offset += len(chunk)
         except zlib.error as exc:
             self.problems.append(f"{self.path}: compressed data damaged ({exc}); read up to there")
-        #: where the newline-terminated lines end, and how many there are (a follower goes on there)
+        #: where the newline-terminated lines end, and how many there are
         self.end, self.lines = offset - len(partial), line_no
+        #: where a follower goes on: file bytes read, the decoded bytes after the last newline,
+        #: the decompressor then (gzip)
+        self.resume_at = (raw_end, partial, _Inflater(inflater.state()) if inflater is not None else None,
+                          inflater is not None and inflater.fed)
         if partial.strip() and not self.growing:
             add(partial, 0, len(partial), offset - len(partial), last=True)
         if inflater is not None and inflater.fed and not self.growing:

@@ -406,8 +406,8 @@ class _ListIndex:
 
 
 class FollowSource(Source):
-    """Follows a growing recording like ``tail -f``; the file may not exist yet. A long plain
-    file is not read whole on attaching: it is indexed, the screen gets what a replay at its last
+    """Follows a growing recording like ``tail -f``; the file may not exist yet. A long file is
+    not read whole on attaching: it is indexed, the screen gets what a replay at its last
     step would show (:meth:`ReplaySource.upto`), and following goes on from its end."""
 
     kind = "follow"
@@ -431,7 +431,8 @@ class FollowSource(Source):
         from ..jsonl import RecordingIndex, is_gzip
 
         try:
-            if self.path.stat().st_size <= self.CATCH_UP_BYTES or is_gzip(self.path):
+            size = self.path.stat().st_size
+            if size <= (self.CATCH_UP_BYTES // 6 if is_gzip(self.path) else self.CATCH_UP_BYTES):
                 return None
             index = RecordingIndex(self.path, cache=self.history + 64, growing=True)
         except OSError:
