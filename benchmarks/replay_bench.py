@@ -17,6 +17,7 @@ interpreter and numpy included) is its own, and the figure is the median of ``--
 * pty: ``python -m vgtui replay FILE`` on a pseudo-terminal (benchmarks/tui_keys.py's Terminal):
   spawn until the status bar shows the last step, then home / end / f until it shows the new
   position (a key's time includes the app's frame pacing);
+* writer: JsonlWriter's cost per record, version 1 / 2 / gzip, interleaved (``--writer``);
 * export: ``vgtui export FILE --csv OUT`` as a user runs it.
 """
 
@@ -134,6 +135,27 @@ def pty_replay(path: str, steps: int, last_step: int, first_nan: int | None) -> 
     return {"first_frame_s": first, "peak_mb": peak, **{f"{k}_s": v for k, v in keys.items()}}
 
 
+def writer_cost(count: int = 2000, repeat: int = 5) -> dict:
+    """Microseconds per record of JsonlWriter, version 1 / version 2 / gzip, interleaved."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from long_recording import records
+
+    from vgtui.jsonl import JsonlWriter
+
+    stream = list(records(count))
+    times: dict[str, list[float]] = {"v1": [], "v2": [], "gzip": []}
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in range(repeat):
+            for name, file, version in (("v1", "a.jsonl", 1), ("v2", "b.jsonl", 2), ("gzip", "c.jsonl.gz", 2)):
+                started = time.perf_counter()
+                with JsonlWriter(Path(folder) / file, version=version) as writer:
+                    writer.write_all(stream)
+                times[name].append((time.perf_counter() - started) / len(stream) * 1e6)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def _child(mode: str, path: str, *extra: str) -> dict:
     started = time.time()
     out = subprocess.run([sys.executable, __file__, "--child", mode, path, "--started", repr(started), *extra],
@@ -162,6 +184,7 @@ def main() -> None:
     parser.add_argument("--seeks", type=int, default=50)
     parser.add_argument("--pilot", action="store_true", help="also time the Textual app's first frame")
     parser.add_argument("--pty", action="store_true", help="also run the real `vgtui replay` on a pty")
+    parser.add_argument("--writer", action="store_true", help="also time JsonlWriter per record")
     parser.add_argument("--export", action="store_true", help="also time `vgtui export --csv`")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--started", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -207,6 +230,10 @@ def main() -> None:
         print(f"vgtui replay on a pty (median of {args.repeat}): spawn -> last step on screen "
               f"{median(runs, 'first_frame_s'):.2f} s, peak RSS (VmHWM) then {median(runs, 'peak_mb'):.0f} MB; "
               f"key -> new position on screen: {keys}")
+    if args.writer:
+        cost = writer_cost()
+        print("JsonlWriter per record (2,000 relu-30-he records, median of 5 interleaved): "
+              + ", ".join(f"{name} {us:.0f} µs" for name, us in cost.items()))
     if args.export:
         result = _export(args.path)
         print(f"vgtui export --csv: {result['rows']:,} rows in {result['export_s']:.1f} s, "
