@@ -316,3 +316,21 @@ def test_the_index_reads_a_gzip_recording_at_random(tmp_path, monkeypatch):
         _same(x, y, exact=True)
     assert a.steps.tolist() == b.steps.tolist() and a.flags.tolist() == b.flags.tolist()
     os.remove(plain)
+
+
+def test_vgtui_run_records_gzip_and_replay_export_read_it(tmp_path, capsys):
+    from vgtui.cli import main
+    from vgtui.export import read_csv
+    from vgtui.tui.sources import ReplaySource
+
+    path = tmp_path / "run.jsonl.gz"
+    assert main(["run", "--preset", "shallow", "--steps", "12", "--record", str(path)]) == 0
+    assert path.read_bytes()[:2] == b"\x1f\x8b"
+    lines = gzip.decompress(path.read_bytes()).decode().splitlines()
+    assert [json.loads(line)["type"] for line in lines].count("header") == 1  # zcat reads it too
+    steps = [r for r in read_recording(path).records if isinstance(r, StepRecord)]
+    assert [r.step for r in steps] == list(range(12))
+    source = ReplaySource(path)
+    assert source.n_steps == 12 and source.at(11).step == 11 and source.problems == []
+    assert main(["export", str(path), "--csv", str(tmp_path / "run.csv")]) == 0
+    assert {s for s, _, _, _ in read_csv(tmp_path / "run.csv")} == set(range(12))

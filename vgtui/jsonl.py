@@ -521,11 +521,6 @@ class _PlainBytes:
     def __init__(self, path: Path):
         self.path = path
 
-    def read(self, start: int, end: int) -> bytes:
-        with open(self.path, "rb") as handle:
-            handle.seek(start)
-            return handle.read(end - start)
-
     def read_ranges(self, ranges: list[tuple[int, int]]) -> Iterator[bytes]:
         """The bytes of each (start, end), in the order given (sorted by start)."""
         with open(self.path, "rb") as handle:
@@ -535,8 +530,9 @@ class _PlainBytes:
 
 
 class _GzipBytes:
-    """Random reads of a gzip file's decoded bytes: the scan leaves a decompressor checkpoint
-    every :attr:`SPACING` decoded bytes; a read restarts at the one before it (zran's idea)."""
+    """Random reads of a gzip file's decoded bytes: the index pass leaves a decompressor
+    checkpoint every :attr:`SPACING` decoded bytes; a read starts at the one before it (the idea
+    of zlib's zran.c)."""
 
     SPACING = 2 << 20
 
@@ -544,34 +540,12 @@ class _GzipBytes:
         self.path = path
         self._points: list[tuple[int, int, object]] = []  # (decoded offset, file offset, state)
         self._starts: list[int] = []
-        self._cache: tuple[int, bytes] = (0, b"")
         self._walk: tuple = (None, 0, 0, b"")  # where read_ranges stopped
 
     def checkpoint(self, decoded: int, offset: int, state) -> None:
         if not self._starts or decoded - self._starts[-1] >= self.SPACING:
             self._points.append((decoded, offset, state))
             self._starts.append(decoded)
-
-    def read(self, start: int, end: int) -> bytes:
-        cached_at, cached = self._cache
-        if cached_at <= start and end <= cached_at + len(cached):
-            return cached[start - cached_at:end - cached_at]
-        decoded, offset, state = self._points[max(0, bisect.bisect_right(self._starts, start) - 1)]
-        inflater = _Inflater(state.copy() if state is not None else None)
-        parts, have = [], decoded
-        with open(self.path, "rb") as handle:
-            handle.seek(offset)
-            while have < end:
-                raw = handle.read(_GZIP_READ)
-                if not raw:
-                    break
-                out = inflater.feed(raw)
-                if have + len(out) > start:
-                    parts.append(out[max(0, start - have):])
-                have += len(out)
-        data = b"".join(parts)
-        self._cache = (start, data)
-        return data[:end - start]
 
     def read_ranges(self, ranges: list[tuple[int, int]]) -> Iterator[bytes]:
         """The decoded bytes of each (start, end), sorted by start, in one forward walk that jumps
