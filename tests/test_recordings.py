@@ -324,7 +324,7 @@ def test_vgtui_run_records_gzip_and_replay_export_read_it(tmp_path, capsys):
     from vgtui.tui.sources import ReplaySource
 
     path = tmp_path / "run.jsonl.gz"
-    assert main(["run", "--preset", "shallow", "--steps", "12", "--record", str(path)]) == 0
+    assert main(["run", "--preset", "shallow", "--steps", "12", "--budget", "0", "--record", str(path)]) == 0
     assert path.read_bytes()[:2] == b"\x1f\x8b"
     lines = gzip.decompress(path.read_bytes()).decode().splitlines()
     assert [json.loads(line)["type"] for line in lines].count("header") == 1  # zcat reads it too
