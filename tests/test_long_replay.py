@@ -142,3 +142,30 @@ def test_attaching_to_a_long_recording_reads_its_end_then_follows(long, tmp_path
     assert [r.step for r in rest] == list(range(steps[-1].step + 1, RECORDS))
     _equal(rest[-1], [r for r in iter_records(plain) if isinstance(r, StepRecord)][-1])
     assert written[-1].step == rest[-1].step and source.problems == []
+
+
+def test_the_replay_screen_on_a_long_recording_holds_a_window(long):
+    """The real app (Pilot): opens at the last step, home / f / end land where they should, and
+    what the source keeps parsed stays bounded."""
+    import asyncio
+
+    from vgtui.tui.app import Dashboard, make_app
+
+    plain, _, written = long
+    source = ReplaySource(plain)
+    first_nan = next(i for i, r in enumerate(written) if r.nonfinite is not None)
+
+    async def drive() -> None:
+        app = make_app(source)
+        async with app.run_test(size=(100, 30)) as pilot:
+            dash = next(s for s in app.screen_stack if isinstance(s, Dashboard))
+            assert dash.state.last.step == RECORDS - 1 and len(dash.state.steps) <= source.history
+            for key, step in (("home", 0), ("f", written[first_nan].step), ("end", RECORDS - 1)):
+                await pilot.press(key)
+                assert dash.state.last.step == step, key
+            await pilot.press("left")
+            assert dash.state.last.step == RECORDS - 2
+            await pilot.press("q")
+
+    asyncio.run(drive())
+    assert len(source.index._cache) <= source.index._cache_size < RECORDS
