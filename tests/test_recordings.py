@@ -247,6 +247,17 @@ def test_a_full_disk_leaves_complete_lines_and_raises_an_oserror(tmp_path, name)
     assert result.problems == [] and [type(r) for r in result.records] == [RunHeader, StepRecord]
 
 
+def test_closing_never_raises_and_says_why_the_last_flush_failed(tmp_path):
+    path = tmp_path / "run.jsonl.gz"
+    writer = JsonlWriter(path)
+    writer.write(_header())
+    writer.write(_full_step(1))  # waits for the next member
+    writer._file = _DiskFills(writer._file, room=0)
+    writer.close()
+    assert writer.failed and writer.error.errno == errno.ENOSPC
+    assert [type(r) for r in read_recording(path).records] == [RunHeader]
+
+
 def test_a_killed_gzip_writer_leaves_every_flushed_member_readable(tmp_path):
     path = tmp_path / "run.jsonl.gz"
     writer = JsonlWriter(path)

@@ -381,9 +381,10 @@ class JsonlWriter:
     module docstring.
 
     Failure (disk full, any OSError): the file is cut back to its last complete line (gzip: last
-    complete member), :attr:`error` keeps a :class:`RecordingError` (an OSError) and that error is
-    raised from this call and from every later :meth:`write`; :meth:`close` does not raise it
-    again. Callers catch OSError, say so once, and carry on without the recording.
+    complete member), :attr:`error` keeps a :class:`RecordingError` (an OSError, the original
+    errno) and it is raised from that :meth:`write` / :meth:`flush` and from every later one.
+    Callers catch OSError, say so once, and carry on without the recording. :meth:`close` never
+    raises: after it, :attr:`error` (or :attr:`failed`) tells whether the recording is complete.
     """
 
     def __init__(self, path: str | Path, fsync_every: int = 0, *, compress: bool | None = None,
@@ -469,13 +470,19 @@ class JsonlWriter:
             self.write(record)
 
     def close(self) -> None:
-        """Flush and close; raises RecordingError only when this last gzip flush fails."""
+        """Flush and close. Never raises (closing runs on the way out of the user's loop): when
+        this last gzip flush fails, the file keeps its complete members and :attr:`error` says why."""
         if self._file.closed:
             return
         try:
             self.flush()
+        except RecordingError:
+            pass  # kept in self.error
         finally:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass
 
     def __enter__(self) -> "JsonlWriter":
         return self
