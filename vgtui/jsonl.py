@@ -13,9 +13,10 @@ norms 6, loss and accuracy 7, histogram counts as integers. ``"window"`` is a li
 the header's ``"window_fields"`` names. Version 1 files (a dict per layer, full precision) are
 still read, and :class:`JsonlWriter` can still write them (``version=1``).
 
-A path ending in ``.gz`` is written as a series of complete gzip members, one per flush (at most
-:data:`GZIP_FLUSH_SECONDS` apart, or every :data:`GZIP_FLUSH_BYTES`), so ``zcat`` and this reader
-see every flushed line of a killed run; gzip files are recognised by their first bytes when read.
+A path ending in ``.gz`` is written as a series of complete gzip members, one per flush, so
+``zcat`` and this reader see every flushed line of a killed run. Step lines are flushed by the
+first write :data:`GZIP_FLUSH_SECONDS` after them (or at :data:`GZIP_FLUSH_BYTES`), headers,
+events and errors at once, everything on close. Gzip is recognised by its first bytes when read.
 
 Long recordings are read without loading them: :func:`iter_records` streams, and
 :class:`RecordingIndex` finds every line in one pass (step number, run, detail and non-finite
@@ -752,7 +753,7 @@ HEADER, STEP, EVENT, ERROR = 0, 1, 2, 3
 DETAIL, NONFINITE = 1, 2  # RecordingIndex.flags bits
 
 _STEP_PREFIX = re.compile(rb'\{"type":"step","step":(-?\d+),"run_id":(-?\d+),')
-_STEP_V2 = re.compile(rb'\{"type":"step","step":(-?\d+),"run_id":(-?\d+),"phase":"(?:[^"\\]|\\.)*",'
+_STEP_V2 = re.compile(rb'\{"type":"step","step":(-?\d+),"run_id":(-?\d+),"phase":"(?:[^"\\\n]|\\.)*",'
                       rb'"detail":(true|false),"nonfinite":(null|\[)')
 _DETAIL = re.compile(rb'"detail":(true|false)')
 _NONFINITE = re.compile(rb'"nonfinite":(null|\[)')
@@ -792,7 +793,7 @@ class RecordingIndex:
         parser = self._parser
         known_runs: set[int] = set()
         match_step, find_detail, find_nonfinite = _STEP_PREFIX.match, _DETAIL.search, _NONFINITE.search
-        match_v2 = _STEP_V2.match
+        match_v2, finditer_v2 = _STEP_V2.match, _STEP_V2.finditer
 
         def add(data: bytes, at: int, end: int, base: int, last: bool = False) -> None:
             """The line data[at:end] (starting at byte ``base + at``); step lines are not copied."""
@@ -841,12 +842,40 @@ class RecordingIndex:
             runs.append(run_id)
             self._kept[ordinal] = record
 
+        def bulk(data: bytes, last_newline: int, base: int) -> bool:
+            """Index data[:last_newline] at once when every line in it is a version 2 step line of
+            a known run (most chunks of a long recording); False leaves it to :func:`add`."""
+            nonlocal line_no
+            newlines = np.flatnonzero(np.frombuffer(data, np.uint8, last_newline + 1) == 0x0A)
+            line_starts = np.concatenate(([0], newlines[:-1] + 1))
+            found = list(finditer_v2(data, 0, last_newline))
+            if len(found) != len(newlines):
+                return False
+            at = np.fromiter((m.start() for m in found), np.int64, len(found))
+            ends_ok = np.frombuffer(data, np.uint8)[newlines - 1] == 0x7D  # "}"
+            if not (np.array_equal(at, line_starts) and ends_ok.all()):
+                return False
+            groups = [m.groups() for m in found]
+            run_ids = np.fromiter((int(g[1]) for g in groups), np.int64, len(groups))
+            if not known_runs.issuperset(np.unique(run_ids).tolist()):
+                return False
+            starts.extend((line_starts + base).tolist()), lengths.extend((newlines - line_starts).tolist())
+            line_nos.extend(range(line_no + 1, line_no + 1 + len(groups)))
+            kinds.extend([STEP] * len(groups)), runs.extend(run_ids.tolist())
+            steps.extend(int(g[0]) for g in groups)
+            flags.extend((DETAIL if g[2] == b"true" else 0) | (NONFINITE if g[3] == b"[" else 0) for g in groups)
+            line_no += len(groups)
+            return True
+
         try:
             for raw_end, chunk in _decoded_chunks(self.path, inflater=inflater,
                                                   gz=self._bytes if self.gzip else None):
                 data = partial + chunk
                 base = offset - len(partial)
                 at = 0
+                last_newline = data.rfind(b"\n")
+                if last_newline >= 0 and bulk(data, last_newline, base):
+                    at = last_newline + 1
                 while True:
                     end = data.find(b"\n", at)
                     if end < 0:
