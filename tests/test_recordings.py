@@ -166,9 +166,11 @@ def test_every_field_round_trips(tmp_path, name, version):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in DATA.glob("*.jsonl")))
 def test_todays_recordings_still_open(name):
-    """The version 1 files written before the compact format, read both ways."""
+    """The recordings the TUI tests replay (version 1 when the compact format came; regenerating
+    them writes version 2), and a frozen copy of one in version 1 (v1-*), read both ways."""
     path = DATA / name
-    assert json.loads(path.read_text().splitlines()[0])["version"] == 1
+    if name.startswith("v1-"):
+        assert json.loads(path.read_text().splitlines()[0])["version"] == 1
     result = read_recording(path)
     assert result.problems == [] and any(isinstance(r, StepRecord) for r in result.records)
     index = RecordingIndex(path)
