@@ -265,8 +265,10 @@ def from_json(data: dict, layer_names: list[str] | None, window_fields: Sequence
         )
     if kind == "step":
         if "columns" in data:
-            names = layer_names if layer_names is not None else []
-            columns, unmeasured, hist, time_grads = _columns_v2(data, names)
+            if layer_names is None:  # no header: as many layers as the first list says
+                lists = [c for c in (data["columns"] or {}).values() if isinstance(c, list)]
+                layer_names = [f"layer{i}" for i in range(len(lists[0]) if lists else 0)]
+            columns, unmeasured, hist, time_grads = _columns_v2(data, layer_names)
         else:
             names = layer_names if layer_names is not None else list(data["layers"])
             columns, unmeasured, hist, time_grads = _columns_v1(data, names)
