@@ -439,8 +439,9 @@ class FollowSource(Source):
             return None
         self.reader.resume(index)
         replay = ReplaySource(index=index, history=self.history)
-        self.problems.extend(index.problems)
-        return replay.upto(replay.n_steps - 1)
+        records = replay.upto(replay.n_steps - 1)
+        self.problems.extend(index.problems)  # the scan's and those found reading the window
+        return records
 
     @property
     def exists(self) -> bool:
