@@ -1,5 +1,6 @@
 """Write a long recording of `relu-30-he` (31 layers) without training it: 100,000 step records in
-about half a minute, for the replay/export benchmarks and the bounded-memory tests.
+1–1.5 minutes (training them would take an hour), for the replay/export benchmarks and the
+bounded-memory tests.
 
     .venv/bin/python benchmarks/long_recording.py /tmp/long.jsonl --records 100000
     .venv/bin/python benchmarks/long_recording.py /tmp/long.jsonl.gz --records 100000
