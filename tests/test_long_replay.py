@@ -169,3 +169,20 @@ def test_the_replay_screen_on_a_long_recording_holds_a_window(long):
 
     asyncio.run(drive())
     assert len(source.index._cache) <= source.index._cache_size < RECORDS
+
+
+def test_the_overview_comes_from_the_lines_the_index_pass_kept(long):
+    plain, packed, written = long
+    streamed = {r.step: r for r in iter_records(plain) if isinstance(r, StepRecord)}
+    for path in (plain, packed):
+        source = ReplaySource(path, history=HISTORY, overview_size=OVERVIEW)
+        kept = source.index.sampled_positions
+        assert 1000 <= len(kept) <= 2000 and len(set(np.diff(kept))) == 1  # evenly spaced
+        overview = source.overview(end=source.n_steps - 1)
+        steps = [r.step for r in overview]
+        assert len(overview) <= OVERVIEW and steps[-1] == RECORDS - 1
+        assert set(steps[:-1]) <= {written[p].step for p in kept}
+        for record in overview:
+            _equal(record, streamed[record.step])
+        middle = source.overview(end=2500)  # up to a cursor in the middle: still spread over it
+        assert middle[-1].step == 2500 and OVERVIEW // 2 <= len(middle) <= OVERVIEW

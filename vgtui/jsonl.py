@@ -773,6 +773,9 @@ class RecordingIndex:
     then returns None and adds the line to :attr:`problems`.
     """
 
+    #: The scan keeps between SAMPLE and 2 x SAMPLE evenly spaced step lines (overviews read them).
+    SAMPLE = 1000
+
     def __init__(self, path: str | Path, cache: int = 4096, *, growing: bool = False):
         self.path = Path(path)
         self.growing = growing  # a writer may be mid-line: leave a last line without newline alone
@@ -796,10 +799,24 @@ class RecordingIndex:
         known_runs: set[int] = set()
         match_step, find_detail, find_nonfinite = _STEP_PREFIX.match, _DETAIL.search, _NONFINITE.search
         match_v2, finditer_v2 = _STEP_V2.match, _STEP_V2.finditer
+        sampled: dict[int, tuple[int, bytes]] = {}  # ordinal -> (position, line): every stride-th step
+        stride, n_steps = 1, 0
+
+        def sample(position: int, ordinal: int, data: bytes, at: int, end: int) -> None:
+            """Keep every ``stride``-th step line (at most 2 x SAMPLE of them), for overviews that
+            need no second pass over the file."""
+            nonlocal stride
+            if position % stride:
+                return
+            sampled[ordinal] = (position, data[at:end])
+            if len(sampled) > 2 * self.SAMPLE:
+                stride *= 2
+                for key in [k for k, (kept_at, _) in sampled.items() if kept_at % stride]:
+                    del sampled[key]
 
         def add(data: bytes, at: int, end: int, base: int, last: bool = False) -> None:
             """The line data[at:end] (starting at byte ``base + at``); step lines are not copied."""
-            nonlocal line_no
+            nonlocal line_no, n_steps
             line_no += 1
             if end > at and data[end - 1] == 0x7D:  # "}": a complete line as vgtui writes them
                 m = match_v2(data, at, end)
@@ -817,6 +834,8 @@ class RecordingIndex:
                     if run_id not in known_runs:
                         self.problems.append(f"{self.path}:{line_no}: step before any header skipped")
                         return
+                    sample(n_steps, len(kinds), data, at, end)
+                    n_steps += 1
                     starts.append(base + at), lengths.append(end - at), line_nos.append(line_no)
                     kinds.append(STEP), steps.append(int(step)), runs.append(run_id)
                     flags.append((DETAIL if detail[0] == 0x74 else 0)  # "t"rue
@@ -833,6 +852,7 @@ class RecordingIndex:
             starts.append(start), lengths.append(len(line)), line_nos.append(line_no)
             run_id = getattr(record, "run_id", 0)
             if isinstance(record, StepRecord):  # a step line in another layout: keep it parsed
+                n_steps += 1
                 kinds.append(STEP), steps.append(record.step)
                 flags.append((DETAIL if record.detail else 0) | (NONFINITE if record.nonfinite else 0))
             else:
@@ -847,7 +867,7 @@ class RecordingIndex:
         def bulk(data: bytes, last_newline: int, base: int) -> bool:
             """Index data[:last_newline] at once when every line in it is a version 2 step line of
             a known run (most chunks of a long recording); False leaves it to :func:`add`."""
-            nonlocal line_no
+            nonlocal line_no, n_steps
             newlines = np.flatnonzero(np.frombuffer(data, np.uint8, last_newline + 1) == 0x0A)
             line_starts = np.concatenate(([0], newlines[:-1] + 1))
             found = list(finditer_v2(data, 0, last_newline))
@@ -861,6 +881,9 @@ class RecordingIndex:
             run_ids = np.fromiter((int(g[1]) for g in groups), np.int64, len(groups))
             if not known_runs.issuperset(np.unique(run_ids).tolist()):
                 return False
+            for i in np.flatnonzero((n_steps + np.arange(len(groups))) % stride == 0).tolist():
+                sample(n_steps + i, len(kinds) + i, data, int(line_starts[i]), int(newlines[i]))
+            n_steps += len(groups)
             starts.extend((line_starts + base).tolist()), lengths.extend((newlines - line_starts).tolist())
             line_nos.extend(range(line_no + 1, line_no + 1 + len(groups)))
             kinds.extend([STEP] * len(groups)), runs.extend(run_ids.tolist())
@@ -907,6 +930,9 @@ class RecordingIndex:
         self.run_ids = np.array(runs, dtype=np.int64)
         self.flags = np.array(flags, dtype=np.int8)
         self._header_at = sorted(i for i, r in self._kept.items() if isinstance(r, RunHeader))
+        self._sampled = {ordinal: line for ordinal, (_, line) in sampled.items()}
+        #: positions (step records counted from 0) whose lines the scan kept: evenly spaced
+        self.sampled_positions = np.array(sorted(p for p, _ in sampled.values()), dtype=np.int64)
         self.window_fields = dict(parser.window_fields)
         self.size = offset
 
@@ -940,6 +966,9 @@ class RecordingIndex:
         ordinals = [int(i) for i in ordinals]
         found: dict[int, Record | None] = {}
         missing = sorted({i for i in ordinals if i not in self._kept and i not in self._cache})
+        for i in [i for i in missing if i in self._sampled]:
+            found[i] = self._parse_step(self._sampled[i], i)
+        missing = [i for i in missing if i not in found]
         groups = list(_runs_of(missing, self.starts, self.lengths))
         spans = [(int(self.starts[g[0]]), int(self.starts[g[-1]] + self.lengths[g[-1]])) for g in groups]
         for group, (base, _), blob in zip(groups, spans, self._bytes.read_ranges(spans)):

@@ -286,7 +286,8 @@ class ReplaySource(Source):
     def overview(self, size: int | None = None, *, detail: bool = False, end: int | None = None) -> list:
         """At most ``size`` step records spread evenly over the cursor's run, from its start up to
         position ``end`` (default: the cursor; ``n_steps - 1`` for the whole run): every k-th
-        record, the last one always included. ``detail``: among detail-tier records only."""
+        record (k a power of two when the index's sampled lines serve), the one at ``end`` always
+        included. ``detail``: among detail-tier records only."""
         from ..jsonl import DETAIL
 
         size = self.overview_size if size is None else max(1, int(size))
@@ -299,6 +300,12 @@ class ReplaySource(Source):
             positions = positions[(self.index.flags[self._ordinals[positions]] & DETAIL) != 0]
         key = (lo, end, size, detail)
         if key not in self._overview:
+            # The index kept evenly spaced lines while scanning: where they cover the span well
+            # enough, they are the overview (no read at all, which gzip makes costly).
+            sampled = getattr(self.index, "sampled_positions", np.zeros(0, np.int64))
+            sampled = sampled[(sampled >= lo) & (sampled <= end)]
+            if not detail and len(sampled) >= min(len(positions), size) // 2 and len(sampled) > 1:
+                positions = sampled if sampled[-1] == end else np.append(sampled, end)
             stride = max(1, -(-len(positions) // size))
             picked = positions[::stride]
             if len(positions) and picked[-1] != positions[-1]:
