@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from vgtui.jsonl import read_recording
+from vgtui.jsonl import LAYER_DIGITS, read_recording
 from vgtui.records import StepRecord
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,9 +179,13 @@ def _single_process(module, path: Path) -> list[StepRecord]:
     return _steps(path)
 
 
-def _close(a, b, what):
+def _close(a, b, what, rtol=1e-5):
     a, b = np.asarray(a, float), np.asarray(b, float)
-    assert np.allclose(a, b, rtol=1e-5, atol=1e-9, equal_nan=True), f"{what}: {a} != {b}"
+    assert np.allclose(a, b, rtol=rtol, atol=1e-9, equal_nan=True), f"{what}: {a} != {b}"
+
+
+#: A recording keeps LAYER_DIGITS significant digits of each per-layer value: half a unit of the last.
+RECORDED = 0.5 * 10.0 ** (1 - LAYER_DIGITS) + 1e-5
 
 
 COMPARED = ("weight_grad_norm", "act_grad_norm", "act_mean", "act_std", "weight_norm", "update_ratio")
@@ -223,8 +227,8 @@ def test_rank0_matches_plain_autograd_on_the_combined_batch(ddp_run):
         for acc, g in zip(w_grad, grads[len(names):]):
             acc += g
     assert record.layers["act_grad_norm"].shape == (4,)
-    _close(record.layers["act_grad_norm"], np.sqrt(h_sq), "‖∂L/∂h‖")
-    _close(record.layers["weight_grad_norm"], [float(g.norm()) for g in w_grad], "‖∂L/∂W‖")
+    _close(record.layers["act_grad_norm"], np.sqrt(h_sq), "‖∂L/∂h‖", rtol=RECORDED)
+    _close(record.layers["weight_grad_norm"], [float(g.norm()) for g in w_grad], "‖∂L/∂W‖", rtol=RECORDED)
 
 
 def test_other_ranks_neither_copy_nor_write(ddp_run):
@@ -249,7 +253,7 @@ def test_per_rank_mode_writes_a_file_per_rank(ddp_run):
     # Each rank's local ‖∂L_r/∂h_r‖ pools to rank 0's global one: sqrt(a² + b²) / world.
     combined = _steps(out / "rank0.jsonl")[0].layers["act_grad_norm"]
     local0, local1 = r0[0].layers["act_grad_norm"], r1[0].layers["act_grad_norm"]
-    _close(np.sqrt(local0**2 + local1**2) / 2, combined, "pooled local ‖∂L/∂h‖")
+    _close(np.sqrt(local0**2 + local1**2) / 2, combined, "pooled local ‖∂L/∂h‖", rtol=2 * RECORDED)
     header = read_recording(out / "per_rank.rank1.jsonl").records[0]
     assert header.preset["rank"] == 1 and header.preset["world_size"] == 2
     assert math.isfinite(r1[0].loss)

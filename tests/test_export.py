@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +154,70 @@ def test_tensorboard_round_trip(recording, tmp_path):
     assert tags["histograms"] == ["grad_log10/00_hidden1"]
     hist = events.Histograms("grad_log10/00_hidden1")
     assert len(hist) == 3 and hist[0].histogram_value.num == 8
+
+
+def _old_export_rows(path) -> list[tuple]:
+    """The CSV rows as the exporter wrote them before it streamed: every record in memory, runs
+    grouped by id in order of first appearance, optional series kept where ever measured."""
+    from vgtui.export import GLOBAL_METRICS, OPTIONAL_METRICS, _global_value, _text
+
+    runs: dict[int, tuple] = {}
+    for record in read_recording(path).records:
+        if isinstance(record, RunHeader):
+            runs[record.run_id] = (record, [])
+        elif isinstance(record, StepRecord) and record.run_id in runs:
+            runs[record.run_id][1].append(record)
+    rows = []
+    for header, steps in runs.values():
+        def measured(values):
+            return any(not math.isnan(v) for v in values)
+
+        globals_ = [m for m in GLOBAL_METRICS
+                    if m not in OPTIONAL_METRICS or measured(_global_value(r, m) for r in steps)]
+        per_layer = [(i, m) for m in LAYER_METRICS for i in range(len(header.layers))
+                     if m not in OPTIONAL_METRICS or measured(float(r.layers[m][i]) for r in steps)]
+        for r in steps:
+            rows += [(str(r.step), "", m, _text(_global_value(r, m))) for m in globals_]
+            rows += [(str(r.step), header.layers[i], m, _text(float(r.layers[m][i]))) for i, m in per_layer]
+    return rows
+
+
+@pytest.mark.parametrize("name", ["exploding", "relu-30-xavier", "relu-he", "sigmoid-deep"])
+def test_streamed_csv_equals_the_old_output_on_the_recorded_runs(name, tmp_path, monkeypatch):
+    import csv
+
+    import vgtui.jsonl
+
+    path = Path(__file__).parent / "data" / f"{name}.jsonl"
+    def whole(*_):
+        raise AssertionError("the exporter read the recording whole")
+
+    for method in ("finish", "read_new"):  # only the streaming iterator may be used
+        monkeypatch.setattr(vgtui.jsonl.JsonlReader, method, whole)
+    out = tmp_path / "out.csv"
+    rows, problems = export_csv(path, out)
+    monkeypatch.undo()
+    expected = _old_export_rows(path)
+    with open(out, newline="") as handle:
+        got = [tuple(row) for row in csv.reader(handle)][1:]
+    assert problems == [] and rows == len(got) == len(expected) and got == expected
+
+
+def test_interleaved_runs_come_out_grouped_as_before(tmp_path):
+    import csv
+
+    path = tmp_path / "mixed.jsonl"
+    with JsonlWriter(path) as writer:
+        for run_id in (1, 2):
+            writer.write(RunHeader(preset={}, layers=["hidden1", "hidden2"], layer_kinds=["sigmoid", "relu"],
+                                   device="cpu", run_id=run_id))
+        for step in range(4):
+            for run_id in (2, 1):
+                record = _step(step)
+                writer.write(dataclasses.replace(record, run_id=run_id, step=step + 100 * run_id))
+    out = tmp_path / "mixed.csv"
+    export_csv(path, out)
+    with open(out, newline="") as handle:
+        got = [tuple(row) for row in csv.reader(handle)][1:]
+    assert got == _old_export_rows(path)
+    assert [r[0] for r in got][:1] == ["100"] and got[-1][0] == "203"

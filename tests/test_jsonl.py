@@ -12,8 +12,16 @@ import numpy as np
 import pytest
 
 from vgtui.config import load_preset
-from vgtui.jsonl import JsonlReader, JsonlWriter, read_recording
-from vgtui.records import RunHeader, StepRecord
+from vgtui.jsonl import (
+    FORMAT_VERSION,
+    LAYER_DIGITS,
+    LOSS_DIGITS,
+    NORM_DIGITS,
+    JsonlReader,
+    JsonlWriter,
+    read_recording,
+)
+from vgtui.records import LAYER_METRICS, RunHeader, StepRecord
 from vgtui.trainer import run_to_completion
 
 
@@ -32,17 +40,25 @@ def test_every_line_is_strict_json_with_the_documented_keys(recorded):
     lines = path.read_text().splitlines()
     parsed = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON")) for line in lines]
     header = parsed[0]
-    assert header["type"] == "header" and header["version"] == 1
+    assert header["type"] == "header" and header["version"] == FORMAT_VERSION == 2
     assert header["layers"] == [f"hidden{i}" for i in range(1, 9)] + ["output"]
     assert header["preset"]["name"] == "exploding"
     steps = [p for p in parsed if p["type"] == "step"]
-    for key in ("step", "loss", "grad_norm_total", "grad_norm_clipped", "layers"):
+    for key in ("step", "loss", "grad_norm_total", "grad_norm_clipped", "columns"):
         assert key in steps[0]
-    assert set(steps[0]["layers"]["hidden1"]) >= {"weight_grad_norm", "act_grad_norm", "hist"}
+    assert set(steps[0]["columns"]) == set(LAYER_METRICS)
+    assert len(steps[0]["columns"]["weight_grad_norm"]) == 9 and len(steps[0]["hist"]) == 9
+    assert all(isinstance(c, int) for c in steps[0]["hist"][0]), "histogram counts are integers"
     assert any(s["loss"] in ("nan", "inf") for s in steps), "non-finite values are strings"
 
 
-def test_round_trip_is_exact(recorded):
+def _close(a: float, b: float, digits: int) -> bool:
+    if math.isnan(a) or math.isnan(b) or math.isinf(a) or math.isinf(b):
+        return (math.isnan(a) and math.isnan(b)) or a == b
+    return abs(a - b) <= abs(a) * 0.5 * 10.0 ** (1 - digits)
+
+
+def test_round_trip_keeps_the_significant_digits(recorded):
     path, records = recorded
     result = read_recording(path)
     assert result.problems == []
@@ -50,13 +66,29 @@ def test_round_trip_is_exact(recorded):
     for a, b in zip(records, result.records):
         assert type(a) is type(b)
         if isinstance(a, StepRecord):
-            assert a.step == b.step and a.nonfinite == b.nonfinite
+            assert a.step == b.step and a.nonfinite == b.nonfinite and a.detail == b.detail
+            assert _close(a.loss, b.loss, LOSS_DIGITS) and _close(a.grad_norm_total, b.grad_norm_total, NORM_DIGITS)
+            for metric, column in a.layers.items():
+                assert all(_close(x, y, LAYER_DIGITS) for x, y in zip(column, b.layers[metric])), metric
+            np.testing.assert_array_equal(a.hist, b.hist)
+        if isinstance(a, RunHeader):
+            assert a.layers == b.layers and a.preset == b.preset
+
+
+def test_version_1_is_still_written_and_read_exactly(recorded, tmp_path):
+    _, records = recorded
+    path = tmp_path / "v1.jsonl"
+    with JsonlWriter(path, version=1) as writer:
+        writer.write_all(records)
+    assert json.loads(path.read_text().splitlines()[0])["version"] == 1
+    result = read_recording(path)
+    assert result.problems == [] and len(result.records) == len(records)
+    for a, b in zip(records, result.records):
+        if isinstance(a, StepRecord):
             assert (math.isnan(a.loss) and math.isnan(b.loss)) or a.loss == b.loss
             for metric, column in a.layers.items():
                 np.testing.assert_array_equal(column, b.layers[metric])
             np.testing.assert_array_equal(a.hist, b.hist)
-        if isinstance(a, RunHeader):
-            assert a.layers == b.layers and a.preset == b.preset
 
 
 def test_truncated_last_line_is_skipped_and_reported(recorded, tmp_path):

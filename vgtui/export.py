@@ -19,12 +19,14 @@ from __future__ import annotations
 import csv
 import math
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from .errors import UserError
-from .jsonl import read_recording
+from .jsonl import iter_records
 from .records import LAYER_METRICS, RunHeader, StepRecord
 
 GLOBAL_METRICS = ("loss", "accuracy", "grad_norm_total", "grad_norm_clipped", "clipped")
@@ -35,20 +37,56 @@ CSV_COLUMNS = ("step", "layer", "metric", "value")
 TENSORBOARD_HINT = "--tensorboard needs the tensorboard package: install vgtui[tensorboard]"
 
 
-def _runs(path: str | Path) -> tuple[OrderedDict[int, tuple[RunHeader, list[StepRecord]]], list[str]]:
-    """The recording's runs in file order: run id -> (header, step records)."""
-    result = read_recording(path)
-    runs: OrderedDict[int, tuple[RunHeader, list[StepRecord]]] = OrderedDict()
-    for record in result.records:
+@dataclass
+class _Run:
+    header: RunHeader
+    header_at: int  # ordinal of the header line among the recording's records
+    first: int = -1  # ordinals of its first and last step records
+    last: int = -1
+    steps: int = 0
+    seen: set = field(default_factory=set)  # optional series with a measured value: (index, metric)
+
+
+def _survey(path: str | Path) -> tuple[OrderedDict[int, _Run], list[str]]:
+    """One streaming pass: the recording's runs in file order (run id -> what it holds), and the
+    problems found. A run id that starts again (a second header) keeps only its newest steps."""
+    problems: list[str] = []
+    runs: OrderedDict[int, _Run] = OrderedDict()
+    for ordinal, record in enumerate(iter_records(path, problems)):
         if isinstance(record, RunHeader):
-            runs[record.run_id] = (record, [])
+            runs[record.run_id] = _Run(record, ordinal)  # a repeated id keeps its first place
         elif isinstance(record, StepRecord) and record.run_id in runs:
-            runs[record.run_id][1].append(record)
-    problems = list(result.problems)
+            run = runs[record.run_id]
+            run.first = ordinal if run.first < 0 else run.first
+            run.last = ordinal
+            run.steps += 1
+            for metric in OPTIONAL_METRICS:
+                if metric in GLOBAL_METRICS:
+                    if not math.isnan(_global_value(record, metric)):
+                        run.seen.add((-1, metric))
+                else:
+                    for index in np.flatnonzero(~np.isnan(record.layers[metric])):
+                        run.seen.add((int(index), metric))
     if len(runs) > 1:
         problems.append(f"{path}: holds {len(runs)} runs (ids {', '.join(map(str, runs))}); "
                         "their rows follow one another, each run's steps counted from its start")
     return runs, problems
+
+
+def _steps(path: str | Path, runs: OrderedDict[int, _Run]) -> Iterator[tuple[_Run, StepRecord]]:
+    """Each run's step records, run after run in file order, streamed: one more pass over the file
+    for all runs when they follow one another (the usual case), else one pass per run."""
+    ordered = [run for run in runs.values() if run.steps]
+    spans = [(run.first, run.last) for run in ordered]
+    apart = all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
+    by_id = {run.header.run_id: run for run in ordered}
+    for wanted in ([None] if apart else [run.header.run_id for run in ordered]):
+        for ordinal, record in enumerate(iter_records(path)):
+            if not isinstance(record, StepRecord) or (wanted is not None and record.run_id != wanted):
+                continue
+            run = by_id.get(record.run_id)
+            if run is not None and run.header_at < ordinal:
+                yield run, record
 
 
 def _global_value(record: StepRecord, metric: str) -> float:
@@ -56,19 +94,11 @@ def _global_value(record: StepRecord, metric: str) -> float:
     return float(value) if not isinstance(value, bool) else float(int(value))
 
 
-def _kept_series(header: RunHeader, steps: list[StepRecord]) -> tuple[list[str], list[tuple[int, str]]]:
+def _kept_series(run: _Run) -> tuple[list[str], list[tuple[int, str]]]:
     """Global metrics and (layer index, metric) pairs to export: all but never-measured optional ones."""
-    def measured(values) -> bool:
-        return any(not math.isnan(v) for v in values)
-
-    globals_ = [m for m in GLOBAL_METRICS
-                if m not in OPTIONAL_METRICS or measured(_global_value(r, m) for r in steps)]
-    per_layer = []
-    for metric in LAYER_METRICS:
-        for index in range(len(header.layers)):
-            if metric in OPTIONAL_METRICS and not measured(float(r.layers[metric][index]) for r in steps):
-                continue
-            per_layer.append((index, metric))
+    globals_ = [m for m in GLOBAL_METRICS if m not in OPTIONAL_METRICS or (-1, m) in run.seen]
+    per_layer = [(index, metric) for metric in LAYER_METRICS for index in range(len(run.header.layers))
+                 if metric not in OPTIONAL_METRICS or (index, metric) in run.seen]
     return globals_, per_layer
 
 
@@ -81,23 +111,24 @@ def _text(value: float) -> str:
 
 
 def export_csv(path: str | Path, out: str | Path) -> tuple[int, list[str]]:
-    """Write the tidy CSV; returns (data rows written, problems found in the recording)."""
-    runs, problems = _runs(path)
+    """Write the tidy CSV, streaming (two passes over the recording, one record in memory at a
+    time); returns (data rows written, problems found in the recording)."""
+    runs, problems = _survey(path)
+    series = {id(run): _kept_series(run) for run in runs.values()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
     with open(out, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
-        for header, steps in runs.values():
-            globals_, per_layer = _kept_series(header, steps)
-            for record in steps:
-                for metric in globals_:
-                    writer.writerow((record.step, "", metric, _text(_global_value(record, metric))))
-                for index, metric in per_layer:
-                    writer.writerow((record.step, header.layers[index], metric,
-                                     _text(float(record.layers[metric][index]))))
-                rows += len(globals_) + len(per_layer)
+        for run, record in _steps(path, runs):
+            globals_, per_layer = series[id(run)]
+            names = run.header.layers
+            writer.writerows((record.step, "", metric, _text(_global_value(record, metric)))
+                             for metric in globals_)
+            writer.writerows((record.step, names[index], metric, _text(float(record.layers[metric][index])))
+                             for index, metric in per_layer)
+            rows += len(globals_) + len(per_layer)
     return rows, problems
 
 
@@ -142,31 +173,35 @@ def _histogram_raw(counts: np.ndarray, edges: np.ndarray) -> dict | None:
 
 
 def export_tensorboard(path: str | Path, outdir: str | Path) -> int:
-    """Write TensorBoard event files (one sub-folder per run when there are several); returns the
-    number of steps written. Raises the CLI's UserError when tensorboard is not installed."""
+    """Write TensorBoard event files (one sub-folder per run when there are several), streaming;
+    returns the number of steps written. Raises the CLI's UserError when tensorboard is not
+    installed."""
     SummaryWriter = _tensorboard_writer()
-    runs, _ = _runs(path)
+    runs, _ = _survey(path)
     outdir = Path(outdir)
     written = 0
-    for run_id, (header, steps) in runs.items():
-        logdir = outdir / f"run{run_id}" if len(runs) > 1 else outdir
-        globals_, per_layer = _kept_series(header, steps)
-        edges = np.asarray(header.hist_edges, dtype=float)
-        writer = SummaryWriter(log_dir=str(logdir))
-        try:
-            for record in steps:
-                for metric in globals_:
-                    writer.add_scalar(f"global/{metric}", _global_value(record, metric), record.step)
-                for index, metric in per_layer:
-                    writer.add_scalar(f"{metric}/{index:02d}_{header.layers[index]}",
-                                      float(record.layers[metric][index]), record.step)
-                for index, name in enumerate(header.layers):
-                    if record.hist is None or index >= len(record.hist) or len(record.hist[index]) != len(edges) - 1:
-                        continue
-                    hist = _histogram_raw(record.hist[index], edges)
-                    if hist is not None:
-                        writer.add_histogram_raw(f"grad_log10/{index:02d}_{name}", global_step=record.step, **hist)
-                written += 1
-        finally:
+    writers = {run_id: SummaryWriter(log_dir=str(outdir / f"run{run_id}" if len(runs) > 1 else outdir))
+               for run_id in runs}
+    series = {id(run): _kept_series(run) for run in runs.values()}
+    try:
+        for run, record in _steps(path, runs):
+            writer = writers[run.header.run_id]
+            globals_, per_layer = series[id(run)]
+            header = run.header
+            edges = np.asarray(header.hist_edges, dtype=float)
+            for metric in globals_:
+                writer.add_scalar(f"global/{metric}", _global_value(record, metric), record.step)
+            for index, metric in per_layer:
+                writer.add_scalar(f"{metric}/{index:02d}_{header.layers[index]}",
+                                  float(record.layers[metric][index]), record.step)
+            for index, name in enumerate(header.layers):
+                if record.hist is None or index >= len(record.hist) or len(record.hist[index]) != len(edges) - 1:
+                    continue
+                hist = _histogram_raw(record.hist[index], edges)
+                if hist is not None:
+                    writer.add_histogram_raw(f"grad_log10/{index:02d}_{name}", global_step=record.step, **hist)
+            written += 1
+    finally:
+        for writer in writers.values():
             writer.close()
     return written
