@@ -163,7 +163,7 @@ def _fill_after(lines_before_failure: int):
 
     def write(self, record):
         if self.lines >= lines_before_failure:
-            self._file.write('{"type":"step","step":')
+            self._file.write(b'{"type":"step","step":')
             self._file.flush()
             raise OSError(errno.ENOSPC, "No space left on device")
         original(self, record)

@@ -20,7 +20,6 @@ from vgtui.diagnosis import (
     DEAD_ENTER,
     EXPLODE_ENTER,
     MIN_RECORDS,
-    PENDING_PRESETS,
     PLATEAU_WINDOW,
     SUGGESTIONS,
     VANISH_ENTER,
@@ -201,12 +200,10 @@ def test_headless_run_prints_and_records_verdicts(tmp_path):
 
 
 def test_suggestions_are_builtin_presets():
-    """Strict, except for the presets being added by other work right now (PENDING_PRESETS, which
-    the lead empties once they are merged)."""
     names = set(builtin_names())
     for key, suggestions in SUGGESTIONS.items():
         assert suggestions, key
-        missing = set(suggestions) - names - (PENDING_PRESETS - names)
+        missing = set(suggestions) - names
         assert not missing, (key, missing)
 
 

@@ -197,13 +197,9 @@ SUGGESTIONS: dict[str, list[str]] = {
     "spike": ["exploding-clipped"],
     # Through time: gated cells keep an additive path for the gradient (Hochreiter &
     # Schmidhuber 1997); clipping by norm tames the growing one (Pascanu et al. 2013).
-    "vanishing_time": ["lstm", "gru"],
+    "vanishing_time": ["lstm", "gru", "rnn-orthogonal"],
     "exploding_time": ["rnn-clipped", "lstm", "gru"],
 }
-#: Suggested presets that other work is adding right now; the test that every suggestion is a
-#: built-in preset skips only these until they exist (remove this set once they are merged).
-PENDING_PRESETS = {"rnn-tanh", "lstm", "gru", "rnn-exploding", "rnn-clipped", "cnn-plain",
-                   "cnn-residual", "cnn-sigmoid"}
 #: Depth (layers measured, output included) from which the 30-layer presets are the better example.
 DEEP_LAYERS = 12
 
