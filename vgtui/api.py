@@ -71,7 +71,7 @@ from .channel import Channel
 from .config import RECTIFYING
 from .engine import (CELLS, RECURRENT, HostSide, Layout, OverheadBudget, ProbeClock, UpdateMeter,
                      activation_kind, alive_units, downsample_time, first_tensor, hook_optimizer_step,
-                     measures_dead, out_of_place, pack, saturated_mask, time_squares, unit_dim,
+                     measures_dead, out_of_place, pack, recomputing, saturated_mask, time_squares, unit_dim,
                      unpack, unwrap_optimizer)
 from .layers import LayerSpec
 from .probe import DETAIL_EVERY, HostTransfer, LogHistograms, tensor_norms
@@ -661,7 +661,8 @@ class Watcher:
         spec = self.specs[index]
 
         def hook(module, inputs, output):
-            if torch.compiler.is_compiling() or not (self.sampled and self.detail) or not torch.is_grad_enabled():
+            if (torch.compiler.is_compiling() or not (self.sampled and self.detail)
+                    or not torch.is_grad_enabled() or recomputing()):
                 return
             began = time.perf_counter()
             try:
@@ -683,7 +684,7 @@ class Watcher:
         cell = index in self._cells
 
         def hook(module, inputs, output):
-            if torch.compiler.is_compiling() or self._failed:
+            if torch.compiler.is_compiling() or self._failed or recomputing():
                 return
             began = time.perf_counter()
             try:

@@ -77,6 +77,12 @@ def first_tensor(output) -> torch.Tensor | None:
     return None
 
 
+def recomputing() -> bool:
+    """Inside backward: a forward run again by activation checkpointing. Its outputs only refill
+    saved tensors (the gradient flows through the first forward's), so hooks must ignore it."""
+    return torch._C._current_graph_task_id() != -1
+
+
 # -- activation thresholds: the one definition of saturated and dead ------------------------------
 def saturated_mask(a: torch.Tensor, kind: str) -> torch.Tensor | None:
     """Where ``a`` (activations of ``kind``) sits within SATURATION_MARGIN of an asymptote."""

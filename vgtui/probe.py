@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .engine import (SATURATION_MARGIN, HostSide, Layout, UpdateMeter, UpdatePlan, alive_units,
-                     downsample_time, first_tensor, measures_dead, pack, saturated_mask,
+                     downsample_time, first_tensor, measures_dead, pack, recomputing, saturated_mask,
                      time_squares, unit_dim, unpack)
 from .layers import LayerSpec
 from .records import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, StepRecord
@@ -368,7 +368,7 @@ class Probe:
     def _keep_activation(self, index: int):
         def hook(module, inputs, output):
             out = first_tensor(output)
-            if self.sampled and out is not None:
+            if self.sampled and out is not None and not recomputing():
                 self._acts[index] = out.detach()
 
         return hook
@@ -376,7 +376,7 @@ class Probe:
     def _output_hook(self, index: int, keep_activation: bool):
         def hook(module, inputs, output):
             out = first_tensor(output)
-            if self.sampled and out is not None:
+            if self.sampled and out is not None and not recomputing():
                 if keep_activation:
                     self._acts[index] = out.detach()
                 self._keep_output(index, out)
