@@ -472,7 +472,10 @@ class Watcher:
         self.sampled = True  # the first step is always measured: it fixes the layer order
         self.detail = True
         self._clock = ProbeClock(self.params[0].device if self.params else torch.device("cpu"))
-        self._budget = OverheadBudget(overhead_budget, self.sample_every) if overhead_budget else None
+        # Under DDP every rank must measure the same steps (they join one reduce per measured
+        # step), and each rank's clock differs: there the interval stays ``sample_every``.
+        adapt = overhead_budget and not self._reduce
+        self._budget = OverheadBudget(overhead_budget, self.sample_every) if adapt else None
         self._t0 = time.perf_counter()
         self._last = self._t0
         self._rate = float("nan")
@@ -1132,7 +1135,8 @@ def watch(model: nn.Module, *, layers: LayersArg = None, sample_every: int = 1,
     sample_every: measure at most every N-th optimiser step (the first is always measured).
     overhead_budget: the share of training time measuring may take (default 0.02): when it
                   costs more, the interval between measured steps widens (never below
-                  ``sample_every``). None: exactly every ``sample_every`` steps.
+                  ``sample_every``). None: exactly every ``sample_every`` steps (so too under
+                  DDP, where every rank must measure the same steps).
     detail_every: activation statistics, ‖W‖, update ratios and histograms on every N-th measured
                   step (the gradient norms on all of them).
     record:       a JSONL path (the format of ``vgtui run --record``: ``vgtui replay/attach`` read
