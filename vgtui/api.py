@@ -360,6 +360,11 @@ class _Accumulator:
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in order])
 
+    def take_stats(self, i: int, other: "_Accumulator") -> None:
+        """Layer ``i``'s activation statistics from ``other`` in place of this one's."""
+        for name in ("count", "mean", "m2", "sat", "alive"):
+            getattr(self, name)[i] = getattr(other, name)[i]
+
     def add_stats(self, i: int, a: torch.Tensor, kind: str, units_at: int) -> None:
         n = a.numel()
         mean, m2 = _mean_m2(a)
@@ -447,8 +452,10 @@ class Watcher:
         self._cells = {i for i, spec in enumerate(self.specs) if isinstance(spec.output_module, CELLS)}
         self._act_fn: list[nn.Module | None] = [None] * n  # a detected activation, applied to h
         self._detected: dict[int, nn.Module] = {}
-        self._first_outputs: dict[int, tuple[int, torch.Tensor, int]] = {}
-        self._deferred: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        # First step only: each layer's output (weakly) to recognise an activation applied to it,
+        # and the statistics of that activation's output beside those of h (kept if it is one).
+        self._first_outputs: dict[int, tuple[int, weakref.ref, int]] = {}
+        self._acc_act = _Accumulator(n)
         self._handles: list = []
         self._opt_handles: dict[int, Any] = {}
         self._seen: list[int] = []  # registration indices in first-forward order
@@ -649,12 +656,23 @@ class Watcher:
         self._calls = [0] * len(self.specs)
 
     def _detect_hook(self, act: nn.Module):
+        kind = activation_kind(act)
+        fn = out_of_place(act)
+
         def hook(module, inputs):
+            if torch.compiler.is_compiling() or self._failed or recomputing() or not torch.is_grad_enabled():
+                return
             try:
                 x = inputs[0] if inputs else None
                 entry = self._first_outputs.get(id(x))
-                if entry is not None and entry[1] is x and x._version == entry[2]:
-                    self._detected.setdefault(entry[0], act)
+                if entry is None or entry[1]() is not x or x._version != entry[2]:
+                    return  # not a layer's output, or changed in place since (a residual sum)
+                index = entry[0]
+                if self._detected.setdefault(index, act) is act and self.detail:
+                    with torch.no_grad():
+                        a = fn(x.detach())
+                        self._note_units(index, a)
+                        self._acc_act.add_stats(index, a.float(), kind, unit_dim(self.specs[index]))
             except Exception as exc:
                 self._fail(exc, "a forward hook")
 
@@ -700,17 +718,13 @@ class Watcher:
                 if out is None:
                     return
                 if not self._started:
-                    self._first_outputs[id(out)] = (index, out, out._version)
+                    self._first_outputs[id(out)] = (index, weakref.ref(out), out._version)
                 if own_stats and self.detail and out.numel() and out.is_floating_point():
                     with torch.no_grad():
-                        a = out.detach()
-                        if not self._started and self._auto_order:
-                            self._deferred[index].append(a.clone())  # stats once the activation is known
-                        else:
-                            fn = self._act_fn[index]
-                            a = fn(a) if fn is not None else a
-                            self._note_units(index, a)
-                            self._acc.add_stats(index, a.float(), self.specs[index].act_kind, unit_dim(self.specs[index]))
+                        fn = self._act_fn[index]
+                        a = fn(out.detach()) if fn is not None else out.detach()
+                        self._note_units(index, a)
+                        self._acc.add_stats(index, a.float(), self.specs[index].act_kind, unit_dim(self.specs[index]))
                 if out.requires_grad:
                     call = None
                     if cell:
@@ -783,13 +797,8 @@ class Watcher:
             if spec.act_kind == "linear" and spec.act_module is None:
                 spec.act_kind = activation_kind(act)
                 self._act_fn[index] = out_of_place(act)
-        for index, kept in enumerate(self._deferred):
-            fn = self._act_fn[index]
-            for a in kept:
-                a = fn(a) if fn is not None else a
-                self._note_units(index, a)
-                self._acc.add_stats(index, a.float(), self.specs[index].act_kind, unit_dim(self.specs[index]))
-        self._deferred = [[] for _ in range(n)]
+                self._acc.take_stats(index, self._acc_act)  # the first step's, after the activation
+        self._acc_act = _Accumulator(0)
         self._first_outputs = {}
         self.specs = [self.specs[i] for i in order]
         self._act_fn = [self._act_fn[i] for i in order]
