@@ -672,3 +672,59 @@ def test_trainer_measures_a_recurrent_layer_through_time(monkeypatch):
     assert record.layers["act_grad_norm"][0] == pytest.approx(float(grads[0].norm()), rel=RTOL)
     wgrad = math.sqrt(sum(float(g.norm()) ** 2 for g in grads[1:]))
     assert record.layers["weight_grad_norm"][0] == pytest.approx(wgrad, rel=RTOL)
+
+
+# -- cheap by default -----------------------------------------------------------------------------
+def test_watch_hooks_exist_only_on_measured_steps():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watcher = vgtui.watch(model, optimizer=opt, sample_every=3, overhead_budget=None, diagnose=False,
+                          channel=Channel())
+    hooks = []
+    g = torch.Generator().manual_seed(12)
+    for _ in range(7):
+        hooks.append(sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()))
+        F.mse_loss(model(torch.randn(4, 5, generator=g)), torch.randn(4, 2, generator=g)).backward()
+        watcher.step(opt)
+        opt.step()
+        opt.zero_grad()
+    watcher.close()
+    assert [h > 0 for h in hooks] == [True, False, False, True, False, False, True]
+    assert watcher.transfers == 3
+
+
+def test_watch_overhead_budget_widens_the_interval(monkeypatch):
+    """Measuring made to cost 10 % of each step: the default 2 % budget widens the interval."""
+    from vgtui import engine
+
+    now = {"t": 0.0}
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: now["t"])
+
+    class Clock:  # the watcher's own time: 10 % of the wall time that passed
+        cuda = False
+
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+        def add(self, seconds):
+            pass
+
+        def seconds(self):
+            return 0.1 * now["t"]
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watcher = vgtui.watch(model, optimizer=opt, diagnose=False, channel=Channel())
+    watcher._clock = Clock()
+    g = torch.Generator().manual_seed(13)
+    for _ in range(60):
+        now["t"] += 0.1
+        F.mse_loss(model(torch.randn(4, 5, generator=g)), torch.randn(4, 2, generator=g)).backward()
+        watcher.step(opt)
+        opt.step()
+        opt.zero_grad()
+    watcher.close()
+    assert watcher.sample_every >= 5 and watcher.transfers < 30
