@@ -277,6 +277,8 @@ def test_gpt2_tied_head_is_measured_once_and_recorded():
     every_parameter_once(watcher, model)
     assert header.tied == {"transformer.wte": ["lm_head"], "lm_head": ["transformer.wte"]}
     assert header.layers[:2] == ["transformer.wte", "transformer.wpe"] and header.layers[-1] == "lm_head"
+    kinds = dict(zip(header.layers, header.layer_kinds))
+    assert kinds["transformer.h.0.mlp.c_fc"] == "gelu"  # transformers' NewGELUActivation module
     _, act, wgrad, _ = reference(ref_model, loss_of, 0, header.layers)
     head = header.layers.index("lm_head")
     # wte's ‖∂L/∂W‖ is the whole gradient of the shared tensor (both uses); lm_head's is not

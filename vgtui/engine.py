@@ -44,11 +44,20 @@ RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
 CELLS = (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
 
 
+#: Parameterless modules of other libraries recognised by their class name (``transformers``'
+#: ``NewGELUActivation``, ``SiLUActivation``, ...), most specific first.
+_ACTIVATION_NAMES = (("leakyrelu", "leaky_relu"), ("gelu", "gelu"), ("silu", "silu"), ("swish", "silu"),
+                     ("elu", "elu"), ("relu", "relu"), ("tanh", "tanh"), ("sigmoid", "sigmoid"))
+
+
 def activation_kind(module: nn.Module) -> str | None:
     for cls, kind in ACTIVATION_MODULES.items():
         if isinstance(module, cls):
             return kind
-    return None
+    name = type(module).__name__.lower()
+    if not name.endswith("activation") or any(True for _ in module.parameters()):
+        return None
+    return next((kind for key, kind in _ACTIVATION_NAMES if key in name), None)
 
 
 def out_of_place(module: nn.Module) -> nn.Module:
