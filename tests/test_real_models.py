@@ -730,3 +730,32 @@ def test_watch_overhead_budget_widens_the_interval(monkeypatch):
         opt.zero_grad()
     watcher.close()
     assert watcher.sample_every >= 5 and watcher.transfers < 30
+
+
+def test_zero_redundancy_optimizer(tmp_path):
+    """ZeroRedundancyOptimizer (one gloo rank: its own process group, torn down after)."""
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1, momentum=0.9)
+        channel = Channel()
+        watcher = vgtui.watch(model, optimizer=opt, channel=channel, diagnose=False, detail_every=1,
+                              overhead_budget=None)
+        g = torch.Generator().manual_seed(14)
+        expected = []
+        for _ in range(3):
+            F.mse_loss(model(torch.randn(4, 5, generator=g)), torch.randn(4, 2, generator=g)).backward()
+            watcher.step(opt)
+            before = [torch.cat([p.detach().reshape(-1) for p in model[i].parameters()]) for i in (0, 2)]
+            opt.step()
+            opt.zero_grad()
+            expected.append([_snapshot_ratio(model[i], b) for i, b in zip((0, 2), before)])
+        watcher.close()
+    finally:
+        dist.destroy_process_group()
+    steps = [r for r in channel.drain() if isinstance(r, StepRecord)]
+    np.testing.assert_allclose([r.layers["update_ratio"] for r in steps], expected, rtol=1e-4)
