@@ -163,14 +163,14 @@ class Layout:
                     owner[id(p)] = index
                     mine.append(p)
             self.layer_params.append(mine)
-        tied: dict[str, list[str]] = {}
+        #: layer name -> the other layers holding one of its tensors (both ways round)
+        self.tied: dict[str, list[str]] = {}
         for layers in holders.values():
-            if len(layers) > 1:
-                for i in layers:
-                    others = [self.names[j] for j in layers if j != i and self.names[j] not in tied.get(self.names[i], [])]
-                    if others:
-                        tied.setdefault(self.names[i], []).extend(others)
-        self.tied = tied
+            for i in layers:
+                for j in layers:
+                    others = self.tied.setdefault(self.names[i], []) if j != i else None
+                    if others is not None and self.names[j] not in others:
+                        others.append(self.names[j])
         seen: set[int] = set()
         self.params = []  # every trainable parameter, once: layers' first, in layer order
         for mine in self.layer_params:
