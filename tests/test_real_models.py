@@ -599,27 +599,40 @@ def test_trainer_and_watch_give_identical_records():
     from vgtui.models import build_model, make_optimizer
     from vgtui.trainer import run_to_completion
 
-    preset = load_preset("relu-he").replace(depth=3, width=32, batch_size=8, detail_every=2)
-    steps = 4
+    preset = load_preset("relu-he").replace(depth=3, width=32, batch_size=8, detail_every=2, sample_every=2)
+    steps = 8
     trained = [r for r in run_to_completion(preset, steps) if isinstance(r, StepRecord)]
     built = build_model(preset)
     data = make_data(preset.data, preset.seed, preset.batch_size, "cpu")
     opt = make_optimizer(built.model.parameters(), preset)
     channel = Channel()
     watcher = vgtui.watch(built.model, layers=built.layers, channel=channel, optimizer=opt, diagnose=False,
-                          detail_every=preset.detail_every, overhead_budget=None)
+                          detail_every=preset.detail_every, overhead_budget=None, sample_every=2)
+    losses, norms = [], []  # every step, for the windows
     for step in range(steps):
         x, y = data.batch(step)
         opt.zero_grad(set_to_none=True)
         out = built.model(x)
         loss = built.loss_fn(out, y)
         loss.backward()
+        losses.append(float(loss.detach()))
+        norms.append(float(torch.stack([p.grad.norm() for p in built.model.parameters()]).norm()))
         watcher.step(opt, loss, accuracy=(out.argmax(1) == y).float().mean())
         opt.step()
     watcher.close()
     watched_steps = [r for r in channel.drain() if isinstance(r, StepRecord)]
-    assert [r.step for r in watched_steps] == [r.step for r in trained] == list(range(steps))
+    assert [r.step for r in watched_steps] == [r.step for r in trained] == list(range(0, steps, 2))
     for a, b in zip(trained, watched_steps):
+        # every step since the previous record, both ways, against the loop's own numbers
+        first = max(0, a.step - 1)
+        for w in (a.window, b.window):
+            assert (w.steps, w.first_step) == (a.step - first + 1, first)
+            span = slice(first, a.step + 1)
+            assert w.loss_max == pytest.approx(max(losses[span]), rel=RTOL)
+            assert w.loss_mean == pytest.approx(np.mean(losses[span]), rel=RTOL)
+            assert w.grad_norm_min == pytest.approx(min(norms[span]), rel=RTOL)
+            assert w.grad_norm_last == pytest.approx(norms[a.step], rel=RTOL)
+            assert w.grad_norm_max_step == first + int(np.argmax(norms[span]))
         assert (a.detail, a.nonfinite, a.clipped) == (b.detail, b.nonfinite, b.clipped)
         for name in ("loss", "accuracy", "grad_norm_total", "grad_norm_clipped"):
             assert getattr(a, name) == pytest.approx(getattr(b, name), rel=RTOL), name
@@ -759,3 +772,28 @@ def test_zero_redundancy_optimizer(tmp_path):
         dist.destroy_process_group()
     steps = [r for r in channel.drain() if isinstance(r, StepRecord)]
     np.testing.assert_allclose([r.layers["update_ratio"] for r in steps], expected, rtol=1e-4)
+
+
+def test_a_spike_between_measured_steps_is_in_the_next_record():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    channel = Channel()
+    watcher = vgtui.watch(model, optimizer=opt, channel=channel, sample_every=4, overhead_budget=None,
+                          diagnose=False)
+    g = torch.Generator().manual_seed(15)
+    losses = []
+    for step in range(5):
+        loss = F.mse_loss(model(torch.randn(4, 5, generator=g)), torch.randn(4, 2, generator=g))
+        if step == 2:
+            loss = loss * 50  # a spike on a step that is not measured
+        loss.backward()
+        losses.append(float(loss.detach()))
+        watcher.step(opt, loss)
+        opt.step()
+        opt.zero_grad()
+    watcher.close()
+    first, second = [r for r in channel.drain() if isinstance(r, StepRecord)]
+    assert (first.step, first.window.steps) == (0, 1) and (second.step, second.window.steps) == (4, 4)
+    window = second.window
+    assert window.first_step == 1 and window.loss_max_step == 2 and window.grad_norm_max_step == 2
+    assert window.loss_max == pytest.approx(losses[2], rel=RTOL) and window.loss_last == pytest.approx(losses[4], rel=RTOL)

@@ -69,7 +69,7 @@ from torch import nn
 
 from .channel import Channel
 from .config import RECTIFYING
-from .engine import (CELLS, RECURRENT, HostSide, Layout, OverheadBudget, ProbeClock, UpdateMeter,
+from .engine import (CELLS, RECURRENT, HostSide, Layout, OverheadBudget, ProbeClock, UpdateMeter, WindowMeter,
                      activation_kind, alive_units, downsample_time, first_tensor, hook_optimizer_step,
                      measures_dead, out_of_place, pack, recomputing, saturated_mask, time_squares, unit_dim,
                      unpack, unwrap_optimizer)
@@ -470,6 +470,8 @@ class Watcher:
         self._transfer = HostTransfer()
         self._hist = LogHistograms()
         self._meter = UpdateMeter()
+        self._window = WindowMeter()
+        self._step_norm: torch.Tensor | None = None  # this step's global norm before clipping
         self._pre_clip: tuple | None = None  # (‖∂L/∂W‖ per layer, histograms, global ‖g‖, has grad)
         self._post_clip: torch.Tensor | None = None
         self._pending: dict | None = None
@@ -523,9 +525,13 @@ class Watcher:
             return
         try:
             self._start()
-            if self.sampled and self.writes:
+            if self.writes:
                 self._clock.start()
-                self._pre_clip = self._read_gradients()
+                if self.sampled:
+                    self._pre_clip = self._read_gradients()
+                    self._step_norm = self._pre_clip[2]
+                else:  # the step window's norm, before clipping
+                    self._step_norm = self._global_norm()
                 self._clock.stop()
         except Exception as exc:
             self._fail(exc, "before_clip")
@@ -864,6 +870,12 @@ class Watcher:
         hooked = self._hook_optimizer(optimizer) if optimizer is not None and self.writes else False
         if measuring:
             self._measure(optimizer, loss, accuracy, hooked)
+        elif self.writes:  # every step counts in the window the next record carries
+            self._clock.start()
+            norm = self._step_norm if self._step_norm is not None else self._global_norm()
+            self._window.add(self.step_index, _scalar(loss, self._device()), norm)
+            self._clock.stop()
+        self._step_norm = None
         self._pre_clip = self._post_clip = None
         self._emit_ready(wait=False)
         if measuring:
@@ -918,6 +930,10 @@ class Watcher:
     def _device(self) -> torch.device:
         return self.params[0].device if self.params else torch.device("cpu")
 
+    def _global_norm(self) -> torch.Tensor:
+        grads = [p.grad.detach() for p in self.params if p.grad is not None]
+        return torch.linalg.vector_norm(tensor_norms(grads)) if grads else torch.zeros((), device=self._device())
+
     def _read_gradients(self):
         """Per-layer ‖∂L/∂W‖ (over each layer's parameters), histograms, the global norm, and
         which layers a gradient reached: one norm pass over all gradients, on the device."""
@@ -964,17 +980,20 @@ class Watcher:
                 grads = [p.grad for p in self.params if p.grad is not None]
                 after = torch.linalg.vector_norm(tensor_norms(grads)) if grads else torch.zeros((), device=device)
             clip = (total, after, after < total * (1.0 - 1e-6))
+        self._window.add(self.step_index, _scalar(loss, device), total)
+        window = self._window.take()
         found_inf = self._found_inf(optimizer)
         plan = self._meter.plan(self.layout, optimizer, can_wait_for_step=hooked) if self.detail else None
         self._pending = {
             "host": HostSide(step=self.step_index, meta=self._meta(), detail=self.detail, reached=reached,
                              got_grad=got_grad, has_wgrad=has, hist=hist is not None,
-                             series=[(i, len(s)) for i, s in series], loss_given=loss is not None),
+                             series=[(i, len(s)) for i, s in series], loss_given=loss is not None,
+                             window=window[1] if window is not None else None),
             "stats": stats, "act_grad": act_grad, "grad_mark": grad_mark, "wgrad": wgrad, "hist": hist,
             "clip": clip, "loss": loss_t, "accuracy": accuracy_t, "series": [s for _, s in series],
             "skipped": found_inf if found_inf is not None else torch.zeros((), device=device),
             "loss_scale": self.scaler._scale.detach().clone() if self._inv_scale() is not None else None,
-            "plan": plan,
+            "plan": plan, "window": window[0] if window is not None else None,
         }
 
     def _combine(self, acc: _Accumulator, device, loss_t, accuracy_t):
@@ -1090,7 +1109,7 @@ class Watcher:
         scalars = [loss, pending["accuracy"], total, after, acted, pending["skipped"],
                    scale if scale is not None else torch.full((), float("nan"), device=device)]
         core = [pending["wgrad"], pending["act_grad"], act_mark, pending["grad_mark"]]
-        packed = pack(scalars, core, detail, pending["hist"], pending["series"])
+        packed = pack(scalars, core, detail, pending["hist"], pending["series"], pending["window"])
         self._transfer.start(packed, host)
 
     def _emit_ready(self, wait: bool) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import RECTIFYING
 from .layers import LayerSpec
-from .records import HIST_BINS, LAYER_METRICS, TIME_POINTS, StepRecord
+from .records import HIST_BINS, LAYER_METRICS, TIME_POINTS, StepRecord, StepWindow
 
 #: A sigmoid unit within this distance of 0 or 1 (a tanh unit of -1 or 1) counts as saturated:
 #: there sigma'(z) < 0.02 (tanh'(z) < 0.04), i.e. the gradient through it is cut 12-25x beyond the
@@ -317,6 +317,53 @@ def time_squares(grad: torch.Tensor, time_dim: int) -> torch.Tensor:
     return torch.linalg.vector_norm(g.reshape(g.shape[0], -1).float(), dim=1).square()
 
 
+# -- every step, between measured ones -----------------------------------------------------------
+class WindowMeter:
+    """Loss and global gradient norm of every optimiser step, accumulated on the device between
+    measured steps (a few scalar kernels a step, no host sync) and carried by the next measured
+    step's record as a :class:`~vgtui.records.StepWindow`: a spike between samples stays visible,
+    with its step."""
+
+    VALUES = 10  # (loss, norm) x (min, max, mean, last, step of the max)
+
+    def __init__(self):
+        self.steps = 0
+        self.first_step = 0
+        self._min = self._max = self._sum = self._last = self._at = None
+
+    def add(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        value = torch.stack([loss.detach().float().reshape(()), norm.detach().float().reshape(())])
+        if self.steps == 0:
+            self.first_step = step
+            self._min, self._max, self._sum = value, value, value.double()
+            self._at = torch.full((2,), float(step), device=value.device)
+        else:
+            self._at = torch.where(value > self._max, float(step), self._at)
+            self._min = torch.minimum(self._min, value)
+            self._max = torch.maximum(self._max, value)  # NaN propagates: a NaN step shows
+            self._sum = self._sum + value
+        self._last = value
+        self.steps += 1
+
+    def take(self) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        """The window's values (device) and (steps, first step); the next window starts empty."""
+        if not self.steps:
+            return None
+        values = torch.cat([self._min, self._max, (self._sum / self.steps).float(), self._last, self._at])
+        meta = (self.steps, self.first_step)
+        self.__init__()
+        return values, meta
+
+
+def window_record(values: np.ndarray, meta: tuple[int, int]) -> StepWindow:
+    lo, hi, mean, last, at = values[0:2], values[2:4], values[4:6], values[6:8], values[8:10]
+    return StepWindow(steps=meta[0], first_step=meta[1],
+                      loss_min=float(lo[0]), loss_max=float(hi[0]), loss_mean=float(mean[0]),
+                      loss_last=float(last[0]), loss_max_step=int(at[0]),
+                      grad_norm_min=float(lo[1]), grad_norm_max=float(hi[1]), grad_norm_mean=float(mean[1]),
+                      grad_norm_last=float(last[1]), grad_norm_max_step=int(at[1]))
+
+
 # -- the one packing ------------------------------------------------------------------------------
 #: loss, accuracy, global ‖g‖ before and after clipping, clipped, AMP-skipped, AMP loss scale.
 SCALARS = 7
@@ -342,12 +389,13 @@ class HostSide:
     lrs: np.ndarray | None = None  # momentum plans: ‖ΔW‖ = lr · ‖buffer‖
     series: list[tuple[int, int]] = field(default_factory=list)  # (layer index, points)
     loss_given: bool = True
+    window: tuple[int, int] | None = None  # (steps, first step) of the packed StepWindow
 
 
 def pack(scalars: list[torch.Tensor], core: list[torch.Tensor], detail: list[torch.Tensor] | None,
-         hist: torch.Tensor | None, series: list[torch.Tensor]):
+         hist: torch.Tensor | None, series: list[torch.Tensor], window: torch.Tensor | None = None):
     """One flat vector per measured step: scalars, the (n, columns) per-layer block, histograms,
-    through-time norms. CPU: a numpy array read in place (nothing to transfer); CUDA: one tensor
+    through-time norms, the step window. CPU: a numpy array read in place (nothing to transfer); CUDA: one tensor
     for one device->host copy."""
     columns = core + (detail or [])
     if not columns[0].is_cuda:
@@ -356,12 +404,16 @@ def pack(scalars: list[torch.Tensor], core: list[torch.Tensor], detail: list[tor
         if hist is not None:
             parts.append(hist.numpy().reshape(-1))
         parts += [s.float().numpy() for s in series]
+        if window is not None:
+            parts.append(window.numpy())
         return np.concatenate(parts, dtype=np.float64)
     parts = [torch.stack([v.float().reshape(()) for v in scalars]),
              torch.stack([c.float() for c in columns], dim=1).reshape(-1)]
     if hist is not None:
         parts.append(hist.reshape(-1).float())
     parts += [s.float() for s in series]
+    if window is not None:
+        parts.append(window.float())
     return torch.cat(parts)
 
 
@@ -429,11 +481,14 @@ def unpack(values: np.ndarray, layout: Layout, host: HostSide) -> tuple[StepReco
     for index, points in host.series:
         series[layout.names[index]] = values[offset: offset + points].copy()
         offset += points
+    window = None
+    if host.window is not None:
+        window = window_record(values[offset: offset + WindowMeter.VALUES], host.window)
     record = StepRecord(
         step=host.step, loss=float(loss), accuracy=float(acc), grad_norm_total=float(total),
         grad_norm_clipped=float(after), clipped=bool(acted > 0.5), layers=layers, hist=hist,
         nonfinite=nonfinite, detail=host.detail, unmeasured=unmeasured, time_act_grad_norm=series,
-        **host.meta,
+        window=window, **host.meta,
     )
     return record, {"skipped": float(skipped), "loss_scale": float(loss_scale)}
 

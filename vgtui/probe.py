@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .engine import (SATURATION_MARGIN, HostSide, Layout, UpdateMeter, UpdatePlan, alive_units,
+from .engine import (SATURATION_MARGIN, HostSide, Layout, UpdateMeter, UpdatePlan, WindowMeter, alive_units,
                      downsample_time, first_tensor, measures_dead, pack, recomputing, saturated_mask,
                      time_squares, unit_dim, unpack)
 from .layers import LayerSpec
@@ -280,6 +280,7 @@ class Probe:
         probe.backward(loss)           # loss.backward(), or with owns_backward one autograd.grad
         probe.after_backward()         # gradient norms + histograms, before clipping
         probe.clip(kind, threshold)    # clips (always) and measures the global norm
+        probe.count(step, loss)        # every step: loss and global norm into the step window
         probe.before_step(optimizer)
         optimizer.step()
         probe.finish(step, loss, accuracy, optimizer)  # packs and starts the one transfer
@@ -326,6 +327,8 @@ class Probe:
         self._transfer = HostTransfer()
         self._nan_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._owners_with_grad: dict[tuple, np.ndarray] = {}
+        self._window = WindowMeter()
+        self._step_norm: torch.Tensor | None = None  # this step's global norm before clipping
 
     @property
     def device(self) -> torch.device:
@@ -544,14 +547,16 @@ class Probe:
         """Clip all gradients (every step, sampled or not) and measure the global norm on sampled
         ones. Clip-by-norm scales by min(1, threshold / (‖g‖ + 1e-6)), as clip_grad_norm_ does."""
         grads = [p.grad for p in self.params if p.grad is not None]
+        self._step_norm = None
         if not grads or (kind == "none" and not self.sampled):
             if self.sampled and not grads:
                 zero = torch.zeros((), device=self.device)
                 self._clip = (zero, zero, zero.bool())
             return
         total = self._total if self.sampled and self._total is not None else None
-        if total is None and (kind == "norm" or self.sampled):
+        if total is None and kind != "none":  # clipping's own norm, or the step window's
             total = torch.linalg.vector_norm(tensor_norms(grads))
+        self._step_norm = total
         if kind == "norm":
             coef = torch.clamp(threshold / (total + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef.to(grads[0].dtype))
@@ -566,6 +571,17 @@ class Probe:
         else:
             self._clip = (total, total, torch.zeros((), dtype=torch.bool, device=total.device))
         self._total = None
+
+    def count(self, step: int, loss: torch.Tensor) -> None:
+        """Every step, sampled or not: this step's loss and global gradient norm (before
+        clipping) into the step window that the next measured record carries. Call after
+        :meth:`clip`. The norm is clipping's own where it clipped, else one read of the gradients."""
+        norm = self._step_norm
+        if norm is None:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.linalg.vector_norm(tensor_norms(grads)) if grads else torch.zeros((), device=self.device)
+        self._step_norm = None
+        self._window.add(step, loss, norm)
 
     def before_step(self, optimizer) -> None:
         """Plan the update measurement (detail steps): read SGD's momentum buffers after the step,
@@ -617,8 +633,9 @@ class Probe:
         total, after, acted = self._clip if self._clip is not None else (nan, nan, nan)
         zero = torch.zeros((), device=device)
         scalars = [loss.detach(), acc, total, after, acted, zero, nan]
+        window = self._window.take()
         packed = pack(scalars, core, detail, self._hist if self.detail else None,
-                      [series for _, series in self._series])
+                      [series for _, series in self._series], window[0] if window is not None else None)
         host = HostSide(
             step=step, meta=meta, detail=self.detail, reached=np.array(reached, dtype=bool),
             got_grad=self._got_grad if self._got_grad is not None else np.zeros(n, dtype=bool),
@@ -626,6 +643,7 @@ class Probe:
             hist=self._hist is not None and self.detail, update_known=plan is not None,
             lrs=plan.lrs if plan is not None else None,
             series=[(index, len(series)) for index, series in self._series],
+            window=window[1] if window is not None else None,
         )
         self._acts = [None] * n
         self._plan = None

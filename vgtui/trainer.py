@@ -250,8 +250,11 @@ class Trainer(threading.Thread):
             if sampled and preset.clip != "none":
                 clock.stop()
             probe.clip(preset.clip, preset.clip_threshold)
-            if sampled and preset.clip != "none":
-                clock.start()
+            if not (sampled and preset.clip == "none"):  # else still running from after_backward
+                clock.start()  # every step: the step window's loss and global norm
+            probe.count(self.step, loss)
+            if not sampled:
+                clock.stop()
             probe.before_step(optimizer)
             if sampled:
                 clock.stop()
@@ -302,6 +305,7 @@ class Trainer(threading.Thread):
             probe.backward(loss)
             probe.after_backward()
             probe.clip(preset.clip, preset.clip_threshold)
+            probe.count(self.step, loss)
             probe.before_step(optimizer)
             optimizer.step()
             if sampled:
