@@ -601,13 +601,13 @@ def test_trainer_and_watch_give_identical_records():
 
     preset = load_preset("relu-he").replace(depth=3, width=32, batch_size=8, detail_every=2, sample_every=2)
     steps = 8
-    trained = [r for r in run_to_completion(preset, steps) if isinstance(r, StepRecord)]
+    trained = [r for r in run_to_completion(preset, steps, window=True) if isinstance(r, StepRecord)]
     built = build_model(preset)
     data = make_data(preset.data, preset.seed, preset.batch_size, "cpu")
     opt = make_optimizer(built.model.parameters(), preset)
     channel = Channel()
     watcher = vgtui.watch(built.model, layers=built.layers, channel=channel, optimizer=opt, diagnose=False,
-                          detail_every=preset.detail_every, overhead_budget=None, sample_every=2)
+                          detail_every=preset.detail_every, overhead_budget=None, sample_every=2, window=True)
     losses, norms = [], []  # every step, for the windows
     for step in range(steps):
         x, y = data.batch(step)
@@ -779,7 +779,7 @@ def test_a_spike_between_measured_steps_is_in_the_next_record():
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     channel = Channel()
     watcher = vgtui.watch(model, optimizer=opt, channel=channel, sample_every=4, overhead_budget=None,
-                          diagnose=False)
+                          diagnose=False, window=True)
     g = torch.Generator().manual_seed(15)
     losses = []
     for step in range(5):
@@ -797,3 +797,13 @@ def test_a_spike_between_measured_steps_is_in_the_next_record():
     window = second.window
     assert window.first_step == 1 and window.loss_max_step == 2 and window.grad_norm_max_step == 2
     assert window.loss_max == pytest.approx(losses[2], rel=RTOL) and window.loss_last == pytest.approx(losses[4], rel=RTOL)
+
+
+def test_the_window_is_off_on_the_cpu_unless_asked_for():
+    """One read of every gradient per step: by default only where that is a fused GPU kernel."""
+    model = _mlp()
+    channel = Channel()
+    watcher = vgtui.watch(model, channel=channel, diagnose=False)
+    assert _train(watcher, model)
+    watcher.close()
+    assert all(r.window is None for r in channel.drain() if isinstance(r, StepRecord))

@@ -413,7 +413,8 @@ class Watcher:
                  record: str | Path | Any | None = None, channel: Channel | None = None, optimizer=None,
                  scaler=None, diagnose: bool = True, histograms: bool = True, per_rank: bool = False,
                  start_step: int = 0, run_id: int = 0, name: str | None = None,
-                 detail_every: int = DETAIL_EVERY, overhead_budget: float | None = DEFAULT_BUDGET):
+                 detail_every: int = DETAIL_EVERY, overhead_budget: float | None = DEFAULT_BUDGET,
+                 window: bool | None = None):
         if int(sample_every) < 1:
             raise ValueError(f"sample_every must be at least 1, got {sample_every}")
         self.model = model
@@ -471,6 +472,9 @@ class Watcher:
         self._hist = LogHistograms()
         self._meter = UpdateMeter()
         self._window = WindowMeter()
+        #: every step's loss and global norm into StepRecord.window: one read of every gradient
+        #: per step, so by default on CUDA (a fused kernel) and not on the CPU
+        self.windowing = window if window is not None else self._device().type == "cuda"
         self._step_norm: torch.Tensor | None = None  # this step's global norm before clipping
         self._pre_clip: tuple | None = None  # (‖∂L/∂W‖ per layer, histograms, global ‖g‖, has grad)
         self._post_clip: torch.Tensor | None = None
@@ -525,14 +529,13 @@ class Watcher:
             return
         try:
             self._start()
-            if self.writes:
+            if self.writes and self.sampled:
                 self._clock.start()
-                if self.sampled:
-                    self._pre_clip = self._read_gradients()
-                    self._step_norm = self._pre_clip[2]
-                else:  # the step window's norm, before clipping
-                    self._step_norm = self._global_norm()
+                self._pre_clip = self._read_gradients()
                 self._clock.stop()
+                self._step_norm = self._pre_clip[2]
+            elif self.writes and self.windowing:  # the step window's norm, before clipping
+                self._step_norm = self._global_norm()
         except Exception as exc:
             self._fail(exc, "before_clip")
 
@@ -870,11 +873,9 @@ class Watcher:
         hooked = self._hook_optimizer(optimizer) if optimizer is not None and self.writes else False
         if measuring:
             self._measure(optimizer, loss, accuracy, hooked)
-        elif self.writes:  # every step counts in the window the next record carries
-            self._clock.start()
+        elif self.writes and self.windowing:  # every step counts in the window the next record carries
             norm = self._step_norm if self._step_norm is not None else self._global_norm()
             self._window.add(self.step_index, _scalar(loss, self._device()), norm)
-            self._clock.stop()
         self._step_norm = None
         self._pre_clip = self._post_clip = None
         self._emit_ready(wait=False)
@@ -980,8 +981,10 @@ class Watcher:
                 grads = [p.grad for p in self.params if p.grad is not None]
                 after = torch.linalg.vector_norm(tensor_norms(grads)) if grads else torch.zeros((), device=device)
             clip = (total, after, after < total * (1.0 - 1e-6))
-        self._window.add(self.step_index, _scalar(loss, device), total)
-        window = self._window.take()
+        window = None
+        if self.windowing:
+            self._window.add(self.step_index, _scalar(loss, device), total)
+            window = self._window.take()
         found_inf = self._found_inf(optimizer)
         plan = self._meter.plan(self.layout, optimizer, can_wait_for_step=hooked) if self.detail else None
         self._pending = {
@@ -1154,7 +1157,8 @@ def watch(model: nn.Module, *, layers: LayersArg = None, sample_every: int = 1,
           record: str | Path | Any | None = None, channel: Channel | None = None, optimizer=None,
           scaler=None, diagnose: bool = True, histograms: bool = True, per_rank: bool = False,
           start_step: int = 0, run_id: int = 0, name: str | None = None,
-          detail_every: int = DETAIL_EVERY, overhead_budget: float | None = DEFAULT_BUDGET) -> Watcher:
+          detail_every: int = DETAIL_EVERY, overhead_budget: float | None = DEFAULT_BUDGET,
+          window: bool | None = None) -> Watcher:
     """Attach vgtui to ``model`` (a plain module, a DDP-wrapped one, or a ``torch.compile``d one).
 
     layers:       None (every module that directly owns trainable parameters, in forward order),
@@ -1173,6 +1177,9 @@ def watch(model: nn.Module, *, layers: LayersArg = None, sample_every: int = 1,
     optimizer:    the default for :meth:`Watcher.step` (a torch optimizer or a wrapper of one).
     scaler:       a ``torch.amp.GradScaler``: gradients are read unscaled and activation
                   gradients have the loss scale divided out.
+    window:       carry every step's loss and global gradient norm (min/max/mean/last) in the next
+                  record's ``window``; one read of every gradient per step, so by default on CUDA
+                  and not on the CPU.
     diagnose:     attach the diagnosis's verdicts to each record.
     per_rank:     under torchrun every rank writes its own file (``run.rank<N>.jsonl``) with its
                   local activation statistics; default: rank 0 records the global step.
@@ -1180,4 +1187,4 @@ def watch(model: nn.Module, *, layers: LayersArg = None, sample_every: int = 1,
     return Watcher(model, layers=layers, sample_every=sample_every, record=record, channel=channel,
                    optimizer=optimizer, scaler=scaler, diagnose=diagnose, histograms=histograms,
                    per_rank=per_rank, start_step=start_step, run_id=run_id, name=name,
-                   detail_every=detail_every, overhead_budget=overhead_budget)
+                   detail_every=detail_every, overhead_budget=overhead_budget, window=window)

@@ -319,10 +319,11 @@ def time_squares(grad: torch.Tensor, time_dim: int) -> torch.Tensor:
 
 # -- every step, between measured ones -----------------------------------------------------------
 class WindowMeter:
-    """Loss and global gradient norm of every optimiser step, accumulated on the device between
-    measured steps (a few scalar kernels a step, no host sync) and carried by the next measured
-    step's record as a :class:`~vgtui.records.StepWindow`: a spike between samples stays visible,
-    with its step."""
+    """Loss and global gradient norm of every optimiser step, accumulated between measured steps
+    and carried by the next measured step's record as a :class:`~vgtui.records.StepWindow`: a
+    spike between samples stays visible, with its step. On CUDA the sums stay on the device (a
+    few scalar kernels a step, no host sync); on the CPU, where reading a value waits for nothing,
+    they are Python floats (a torch call per scalar costs more there than the arithmetic)."""
 
     VALUES = 10  # (loss, norm) x (min, max, mean, last, step of the max)
 
@@ -332,6 +333,9 @@ class WindowMeter:
         self._min = self._max = self._sum = self._last = self._at = None
 
     def add(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        if not loss.is_cuda:
+            self._add_host(step, float(loss.detach()), float(norm.detach()))
+            return
         value = torch.stack([loss.detach().float().reshape(()), norm.detach().float().reshape(())])
         if self.steps == 0:
             self.first_step = step
@@ -345,12 +349,32 @@ class WindowMeter:
         self._last = value
         self.steps += 1
 
-    def take(self) -> tuple[torch.Tensor, tuple[int, int]] | None:
-        """The window's values (device) and (steps, first step); the next window starts empty."""
+    def _add_host(self, step: int, loss: float, norm: float) -> None:
+        value = (loss, norm)
+        if self.steps == 0:
+            self.first_step = step
+            self._min, self._max, self._sum, self._at = list(value), list(value), list(value), [step, step]
+        else:
+            for k, v in enumerate(value):
+                if v > self._max[k]:  # as torch.where(value > max): False for NaN either side
+                    self._at[k] = step
+                self._min[k] = v if math.isnan(v) or v < self._min[k] else self._min[k]
+                self._max[k] = v if math.isnan(v) or v > self._max[k] else self._max[k]
+                self._sum[k] += v
+        self._last = list(value)
+        self.steps += 1
+
+    def take(self):
+        """The window's values (a device tensor, or a numpy array on the CPU) and (steps, first
+        step); the next window starts empty."""
         if not self.steps:
             return None
-        values = torch.cat([self._min, self._max, (self._sum / self.steps).float(), self._last, self._at])
         meta = (self.steps, self.first_step)
+        if isinstance(self._min, list):
+            values = np.array([*self._min, *self._max, *(v / self.steps for v in self._sum), *self._last, *self._at],
+                              dtype=np.float64)
+        else:
+            values = torch.cat([self._min, self._max, (self._sum / self.steps).float(), self._last, self._at])
         self.__init__()
         return values, meta
 
@@ -405,7 +429,7 @@ def pack(scalars: list[torch.Tensor], core: list[torch.Tensor], detail: list[tor
             parts.append(hist.numpy().reshape(-1))
         parts += [s.float().numpy() for s in series]
         if window is not None:
-            parts.append(window.numpy())
+            parts.append(window if isinstance(window, np.ndarray) else window.numpy())
         return np.concatenate(parts, dtype=np.float64)
     parts = [torch.stack([v.float().reshape(()) for v in scalars]),
              torch.stack([c.float() for c in columns], dim=1).reshape(-1)]

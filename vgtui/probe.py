@@ -291,7 +291,7 @@ class Probe:
     """
 
     def __init__(self, layers: list[LayerSpec], params: list[nn.Parameter], histograms: bool = True,
-                 detail_every: int = DETAIL_EVERY, owns_backward: bool = False):
+                 detail_every: int = DETAIL_EVERY, owns_backward: bool = False, window: bool | None = None):
         self.layers = layers
         self.layout = Layout(layers, list(params))
         #: The caller runs backward through :meth:`backward`, and ``params`` are every trainable
@@ -328,6 +328,9 @@ class Probe:
         self._nan_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._owners_with_grad: dict[tuple, np.ndarray] = {}
         self._window = WindowMeter()
+        #: Count every step's loss and global norm into StepRecord.window: one read of every
+        #: gradient per step, so by default on CUDA (a fused kernel) and not on the CPU.
+        self.windowing = window if window is not None else self.device.type == "cuda"
         self._step_norm: torch.Tensor | None = None  # this step's global norm before clipping
 
     @property
@@ -554,7 +557,7 @@ class Probe:
                 self._clip = (zero, zero, zero.bool())
             return
         total = self._total if self.sampled and self._total is not None else None
-        if total is None and kind != "none":  # clipping's own norm, or the step window's
+        if total is None and (kind == "norm" or self.windowing):  # clipping's own, or the window's
             total = torch.linalg.vector_norm(tensor_norms(grads))
         self._step_norm = total
         if kind == "norm":
@@ -576,6 +579,8 @@ class Probe:
         """Every step, sampled or not: this step's loss and global gradient norm (before
         clipping) into the step window that the next measured record carries. Call after
         :meth:`clip`. The norm is clipping's own where it clipped, else one read of the gradients."""
+        if not self.windowing:
+            return
         norm = self._step_norm
         if norm is None:
             grads = [p.grad for p in self.params if p.grad is not None]

@@ -53,8 +53,10 @@ class Trainer(threading.Thread):
         data_root: Path | None = None,
         download: bool = False,
         overhead_budget: float | None = None,
+        window: bool | None = None,
     ):
         super().__init__(name=f"vgtui-trainer-{run_id}", daemon=True)
+        self.window = window
         self.overhead_budget = overhead_budget
         self.preset = preset
         self.channel = channel
@@ -151,7 +153,7 @@ class Trainer(threading.Thread):
             params=count_params(built.model),
         )
         probe = Probe(built.layers, list(built.model.parameters()), detail_every=preset.detail_every,
-                      owns_backward=self._uses_taps(built.model))
+                      owns_backward=self._uses_taps(built.model), window=self.window)
         header = dataclasses.replace(header, tied={k: list(v) for k, v in probe.layout.tied.items()})
         self._emit(header)
         self._emit(RunEvent("started", f"{preset.name} on {device}", run_id=self.run_id))
@@ -250,14 +252,12 @@ class Trainer(threading.Thread):
             if sampled and preset.clip != "none":
                 clock.stop()
             probe.clip(preset.clip, preset.clip_threshold)
-            if not (sampled and preset.clip == "none"):  # else still running from after_backward
-                clock.start()  # every step: the step window's loss and global norm
-            probe.count(self.step, loss)
-            if not sampled:
-                clock.stop()
+            if sampled and preset.clip != "none":
+                clock.start()
             probe.before_step(optimizer)
             if sampled:
                 clock.stop()
+            probe.count(self.step, loss)  # the step window (its cost is not the budget's: see Probe)
             optimizer.step()
             if sampled:
                 clock.start()
