@@ -76,6 +76,7 @@ def watched_run(path, **watch_kwargs):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    watch_kwargs.setdefault("detail_every", 1)
     watcher = vgtui.watch(model, record=path, optimizer=opt, scaler=scaler, **watch_kwargs)
     for step in range(STEPS):
         total = 0.0
@@ -92,6 +93,14 @@ def watched_run(path, **watch_kwargs):
         opt.zero_grad(set_to_none=True)
     watcher.close()
     return model, opt, watcher
+
+
+def _norm(tensors):
+    return float(torch.stack([t.double().norm() for t in tensors]).norm())
+
+
+def _flat(module):
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
 
 
 def reference_run():
@@ -114,14 +123,17 @@ def reference_run():
             grads = torch.autograd.grad(loss, [outs[k] for k in range(len(mods))] + params)
             for k in range(len(mods)):
                 h_sq[k] += float(grads[k].double().norm()) ** 2
-                acts[k].append(outs[k].detach().float().reshape(-1))
+                # statistics of what follows the layer: "bn" feeds the ReLU module self.act
+                a = F.relu(outs[k]) if LAYERS[k] == "bn" else outs[k]
+                acts[k].append(a.detach().float().reshape(-1))
             for p, g in zip(params, grads[len(mods):]):
                 p.grad = g.clone() if p.grad is None else p.grad + g
             total_loss += float(loss.detach())
-        w_grad = [float(m.weight.grad.norm()) for m in mods]
+        # A layer's ‖∂L/∂W‖, ‖W‖ and update cover every parameter of its module (bias included).
+        w_grad = [_norm([p.grad for p in m.parameters()]) for m in mods]
         total = float(torch.stack([p.grad.norm() for p in params]).norm())
         after = float(torch.nn.utils.clip_grad_norm_(params, CLIP)) and float(torch.stack([p.grad.norm() for p in params]).norm())
-        before_w = [m.weight.detach().clone() for m in mods]
+        before_w = [_flat(m) for m in mods]
         opt.step()
         opt.zero_grad(set_to_none=True)
         cat = [torch.cat(a) for a in acts]
@@ -131,8 +143,8 @@ def reference_run():
             "act_grad_norm": np.sqrt(h_sq),
             "act_mean": [float(a.mean()) for a in cat],
             "act_std": [float(a.std()) for a in cat],
-            "weight_norm": [float(m.weight.detach().norm()) for m in mods],
-            "update_ratio": [float((m.weight.detach() - b).norm() / m.weight.detach().norm()) for m, b in zip(mods, before_w)],
+            "weight_norm": [float(_flat(m).norm()) for m in mods],
+            "update_ratio": [float((_flat(m) - b).norm() / _flat(m).norm()) for m, b in zip(mods, before_w)],
             "total": total,
             "after": after,
         })
@@ -160,6 +172,8 @@ def test_user_loop_matches_autograd(tmp_path):
     records, steps = steps_of(tmp_path / "run.jsonl")
     header = records[0]
     assert isinstance(header, RunHeader) and header.layers == LAYERS and header.source == "api"
+    # the ReLU module after "bn" is recognised; F.relu inside the block is not a module
+    assert header.layer_kinds == ["linear", "relu", "linear", "linear", "linear", "linear", "linear"]
     assert header.preset["clip"] == "norm" and header.preset["lr"] == 0.1 and header.preset["name"] == "SmallCNN"
     assert [r.step for r in steps] == [0, 1, 2]
     assert [r.kind for r in records if isinstance(r, RunEvent)] == ["started", "finished"]
@@ -186,7 +200,7 @@ def test_user_loop_matches_autograd(tmp_path):
 def test_act_mean_of_balanced_bn_is_near_zero_not_a_relative_match(tmp_path):
     """BatchNorm outputs have mean ~0: compare those absolutely (the relative check above uses 1e-4)."""
     _, _, watcher = watched_run(tmp_path / "run.jsonl")
-    bn = [LAYERS.index(n) for n in ("bn", "block.bn1", "block.bn2")]
+    bn = [LAYERS.index(n) for n in ("block.bn1", "block.bn2")]  # "bn" feeds a ReLU module
     assert np.all(np.abs(watcher.latest.layers["act_mean"][bn]) < 1e-2)
     assert np.all(np.abs(watcher.latest.layers["act_std"][bn] - 1) < 0.1)
 
@@ -247,7 +261,7 @@ def test_step_alone_measures_the_applied_gradient():
     watcher.close()
     F.mse_loss(ref(x), y).backward()
     rec = watcher.latest
-    close(rec.layers["weight_grad_norm"], [float(ref[i].weight.grad.norm()) for i in (0, 2, 4)], "‖∂L/∂W‖")
+    close(rec.layers["weight_grad_norm"], [_norm([ref[i].weight.grad, ref[i].bias.grad]) for i in (0, 2, 4)], "‖∂L/∂W‖")
     assert rec.grad_norm_total == rec.grad_norm_clipped and not rec.clipped
 
 
@@ -382,7 +396,7 @@ def test_compiled_model_forward_runs_and_weight_gradients_are_measured():
     results = []
     for net, runner in ((eager, eager), (model, compiled)):
         opt = torch.optim.SGD(net.parameters(), lr=0.05)
-        watcher = vgtui.watch(runner, optimizer=opt, diagnose=False, channel=Channel())
+        watcher = vgtui.watch(runner, optimizer=opt, diagnose=False, channel=Channel(), detail_every=1)
         for step in range(2):
             x, y = _mlp_data(step)
             F.mse_loss(runner(x), y).backward()
@@ -395,6 +409,7 @@ def test_compiled_model_forward_runs_and_weight_gradients_are_measured():
     close(compiled_rec.layers["weight_grad_norm"], eager_rec.layers["weight_grad_norm"], "‖∂L/∂W‖ compiled")
     close(compiled_rec.layers["update_ratio"], eager_rec.layers["update_ratio"], "update compiled")
     assert np.isnan(compiled_rec.layers["act_grad_norm"]).all()
+    assert not compiled_rec.measured("act_grad_norm").any()  # not measured, not non-finite
     assert compiled_rec.nonfinite is None
     assert np.isfinite(eager_rec.layers["act_grad_norm"]).all()
     assert _hooks(model) == 0

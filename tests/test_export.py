@@ -88,7 +88,7 @@ def test_csv_of_a_watched_model_via_the_cli(tmp_path, capsys):
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = tmp_path / "watched.jsonl"
-    with vgtui.watch(model, record=path, optimizer=opt, diagnose=False) as watcher:
+    with vgtui.watch(model, record=path, optimizer=opt, diagnose=False, detail_every=1) as watcher:
         for step in range(3):
             loss = F.mse_loss(model(torch.randn(5, 3)), torch.randn(5, 1))
             loss.backward()

@@ -43,11 +43,20 @@ def reference_norms(preset, x, y):
     outputs.append(out)
     loss = built.loss_fn(out, target)
     weights = [layer.weight for layer in built.layers]
-    grads = torch.autograd.grad(loss, outputs + weights)
+    # ‖∂L/∂W‖ of a layer covers every parameter of its module (weights, biases, norms).
+    owned = [list(layer.output_module.parameters()) for layer in built.layers]
+    flat = [p for params in owned for p in params]
+    grads = torch.autograd.grad(loss, outputs + weights + flat)
     n = len(outputs)
     act = np.array([g.norm().item() for g in grads[:n]])
-    wgt = np.array([g.norm().item() for g in grads[n:]])
-    return loss.item(), act, wgt, [g.detach().numpy() for g in grads[n:]]
+    by_param = iter(grads[2 * n:])
+    wgt = np.array([math.sqrt(sum(next(by_param).norm().item() ** 2 for _ in params)) for params in owned])
+    return loss.item(), act, wgt, [g.detach().numpy() for g in grads[n:2 * n]]
+
+
+def _flat(layer):
+    """Every parameter of a layer as one vector (what its ‖W‖ and update ratio cover)."""
+    return torch.cat([p.detach().reshape(-1) for p in layer.output_module.parameters()])
 
 
 def probed_step(preset, x, y, steps=1, owns_backward=False, taps=False):
@@ -71,9 +80,9 @@ def probed_step(preset, x, y, steps=1, owns_backward=False, taps=False):
         probe.after_backward()
         probe.clip(preset.clip, preset.clip_threshold)
         probe.before_step(optimizer)
-        before.append([layer.weight.detach().clone() for layer in built.layers])
+        before.append([_flat(layer) for layer in built.layers])
         optimizer.step()
-        after.append([layer.weight.detach().clone() for layer in built.layers])
+        after.append([_flat(layer) for layer in built.layers])
         acc = (out.argmax(1) == y).float().mean() if built.task == "classifier" else None
         probe.finish(step, loss, acc, optimizer)
         records += probe.poll()

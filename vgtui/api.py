@@ -1,6 +1,6 @@
 """Watch your own model in your own training loop.
 
-    watcher = vgtui.watch(model, record="run.jsonl", sample_every=10, optimizer=opt, scaler=scaler)
+    watcher = vgtui.watch(model, record="run.jsonl", optimizer=opt, scaler=scaler)
     for i, (x, y) in enumerate(loader):
         with torch.autocast("cuda", dtype=torch.float16):
             loss = loss_fn(model(x), y) / accum
@@ -13,32 +13,41 @@
             scaler.step(opt); scaler.update(); opt.zero_grad()
     watcher.close()                                     # every hook removed, the file complete
 
+The watcher measures through the same engine as vgtui's own trainer (:mod:`vgtui.engine`: the
+same layers, columns, encodings, thresholds and update ratios); only the collecting differs.
 What is measured, and when (the places where monitors usually go wrong):
 
+* Layers are the modules that own trainable parameters, named by their module path (a parameter
+  owned by the model itself by its parameter name), in forward order; a module never called as a
+  module (``nn.MultiheadAttention.out_proj``) or not called yet keeps its registration place.
+  ‖∂L/∂W‖, ‖W‖ and the update ratio cover every parameter the module owns (weights and biases,
+  all gates and stacked layers of an RNN). A tied tensor (GPT-2's ``lm_head`` and ``wte``) is
+  measured once, on the first layer holding it, and listed in ``RunHeader.tied``.
 * ``‖∂L/∂W‖`` per layer and the global ``‖g‖`` are read from ``.grad`` at ``before_clip()`` (or at
   ``step()`` when there is none): after backward, so after DDP's all-reduce and after every
   micro-batch has accumulated, and after AMP unscaling (the watcher calls ``scaler.unscale_(opt)``
   itself when it was given the scaler and you have not). The global norm after clipping is read
   again at ``step()``; "clipped" means clipping shrank it.
-* ``‖∂L/∂h‖`` (the back-propagated activation gradient) comes from tensor hooks that fire once per
-  micro-batch. Micro-batches hold different examples, so the gradient of the summed loss with
-  respect to the whole step's activations is the concatenation of the per-micro-batch gradients,
-  and its norm is ``sqrt(Σ_k ‖∂L_k/∂h_k‖²)``: that is what is recorded (with the AMP loss scale
-  divided out). With equal micro-batches and ``loss / accum`` this equals the norm a single pass
-  over the combined batch would give (exactly so for models without batch statistics).
-* Activation mean/std/saturation/dead units are pooled over every micro-batch of the step
-  (forward passes with gradients disabled, e.g. validation, are ignored).
-* Under DDP the activation sums are combined across ranks with one small reduce per sampled step
-  (DDP's default gradient averaging assumed), so rank 0 records the step of the combined global
-  batch. Other ranks compute their share on the device, join that reduce, and do nothing else:
-  no device-to-host copy, no file, no waiting on rank 0's writing (which runs on a thread).
+* ``‖∂L/∂h‖`` comes from tensor hooks that fire once per micro-batch; the recorded norm is
+  ``sqrt(Σ_k ‖∂L_k/∂h_k‖²)`` (with the AMP loss scale divided out). A layer no gradient reached
+  is recorded as not measured, never as non-finite. Recurrent modules (``nn.RNN/LSTM/GRU``) and
+  looped cells (``nn.RNNCell`` ...) also get ``‖∂L/∂h_t‖`` per time step (per call for cells).
+* Activation statistics are of what follows the layer: when an activation module (ReLU,
+  LeakyReLU, ELU, GELU, SiLU, Tanh, Sigmoid; in-place or not) is applied directly to a layer's
+  output, its dead units or saturation are measured; pooled over every micro-batch of the step
+  (forward passes with gradients disabled, e.g. validation, are ignored). They are measured on
+  every ``detail_every``-th measured step, like ``‖W‖``, the update ratio and the histograms.
+* Under DDP the activation sums are combined across ranks with one small reduce per sampled step,
+  so rank 0 records the step of the combined global batch; other ranks compute their share and
+  do nothing else.
 * Under ``torch.compile`` the hooks inside the compiled region do nothing (they would break the
-  graph): weight gradients, global norms, weight norms and update sizes are measured; per-layer
-  activation statistics and ``‖∂L/∂h‖`` are recorded as NaN ("not measured").
+  graph): per-layer activation statistics and ``‖∂L/∂h‖`` are recorded as not measured.
 
-All arithmetic stays on the device; a sampled step ends in one device-to-host transfer (on CUDA a
-non-blocking copy into pinned memory, read when it has arrived), and unsampled steps cost a flag
-test per hook.
+Cheap by default: hooks exist only on measured steps, a measured step ends in one device-to-host
+transfer, and ``overhead_budget`` (2 % by default) widens the interval between measured steps when
+measuring costs more. A monitor never takes training down: any fault inside the watcher (a hook,
+the file, a full disk) is reported once (a warning, and an ``error`` line while the file can still
+be written), measuring stops, and training goes on; :meth:`Watcher.close` never raises.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ import math
 import queue
 import threading
 import time
+import traceback
 import warnings
 import weakref
 from pathlib import Path
@@ -57,16 +67,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import LayerSpec
 from .channel import Channel
 from .config import RECTIFYING
-from .probe import SATURATION_MARGIN, HostTransfer, LogHistograms
-from .records import (HIST_BINS, LAYER_METRICS, RunEvent, RunHeader,
-                      StepRecord)
+from .engine import (CELLS, RECURRENT, HostSide, Layout, OverheadBudget, ProbeClock, UpdateMeter, WindowMeter,
+                     activation_kind, alive_units, downsample_time, first_tensor, hook_optimizer_step,
+                     measures_dead, out_of_place, pack, recomputing, saturated_mask, time_squares, unit_dim,
+                     unpack, unwrap_optimizer)
+from .layers import LayerSpec
+from .probe import DETAIL_EVERY, HostTransfer, LogHistograms, tensor_norms
+from .records import RunError, RunEvent, RunHeader, StepRecord
 
 __all__ = ["Watcher", "watch", "default_layers"]
 
 LayersArg = None | Callable[[str, nn.Module], bool] | Sequence[str | nn.Module | LayerSpec]
+
+#: The default share of training time measuring may take before the interval widens.
+DEFAULT_BUDGET = 0.02
 
 
 # -- which modules count as layers ------------------------------------------------------------------
@@ -99,6 +115,11 @@ def _trainable_direct(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters(recurse=False) if p.requires_grad]
 
 
+def _clean(name: str) -> str:
+    # A compiled submodule shows up as "<name>._orig_mod.<child>": name the user's module instead.
+    return name.replace("._orig_mod", "").replace("_orig_mod.", "")
+
+
 def _spec(name: str, module: nn.Module) -> LayerSpec:
     params = _trainable_direct(module)
     if not params:
@@ -107,18 +128,32 @@ def _spec(name: str, module: nn.Module) -> LayerSpec:
     weight = getattr(module, "weight", None)
     if not (isinstance(weight, nn.Parameter) and weight.requires_grad):
         weight = params[0]
-    # A compiled submodule shows up as "<name>._orig_mod.<child>": name the user's module instead.
-    name = name.replace("._orig_mod", "").replace("_orig_mod.", "")
-    return LayerSpec(name or type(module).__name__, module, weight)
+    time_dim = None
+    kind = "linear"
+    if isinstance(module, RECURRENT):
+        time_dim = 1 if module.batch_first else 0
+    if isinstance(module, (nn.RNN, nn.RNNCell)):
+        kind = "tanh" if module.nonlinearity == "tanh" else "relu"
+    return LayerSpec(_clean(name) or type(module).__name__, module, weight, act_kind=kind,
+                     time_dim=time_dim, params=tuple(params))
 
 
 def default_layers(model: nn.Module) -> list[LayerSpec]:
     """Every module that directly owns a trainable parameter (in ordinary models: the leaf
-    Linear/Conv/Norm/Embedding modules), in registration order; :func:`watch` re-sorts them into
-    forward order on the first forward pass. ``‖∂L/∂W‖`` is of ``module.weight`` (else its first
-    trainable parameter); ``h`` is the module's output."""
+    Linear/Conv/Norm/Embedding/RNN modules), in registration order, plus one layer per trainable
+    parameter owned by the model itself (named by the parameter); :func:`watch` re-sorts them into
+    forward order on the first forward pass. A layer's ‖∂L/∂W‖ covers every parameter the module
+    owns; ``h`` is the module's output."""
     inner, _, _ = _unwrap(model)
-    return [_spec(name, m) for name, m in inner.named_modules() if _trainable_direct(m)]
+    specs = []
+    for name, module in inner.named_modules():
+        if module is inner:
+            for pname, param in module.named_parameters(recurse=False):
+                if param.requires_grad:
+                    specs.append(LayerSpec(pname, None, param, params=(param,)))
+        elif _trainable_direct(module):
+            specs.append(_spec(name, module))
+    return specs
 
 
 def _resolve_layers(inner: nn.Module, layers: LayersArg) -> tuple[list[LayerSpec], bool]:
@@ -127,7 +162,8 @@ def _resolve_layers(inner: nn.Module, layers: LayersArg) -> tuple[list[LayerSpec
         specs = default_layers(inner)
         auto = True
     elif callable(layers) and not isinstance(layers, (list, tuple)):
-        specs = [_spec(n, m) for n, m in inner.named_modules() if _trainable_direct(m) and layers(n, m)]
+        specs = [_spec(n, m) for n, m in inner.named_modules()
+                 if m is not inner and _trainable_direct(m) and layers(n, m)]
         auto = True
     else:
         names = {id(m): n for n, m in inner.named_modules()}
@@ -158,37 +194,73 @@ def _resolve_layers(inner: nn.Module, layers: LayersArg) -> tuple[list[LayerSpec
     return specs, auto
 
 
-def _first_tensor(output) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]  # e.g. nn.MultiheadAttention, nn.LSTM: the main output
-    return None
-
-
 def _rank_path(path: Path, rank: int) -> Path:
     return path.with_name(f"{path.stem}.rank{rank}{path.suffix or '.jsonl'}")
 
 
+def _forward_order(seen: list[int], count: int) -> list[int]:
+    """Layers first called in ``seen`` order; each one never called (not yet, or never as a
+    module, or inside a compiled region) right after its registration predecessor, so that it
+    keeps its place among its neighbours instead of trailing after the output layer."""
+    order = list(seen)
+    placed = set(seen)
+    for index in range(count):
+        if index in placed:
+            continue
+        at = order.index(index - 1) + 1 if index > 0 else 0
+        order.insert(at, index)
+        placed.add(index)
+    return order
+
+
 # -- the sink: diagnosis, file and channel, off the training thread --------------------------------
+class _StreamWriter:
+    """JSONL lines to a file object the caller opened (and will close)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.path = getattr(stream, "name", "<stream>")
+        self._layers: dict[int, list[str]] = {}
+
+    def write(self, record) -> None:
+        import json
+
+        from .jsonl import to_json
+
+        if isinstance(record, RunHeader):
+            self._layers[record.run_id] = list(record.layers)
+        names = self._layers.get(getattr(record, "run_id", 0))
+        self.stream.write(json.dumps(to_json(record, names), separators=(",", ":"), allow_nan=False) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.flush()
+
+
 class _Sink(threading.Thread):
     """Diagnoses, writes and publishes records on its own thread, so that the training loop (and,
-    under DDP, every rank waiting at the next collective) never waits on disk or on the diagnosis."""
+    under DDP, every rank waiting at the next collective) never waits on disk or on the diagnosis.
+    A failing file (a full disk) stops the writing, once, with a warning; the channel goes on."""
 
     _STOP = object()
 
-    def __init__(self, path: Path | None, channel: Channel | None, diagnose: bool):
+    def __init__(self, record, channel: Channel | None, diagnose: bool):
         super().__init__(name="vgtui-sink", daemon=True)
         from .jsonl import JsonlWriter
 
-        self.writer = JsonlWriter(path) if path is not None else None
+        if record is None:
+            self.writer = None
+        elif hasattr(record, "write"):
+            self.writer = _StreamWriter(record)
+        else:
+            self.writer = JsonlWriter(record)
         self.channel = channel
         self.diagnose = diagnose
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.latest: StepRecord | None = None
         self.written = 0
         self._diagnoser = None
-        self._failed = False
+        self.failed = False
 
     def put(self, record) -> None:
         self.queue.put(record)
@@ -211,20 +283,29 @@ class _Sink(threading.Thread):
         if isinstance(record, StepRecord):
             if self._diagnoser is not None:
                 try:
-                    record.verdicts = self._diagnoser.update(record)
+                    from dataclasses import replace
+
+                    record = replace(record, verdicts=self._diagnoser.update(record))
                 except Exception as exc:
                     warnings.warn(f"vgtui: diagnosis disabled ({type(exc).__name__}: {exc})", stacklevel=1)
                     self._diagnoser = None
             self.latest = record
-        if self.writer is not None and not self._failed:
+        if self.writer is not None and not self.failed:
             try:
                 self.writer.write(record)
                 self.written += 1
-            except OSError as exc:
-                self._failed = True
-                warnings.warn(f"vgtui: stopped writing {self.writer.path}: {exc}", stacklevel=1)
+            except Exception as exc:
+                self._writer_failed(exc, record)
         if self.channel is not None:
             self.channel.put(record)
+
+    def _writer_failed(self, exc: Exception, record) -> None:
+        self.failed = True
+        message = f"vgtui: stopped recording to {self.writer.path}: {type(exc).__name__}: {exc}; training goes on"
+        warnings.warn(message, stacklevel=1)
+        if self.channel is not None:
+            self.channel.put(RunError(message, step=getattr(record, "step", 0),
+                                      run_id=getattr(record, "run_id", 0)))
 
     def close(self) -> None:
         if self.is_alive():
@@ -239,7 +320,11 @@ class _Sink(threading.Thread):
                 if record is not self._STOP:
                     self._handle(record)
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except Exception as exc:
+                if not self.failed:
+                    self._writer_failed(exc, None)
 
 
 # -- per-layer accumulation over the micro-batches of one optimiser step ---------------------------
@@ -256,18 +341,31 @@ def _mean_m2(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Accumulator:
-    """Device-side running sums for one optimiser step, per layer (registration index). Counts
-    are known on the host (numel), so combining them costs no device work."""
+    """Device-side running sums for one optimiser step, per layer. Counts are known on the host
+    (numel), so combining them costs no device work."""
 
     def __init__(self, n_layers: int):
         self.count: list[int] = [0] * n_layers  # activation elements seen
         self.mean: list[torch.Tensor | None] = [None] * n_layers
         self.m2: list[torch.Tensor | None] = [None] * n_layers  # Σ (x - mean)^2
         self.sat: list[torch.Tensor | None] = [None] * n_layers  # count of saturated elements
-        self.alive: list[torch.Tensor | None] = [None] * n_layers  # per unit: examples where > 0
+        self.alive: list[torch.Tensor | None] = [None] * n_layers  # per unit: micro-batches where > 0
         self.grad_sq: list[torch.Tensor | None] = [None] * n_layers  # Σ_k ‖∂L_k/∂h_k‖²
+        self.grad_bad: list[torch.Tensor | None] = [None] * n_layers  # finite iff every entry was
+        self.time_sq: list[torch.Tensor | None] = [None] * n_layers  # Σ_k ‖∂L_k/∂h_t‖² per t
+        self.calls: list[dict[int, torch.Tensor] | None] = [None] * n_layers  # cells: per call
 
-    def add_stats(self, i: int, a: torch.Tensor, kind: str) -> None:
+    def permute(self, order: list[int]) -> None:
+        for name in ("count", "mean", "m2", "sat", "alive", "grad_sq", "grad_bad", "time_sq", "calls"):
+            values = getattr(self, name)
+            setattr(self, name, [values[i] for i in order])
+
+    def take_stats(self, i: int, other: "_Accumulator") -> None:
+        """Layer ``i``'s activation statistics from ``other`` in place of this one's."""
+        for name in ("count", "mean", "m2", "sat", "alive"):
+            getattr(self, name)[i] = getattr(other, name)[i]
+
+    def add_stats(self, i: int, a: torch.Tensor, kind: str, units_at: int) -> None:
         n = a.numel()
         mean, m2 = _mean_m2(a)
         na = self.count[i]
@@ -279,24 +377,27 @@ class _Accumulator:
             self.mean[i] = self.mean[i].double() + delta * (n / total)
             self.m2[i] = self.m2[i].double() + m2.double() + delta.square() * (na * n / total)
         self.count[i] = na + n
-        if kind == "sigmoid":
-            sat = ((a - 0.5).abs_() > 0.5 - SATURATION_MARGIN).sum(dtype=torch.float64)
-        elif kind == "tanh":
-            sat = (a.abs() > 1.0 - SATURATION_MARGIN).sum(dtype=torch.float64)
-        else:
-            sat = None
-        if sat is not None:
+        saturated = saturated_mask(a, kind)
+        if saturated is not None:
+            sat = saturated.sum(dtype=torch.float64)
             self.sat[i] = sat if self.sat[i] is None else self.sat[i] + sat
-        if kind in RECTIFYING and a.dim() >= 2:
-            units = a.transpose(0, 1).reshape(a.shape[1], -1)
-            alive = (units > 0).any(dim=1).to(torch.float64)
+        if measures_dead(kind, tuple(a.shape)):
+            alive = alive_units(a, units_at).to(torch.float64)
             prev = self.alive[i]
             self.alive[i] = alive if prev is None or prev.shape != alive.shape else prev + alive
 
-    def add_grad(self, i: int, grad: torch.Tensor) -> None:
+    def add_grad(self, i: int, grad: torch.Tensor, time_dim: int | None, call: int | None) -> None:
         flat = grad.detach().reshape(-1).float()
         sq = torch.dot(flat, flat)  # ‖g‖², one BLAS pass
         self.grad_sq[i] = sq if self.grad_sq[i] is None else self.grad_sq[i].double() + sq.double()
+        if time_dim is not None and grad.dim() > time_dim:
+            per_t = time_squares(grad, time_dim)
+            prev = self.time_sq[i]
+            self.time_sq[i] = per_t if prev is None or prev.shape != per_t.shape else prev + per_t
+        if call is not None:
+            calls = self.calls[i] if self.calls[i] is not None else {}
+            calls[call] = calls[call] + sq if call in calls else sq
+            self.calls[i] = calls
 
 
 class Watcher:
@@ -305,13 +406,15 @@ class Watcher:
     Per optimiser step: (optionally) :meth:`before_clip` after unscaling and before clipping, or
     :meth:`clip_grad_norm_` to let the watcher clip; then :meth:`step` once, before
     ``optimizer.step()``. :meth:`close` (or leaving a ``with`` block) removes every hook, waits for
-    the last measurement and closes the file.
+    the last measurement and closes the file. None of these raise for a fault inside vgtui.
     """
 
     def __init__(self, model: nn.Module, *, layers: LayersArg = None, sample_every: int = 1,
-                 record: str | Path | None = None, channel: Channel | None = None, optimizer=None,
+                 record: str | Path | Any | None = None, channel: Channel | None = None, optimizer=None,
                  scaler=None, diagnose: bool = True, histograms: bool = True, per_rank: bool = False,
-                 start_step: int = 0, run_id: int = 0, name: str | None = None):
+                 start_step: int = 0, run_id: int = 0, name: str | None = None,
+                 detail_every: int = DETAIL_EVERY, overhead_budget: float | None = DEFAULT_BUDGET,
+                 window: bool | None = None):
         if int(sample_every) < 1:
             raise ValueError(f"sample_every must be at least 1, got {sample_every}")
         self.model = model
@@ -326,6 +429,7 @@ class Watcher:
         self.run_id = run_id
         self.name = name or type(self.inner).__name__
         self.step_index = int(start_step)
+        self.detail_every = max(1, int(detail_every))
         # Distributed: who writes, and whether activation sums must be combined across ranks.
         self.rank, self.world_size, self._group = 0, 1, None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -335,43 +439,69 @@ class Watcher:
         self.writes = per_rank or self.rank == 0
         self._reduce = self.ddp is not None and self.world_size > 1 and not per_rank
         self._measures = self.writes or self._reduce  # rank != 0 outside DDP: nothing to do
-        path = None
+        target = None
         if record is not None and self.writes:
-            path = Path(record)
-            if per_rank and self.world_size > 1:
-                path = _rank_path(path, self.rank)
-        self.record_path = path
-        self._sink = _Sink(path, channel, diagnose) if self.writes else None
-        # Hooks and per-step state.
+            if hasattr(record, "write"):
+                target = record
+            else:
+                target = Path(record)
+                if per_rank and self.world_size > 1:
+                    target = _rank_path(target, self.rank)
+        self.record_path = target if isinstance(target, Path) else None
+        self._sink = _Sink(target, channel, diagnose) if self.writes else None
+        n = len(self.specs)
+        self._cells = {i for i, spec in enumerate(self.specs) if isinstance(spec.output_module, CELLS)}
+        self._act_fn: list[nn.Module | None] = [None] * n  # a detected activation, applied to h
+        self._detected: dict[int, nn.Module] = {}
+        # First step only: each layer's output (weakly) to recognise an activation applied to it,
+        # and the statistics of that activation's output beside those of h (kept if it is one).
+        self._first_outputs: dict[int, tuple[int, weakref.ref, int]] = {}
+        self._acc_act = _Accumulator(n)
         self._handles: list = []
         self._opt_handles: dict[int, Any] = {}
         self._seen: list[int] = []  # registration indices in first-forward order
         self._seen_set: set[int] = set()
+        self._calls = [0] * n
         self._started = False
         self._closed = False
-        self._order: list[int] = list(range(len(self.specs)))
-        self._units: list[int | None] = [None] * len(self.specs)
-        self._acc = _Accumulator(len(self.specs))
+        self._failed = False
+        self.layout: Layout | None = None
+        self._units: list[int | None] = [None] * n
+        self._acc = _Accumulator(n)
         self._transfer = HostTransfer()
         self._hist = LogHistograms()
-        self._pre_clip: tuple | None = None  # (‖∂L/∂W‖ per layer, histograms, global ‖g‖)
+        self._meter = UpdateMeter()
+        self._window = WindowMeter()
+        #: every step's loss and global norm into StepRecord.window: one read of every gradient
+        #: per step, so by default on CUDA (a fused kernel) and not on the CPU
+        self.windowing = window if window is not None else self._device().type == "cuda"
+        self._step_norm: torch.Tensor | None = None  # this step's global norm before clipping
+        self._pre_clip: tuple | None = None  # (‖∂L/∂W‖ per layer, histograms, global ‖g‖, has grad)
         self._post_clip: torch.Tensor | None = None
         self._pending: dict | None = None
-        self._no_loss: set[int] = set()  # steps whose loss was not given: NaN there is no alarm
         self._clip_info: tuple[str, float | None] | None = None  # known once the user clips
-        self.sampled = self._is_sampled(self.step_index)
+        self._sampled_count = 0
+        self._last_sampled: int | None = None
+        self.sampled = True  # the first step is always measured: it fixes the layer order
+        self.detail = True
+        self._clock = ProbeClock(self.params[0].device if self.params else torch.device("cpu"))
+        # Under DDP every rank must measure the same steps (they join one reduce per measured
+        # step), and each rank's clock differs: there the interval stays ``sample_every``.
+        adapt = overhead_budget and not self._reduce
+        self._budget = OverheadBudget(overhead_budget, self.sample_every) if adapt else None
         self._t0 = time.perf_counter()
         self._last = self._t0
         self._rate = float("nan")
         self.steps = 0
-        self._attach()
+        if self._measures:
+            self._install()
         self._exit_hook = _exit_hook(self)
         atexit.register(self._exit_hook)
 
     # -- public ------------------------------------------------------------------------------------
     @property
     def layer_names(self) -> list[str]:
-        return [self.specs[i].name for i in self._order]
+        return [spec.name for spec in self.specs]
 
     @property
     def latest(self) -> StepRecord | None:
@@ -383,16 +513,31 @@ class Watcher:
         """Device-to-host transfers so far: one per sampled step on a writing rank, else zero."""
         return self._transfer.count
 
+    @property
+    def overhead(self) -> float:
+        """The measured share of wall time spent measuring (NaN until a budget window closed)."""
+        return self._budget.share if self._budget is not None else float("nan")
+
     def before_clip(self, optimizer=None) -> None:
         """Measure per-layer ``‖∂L/∂W‖``, histograms and the global norm now: call it after
         ``scaler.unscale_(opt)`` and before your own ``clip_grad_norm_``."""
         self._check_open()
         if self._clip_info is None:
             self._clip_info = ("norm", None)  # the usual clip_grad_norm_; its threshold is the user's
-        self._start()
         self._unscale(optimizer if optimizer is not None else self.optimizer)  # sampled or not
-        if self.sampled and self.writes:
-            self._pre_clip = self._read_gradients()
+        if self._failed:
+            return
+        try:
+            self._start()
+            if self.writes and self.sampled:
+                self._clock.start()
+                self._pre_clip = self._read_gradients()
+                self._clock.stop()
+                self._step_norm = self._pre_clip[2]
+            elif self.writes and self.windowing:  # the step window's norm, before clipping
+                self._step_norm = self._global_norm()
+        except Exception as exc:
+            self._fail(exc, "before_clip")
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, *, optimizer=None,
                         error_if_nonfinite: bool = False) -> torch.Tensor:
@@ -411,54 +556,57 @@ class Watcher:
              accuracy: torch.Tensor | float | None = None) -> None:
         """Close the measurement of this optimiser step. Call once per optimiser step, after the
         last micro-batch's backward (and your clipping), before ``optimizer.step()``.
-        ``loss`` is recorded as given (under DDP: averaged over ranks)."""
+        ``loss`` is recorded as given (under DDP: averaged over ranks). ``optimizer`` may be a
+        wrapper (accelerate's, Lightning's): the torch optimizer inside is used."""
         self._check_open()
         if self.optimizer is None:
             self.optimizer = optimizer  # the default from now on (and the header's lr)
         optimizer = optimizer if optimizer is not None else self.optimizer
-        self._start()
-        self._finalize_pending(stepped=False)
-        if optimizer is not None and self.writes:
-            self._hook_optimizer(optimizer)
         self._unscale(optimizer)  # sampled or not, so that every step behaves the same
-        if self.sampled and self._measures:
-            self._measure(optimizer, loss, accuracy)
-        self._pre_clip = self._post_clip = None
+        if not self._failed:
+            try:
+                self._step(optimizer, loss, accuracy)
+            except Exception as exc:
+                self._fail(exc, "step")
         self.step_index += 1
         self.steps += 1
         now = time.perf_counter()
         dt = max(now - self._last, 1e-9)
         self._last = now
         self._rate = 1.0 / dt if math.isnan(self._rate) else 0.9 * self._rate + 0.1 / dt
-        self.sampled = self._is_sampled(self.step_index)
-        self._emit_ready(wait=False)
 
     def close(self) -> None:
-        """Remove every hook, record the last step, flush and close the file. Idempotent."""
+        """Remove every hook, record the last step, flush and close the file. Idempotent; never
+        raises (a fault is reported as a warning)."""
         if self._closed:
             return
         try:
-            if self._sink is not None:
-                self._start()  # a run of zero steps is still a valid recording (header, events)
-            if self._started:
-                self._finalize_pending(stepped=False)
-                self._emit_ready(wait=True)
+            if not self._failed:
                 if self._sink is not None:
-                    self._sink.put(RunEvent("finished", f"{self.steps} steps", self.step_index, self.run_id))
+                    self._start()  # a run of zero steps is still a valid recording (header, events)
+                if self._started:
+                    self._finalize_pending(stepped=False)
+                    self._emit_ready(wait=True)
+            if self._started and self._sink is not None:
+                self._sink.put(RunEvent("finished", f"{self.steps} steps", self.step_index, self.run_id))
+        except Exception as exc:
+            self._fail(exc, "close")
         finally:
             self._closed = True
-            self.detach()
-            if self._sink is not None:
-                self._sink.close()
+            try:
+                self.detach()
+                if self._sink is not None:
+                    self._sink.close()
+            except Exception as exc:  # pragma: no cover - the last line of defence
+                warnings.warn(f"vgtui: closing the watcher failed ({type(exc).__name__}: {exc})", stacklevel=2)
             atexit.unregister(self._exit_hook)
 
     def detach(self) -> None:
         """Remove every hook this watcher installed (forward hooks and optimiser step hooks)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._remove()
         for handle in self._opt_handles.values():
-            handle.remove()
+            if handle is not None:
+                handle.remove()
         self._opt_handles.clear()
 
     def __enter__(self) -> "Watcher":
@@ -467,97 +615,227 @@ class Watcher:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- hooks -------------------------------------------------------------------------------------
-    def _attach(self) -> None:
-        if not self._measures:
-            return  # a non-writing rank outside DDP: nothing of it is recorded
-        for index, spec in enumerate(self.specs):
-            stats_module = spec.act_module or spec.output_module
-            self._handles.append(stats_module.register_forward_hook(self._stats_hook(index, spec.act_kind)))
-            self._handles.append(spec.output_module.register_forward_hook(self._grad_hook(index)))
-
-    def _stats_hook(self, index: int, kind: str):
-        def hook(module, inputs, output):
-            if torch.compiler.is_compiling():
-                return  # inside a compiled graph: measuring would break it (see the module doc)
-            if not self.sampled or self._closed or not torch.is_grad_enabled():
-                return
-            out = _first_tensor(output)
-            if out is None or out.numel() == 0:
-                return
-            with torch.no_grad():
-                a = out.detach().float()
-                if a.dim() >= 2:
-                    self._units[index] = a.shape[1]
-                self._acc.add_stats(index, a, kind)
-
-        return hook
-
-    def _grad_hook(self, index: int):
-        def on_grad(grad: torch.Tensor) -> None:
-            if not self._closed:  # self._acc is looked up now: it is replaced at every step()
-                self._acc.add_grad(index, grad)
-
-        def hook(module, inputs, output):
-            if torch.compiler.is_compiling():
-                return
-            if not self._started and index not in self._seen_set:
-                self._seen_set.add(index)
-                self._seen.append(index)
-            if not self.sampled or self._closed:
-                return
-            out = _first_tensor(output)
-            if out is not None and out.requires_grad:
-                out.register_hook(on_grad)
-
-        return hook
-
-    def _hook_optimizer(self, optimizer) -> None:
-        key = id(optimizer)
-        if key in self._opt_handles or not hasattr(optimizer, "register_step_post_hook"):
+    # -- faults ------------------------------------------------------------------------------------
+    def _fail(self, exc: BaseException, where: str) -> None:
+        """A fault inside vgtui: say so once, record it while the file still can, stop measuring;
+        the training loop goes on."""
+        if self._failed:
             return
-        ref = weakref.ref(self)
+        self._failed = True
+        self._pending = None
+        message = (f"vgtui: measuring stopped after an error in {where} ({type(exc).__name__}: {exc}); "
+                   "training goes on")
+        warnings.warn(message, stacklevel=3)
+        try:
+            self._remove()
+            if self._sink is not None:
+                if not self._started:
+                    self._started = True
+                    self._sink.start()
+                self._sink.put(RunError(message, "".join(traceback.format_exception(exc)),
+                                        step=self.step_index, run_id=self.run_id))
+        except Exception:
+            pass
 
-        def after_step(opt, args, kwargs):
-            watcher = ref()
-            if watcher is not None and not watcher._closed:
-                watcher._finalize_pending(stepped=True)
+    # -- hooks -------------------------------------------------------------------------------------
+    def _install(self) -> None:
+        """Forward hooks for a measured step (and, before the first step is closed, those that
+        find the forward order and the activations following each layer)."""
+        if self._handles or self._failed or not self._measures:
+            return
+        for index, spec in enumerate(self.specs):
+            if spec.output_module is None:
+                continue
+            self._handles.append(spec.output_module.register_forward_hook(self._output_hook(index)))
+            if spec.act_module is not None and not spec.act_is_output:
+                self._handles.append(spec.act_module.register_forward_hook(self._act_hook(index)))
+        if self._cells:
+            self._handles.append(self.inner.register_forward_pre_hook(self._new_forward))
+        if not self._started and self._auto_order:
+            for module in self.inner.modules():
+                if activation_kind(module) is not None:
+                    self._handles.append(module.register_forward_pre_hook(self._detect_hook(module)))
 
-        self._opt_handles[key] = optimizer.register_step_post_hook(after_step)
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _new_forward(self, module, inputs) -> None:
+        self._calls = [0] * len(self.specs)
+
+    def _detect_hook(self, act: nn.Module):
+        kind = activation_kind(act)
+        fn = out_of_place(act)
+
+        def hook(module, inputs):
+            if torch.compiler.is_compiling() or self._failed or recomputing() or not torch.is_grad_enabled():
+                return
+            try:
+                x = inputs[0] if inputs else None
+                entry = self._first_outputs.get(id(x))
+                if entry is None or entry[1]() is not x or x._version != entry[2]:
+                    return  # not a layer's output, or changed in place since (a residual sum)
+                index = entry[0]
+                if self._detected.setdefault(index, act) is act and self.detail:
+                    with torch.no_grad():
+                        a = fn(x.detach())
+                        self._note_units(index, a)
+                        self._acc_act.add_stats(index, a.float(), kind, unit_dim(self.specs[index]))
+            except Exception as exc:
+                self._fail(exc, "a forward hook")
+
+        return hook
+
+    def _act_hook(self, index: int):
+        spec = self.specs[index]
+
+        def hook(module, inputs, output):
+            if (torch.compiler.is_compiling() or not (self.sampled and self.detail)
+                    or not torch.is_grad_enabled() or recomputing()):
+                return
+            began = time.perf_counter()
+            try:
+                out = first_tensor(output)
+                if out is not None and out.numel():
+                    with torch.no_grad():
+                        self._note_units(index, out)
+                        self._acc.add_stats(index, out.detach().float(), spec.act_kind, unit_dim(spec))
+            except Exception as exc:
+                self._fail(exc, "a forward hook")
+            self._charge(began)
+
+        return hook
+
+    def _output_hook(self, index: int):
+        spec = self.specs[index]
+        own_stats = spec.act_module is None or spec.act_is_output
+        time_dim = spec.time_dim
+        cell = index in self._cells
+
+        def hook(module, inputs, output):
+            if torch.compiler.is_compiling() or self._failed or recomputing():
+                return
+            began = time.perf_counter()
+            try:
+                if not self._started and index not in self._seen_set:
+                    self._seen_set.add(index)
+                    self._seen.append(index)
+                if not self.sampled or not torch.is_grad_enabled():
+                    return
+                out = first_tensor(output)
+                if out is None:
+                    return
+                if not self._started:
+                    self._first_outputs[id(out)] = (index, weakref.ref(out), out._version)
+                if own_stats and self.detail and out.numel() and out.is_floating_point():
+                    with torch.no_grad():
+                        fn = self._act_fn[index]
+                        a = fn(out.detach()) if fn is not None else out.detach()
+                        self._note_units(index, a)
+                        self._acc.add_stats(index, a.float(), self.specs[index].act_kind, unit_dim(self.specs[index]))
+                if out.requires_grad:
+                    call = None
+                    if cell:
+                        call = self._calls[index]
+                        self._calls[index] += 1
+                    out.register_hook(self._grad_hook(index, time_dim, call))
+            except Exception as exc:
+                self._fail(exc, "a forward hook")
+            finally:
+                self._charge(began)
+
+        return hook
+
+    def _grad_hook(self, index: int, time_dim: int | None, call: int | None):
+        def on_grad(grad: torch.Tensor) -> None:
+            if self._closed or self._failed:
+                return
+            began = time.perf_counter()
+            try:  # self._acc is looked up now: it is replaced at every step()
+                self._acc.add_grad(index, grad, time_dim, call)
+            except Exception as exc:
+                self._fail(exc, "a gradient hook")
+            self._charge(began)
+
+        return on_grad
+
+    def _note_units(self, index: int, a: torch.Tensor) -> None:
+        if a.dim() >= 2:
+            self._units[index] = a.shape[unit_dim(self.specs[index])]
+
+    def _charge(self, began: float) -> None:
+        """Hook time counts against the overhead budget (host time: on the CPU it is the cost)."""
+        if not self._clock.cuda:
+            self._clock.add(time.perf_counter() - began)
+
+    def _hook_optimizer(self, optimizer) -> bool:
+        """Finalise the update size right after ``optimizer.step()``; False where the optimizer
+        offers no step hook (then it is read at the next :meth:`step`)."""
+        inner = unwrap_optimizer(optimizer)
+        key = id(inner)
+        if key not in self._opt_handles:
+            ref = weakref.ref(self)
+
+            def after_step() -> None:
+                watcher = ref()
+                if watcher is not None and not watcher._closed and not watcher._failed:
+                    try:
+                        watcher._finalize_pending(stepped=True)
+                    except Exception as exc:
+                        watcher._fail(exc, "the optimizer step hook")
+
+            self._opt_handles[key] = hook_optimizer_step(inner, after_step)
+        return self._opt_handles[key] is not None
 
     # -- the step ----------------------------------------------------------------------------------
-    def _is_sampled(self, step: int) -> bool:
-        return step % self.sample_every == 0
-
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this Watcher is closed")
 
     def _start(self) -> None:
-        """On the first step: fix the layer order (forward order) and write the header."""
+        """On the first step: fix the layer order (forward order), recognise the activations that
+        follow layers, and write the header."""
         if self._started:
             return
         self._started = True
-        if self._auto_order:
-            seen = set(self._seen)
-            self._order = list(self._seen) + [i for i in range(len(self.specs)) if i not in seen]
-        layers = [self.specs[i] for i in self._order]
+        n = len(self.specs)
+        order = _forward_order(self._seen, n) if self._auto_order else list(range(n))
+        for index, act in self._detected.items():
+            spec = self.specs[index]
+            if spec.act_kind == "linear" and spec.act_module is None:
+                spec.act_kind = activation_kind(act)
+                self._act_fn[index] = out_of_place(act)
+                self._acc.take_stats(index, self._acc_act)  # the first step's, after the activation
+        self._acc_act = _Accumulator(0)
+        self._first_outputs = {}
+        self.specs = [self.specs[i] for i in order]
+        self._act_fn = [self._act_fn[i] for i in order]
+        self._units = [self._units[i] for i in order]
+        self._cells = {order.index(i) for i in self._cells}
+        self._calls = [self._calls[i] for i in order]
+        self._acc.permute(order)
+        self.layout = Layout(self.specs, self.params)
+        self._remove()  # hooks again with the new indices, and no more detection hooks
+        if self.sampled:
+            self._install()
         if self._sink is None:
             return
         device = self.params[0].device if self.params else torch.device("cpu")
         header = RunHeader(
             preset=self._preset(),
-            layers=[spec.name for spec in layers],
-            layer_kinds=[spec.act_kind for spec in layers],
+            layers=list(self.layout.names),
+            layer_kinds=list(self.layout.kinds),
             device=str(device),
             run_id=self.run_id,
             params=sum(p.numel() for p in self.params),
             source="api",
+            tied={k: list(v) for k, v in self.layout.tied.items()},
         )
         self._sink.start()
         self._sink.put(header)
         where = f" (rank {self.rank} of {self.world_size})" if self.world_size > 1 else ""
-        self._sink.put(RunEvent("started", f"watching {self.name}{where}: {len(layers)} layers",
+        self._sink.put(RunEvent("started", f"watching {self.name}{where}: {n} layers",
                                 self.step_index, self.run_id))
 
     def _preset(self) -> dict:
@@ -568,6 +846,7 @@ class Watcher:
             "source": "vgtui.watch",
             "task": "custom",
             "sample_every": self.sample_every,
+            "detail_every": self.detail_every,
             "clip": self._clip_info[0] if self._clip_info else "none",
             "world_size": self.world_size,
             "rank": self.rank if self.per_rank else 0,
@@ -577,11 +856,45 @@ class Watcher:
         if self._clip_info and self._clip_info[1] is not None:
             preset["clip_threshold"] = self._clip_info[1]
         if self.optimizer is not None:
-            preset["optimizer"] = type(self.optimizer).__name__
-            lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
+            inner = unwrap_optimizer(self.optimizer)
+            preset["optimizer"] = type(inner).__name__
+            groups = getattr(inner, "param_groups", None) or []
+            lr = groups[0].get("lr") if groups else None
             if isinstance(lr, (int, float)):
                 preset["lr"] = float(lr)
         return preset
+
+    def _step(self, optimizer, loss, accuracy) -> None:
+        self._start()
+        measuring = self.sampled and self._measures
+        if measuring:
+            self._clock.start()
+        self._finalize_pending(stepped=False)
+        hooked = self._hook_optimizer(optimizer) if optimizer is not None and self.writes else False
+        if measuring:
+            self._measure(optimizer, loss, accuracy, hooked)
+        elif self.writes and self.windowing:  # every step counts in the window the next record carries
+            norm = self._step_norm if self._step_norm is not None else self._global_norm()
+            self._window.add(self.step_index, _scalar(loss, self._device()), norm)
+        self._step_norm = None
+        self._pre_clip = self._post_clip = None
+        self._emit_ready(wait=False)
+        if measuring:
+            self._clock.stop()
+        if self._budget is not None:
+            self.sample_every = self._budget.update(self.sample_every, self._clock.seconds())
+        self._schedule(self.step_index + 1)
+
+    def _schedule(self, next_step: int) -> None:
+        """Whether the next step is measured; hooks exist on measured steps only."""
+        if self.sampled:
+            self._last_sampled = next_step - 1
+        self.sampled = next_step - self._last_sampled >= self.sample_every
+        if self.sampled:
+            self.detail = self._sampled_count % self.detail_every == 0
+            self._install()
+        else:
+            self._remove()
 
     def _unscale(self, optimizer) -> None:
         """Unscale the gradients now if a GradScaler is known and has not unscaled them yet."""
@@ -615,84 +928,81 @@ class Watcher:
             return None
         return sum(v.float().to(self._device()) for v in found.values())
 
-    def _measure(self, optimizer, loss, accuracy) -> None:
-        """Everything of a sampled step that must be read before the optimiser changes it."""
-        acc, self._acc = self._acc, _Accumulator(len(self.specs))
-        device = self._device()
-        loss_t = _scalar(loss, device)
-        accuracy_t = _scalar(accuracy, device)
-        stats, act_grad, loss_t, accuracy_t = self._combine(acc, device, loss_t, accuracy_t)
-        if not self.writes:
-            return
-        if self._pre_clip is None:  # nobody clipped in between: these are the gradients applied
-            wgrad, hist, total = self._read_gradients()
-            clip = (total, total, torch.zeros((), dtype=torch.bool, device=device))
-        else:
-            wgrad, hist, total = self._pre_clip
-            if self._post_clip is not None:  # our own clip: its result is known without a pass
-                after = self._post_clip
-            else:
-                grads = self._grads()
-                after = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
-                         if grads else torch.zeros((), device=device))
-            clip = (total, after, after < total * (1.0 - 1e-6))
-        found_inf = self._found_inf(optimizer)
-        self._pending = {
-            "step": self.step_index, "stats": stats, "act_grad": act_grad, "wgrad": wgrad,
-            "hist": hist, "clip": clip, "loss": loss_t, "accuracy": accuracy_t,
-            "skipped": found_inf if found_inf is not None else torch.zeros((), device=device),
-            "loss_scale": self.scaler._scale.detach().clone() if self._inv_scale() is not None else None,
-            "update": self._update_plan(optimizer), "meta": self._meta(),
-        }
-        if loss is None:
-            self._no_loss.add(self.step_index)
-
     def _device(self) -> torch.device:
         return self.params[0].device if self.params else torch.device("cpu")
 
-    def _weights(self) -> list[torch.Tensor]:
-        return [self.specs[i].weight for i in self._order]
-
-    def _grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.params if p.grad is not None]
+    def _global_norm(self) -> torch.Tensor:
+        grads = [p.grad.detach() for p in self.params if p.grad is not None]
+        return torch.linalg.vector_norm(tensor_norms(grads)) if grads else torch.zeros((), device=self._device())
 
     def _read_gradients(self):
-        """Per-layer ‖∂L/∂W‖ (float32, probe order), histograms, and the global norm, on the
-        device, from one norm pass over all gradients (the layers' weights are among them)."""
-        weights = self._weights()
-        grads = [w.grad.detach() if w.grad is not None else torch.zeros_like(w) for w in weights]
-        params = [p for p in self.params if p.grad is not None]
-        norms = torch._foreach_norm([p.grad for p in params]) if params else []
-        where = {id(p): k for k, p in enumerate(params)}
-        missing = [k for k, w in enumerate(weights) if id(w) not in where]
-        extra = dict(zip(missing, torch._foreach_norm([grads[k] for k in missing]))) if missing else {}
-        wgrad = torch.stack([norms[where[id(w)]] if id(w) in where else extra[k]
-                             for k, w in enumerate(weights)]).float()
-        total = (torch.linalg.vector_norm(torch.stack(norms).float()) if params
-                 else torch.zeros((), device=self._device()))
-        hist = self._hist(grads) if self.histograms else None
-        return wgrad, hist, total
+        """Per-layer ‖∂L/∂W‖ (over each layer's parameters), histograms, the global norm, and
+        which layers a gradient reached: one norm pass over all gradients, on the device."""
+        layout = self.layout
+        grads = [p.grad for p in layout.params]
+        present = tuple(k for k, g in enumerate(grads) if g is not None)
+        device = self._device()
+        has = np.zeros(len(layout), dtype=bool)
+        for k in present:
+            if layout.owner[k] < len(layout):
+                has[layout.owner[k]] = True
+        if present:
+            norms = tensor_norms([grads[k].detach() for k in present])
+            total = torch.linalg.vector_norm(norms)
+            wgrad = layout.per_layer(norms, present)
+        else:
+            total = torch.zeros((), device=device)
+            wgrad = torch.full((len(layout),), float("nan"), device=device)
+        hist = None
+        if self.histograms and self.detail:
+            weights = [spec.weight for spec in self.specs]
+            hist = self._hist([w.grad.detach() if w.grad is not None else torch.zeros_like(w) for w in weights])
+        return wgrad, hist, total, has
 
-    def _update_plan(self, optimizer):
-        """How to measure ‖ΔW‖ after the optimiser step: SGD with momentum steps by exactly
-        lr·buffer (read the buffers then, no copy of W); otherwise snapshot W now."""
-        weights = self._weights()
-        if isinstance(optimizer, torch.optim.SGD):
-            buffers, lrs = [], []
-            for w in weights:
-                group = next((g for g in optimizer.param_groups if any(p is w for p in g["params"])), None)
-                buf = optimizer.state.get(w, {}).get("momentum_buffer")
-                if group is None or not group["momentum"] or group.get("nesterov") or buf is None:
-                    break
-                buffers.append(buf)
-                lrs.append(group["lr"])  # the lr of this step, read before a scheduler changes it
+    def _measure(self, optimizer, loss, accuracy, hooked: bool) -> None:
+        """Everything of a sampled step that must be read before the optimiser changes it."""
+        acc, self._acc = self._acc, _Accumulator(len(self.specs))
+        self._sampled_count += 1
+        device = self._device()
+        loss_t = _scalar(loss, device)
+        accuracy_t = _scalar(accuracy, device)
+        combined = self._combine(acc, device, loss_t, accuracy_t)
+        if not self.writes:
+            return
+        stats, act_grad, grad_mark, reached, got_grad, series, loss_t, accuracy_t = combined
+        if self._pre_clip is None:  # nobody clipped in between: these are the gradients applied
+            wgrad, hist, total, has = self._read_gradients()
+            clip = (total, total, torch.zeros((), dtype=torch.bool, device=device))
+        else:
+            wgrad, hist, total, has = self._pre_clip
+            if self._post_clip is not None:  # our own clip: its result is known without a pass
+                after = self._post_clip
             else:
-                return ("momentum", buffers, lrs)
-        return ("snapshot", [w.detach().clone() for w in weights])
+                grads = [p.grad for p in self.params if p.grad is not None]
+                after = torch.linalg.vector_norm(tensor_norms(grads)) if grads else torch.zeros((), device=device)
+            clip = (total, after, after < total * (1.0 - 1e-6))
+        window = None
+        if self.windowing:
+            self._window.add(self.step_index, _scalar(loss, device), total)
+            window = self._window.take()
+        found_inf = self._found_inf(optimizer)
+        plan = self._meter.plan(self.layout, optimizer, can_wait_for_step=hooked) if self.detail else None
+        self._pending = {
+            "host": HostSide(step=self.step_index, meta=self._meta(), detail=self.detail, reached=reached,
+                             got_grad=got_grad, has_wgrad=has, hist=hist is not None,
+                             series=[(i, len(s)) for i, s in series], loss_given=loss is not None,
+                             window=window[1] if window is not None else None),
+            "stats": stats, "act_grad": act_grad, "grad_mark": grad_mark, "wgrad": wgrad, "hist": hist,
+            "clip": clip, "loss": loss_t, "accuracy": accuracy_t, "series": [s for _, s in series],
+            "skipped": found_inf if found_inf is not None else torch.zeros((), device=device),
+            "loss_scale": self.scaler._scale.detach().clone() if self._inv_scale() is not None else None,
+            "plan": plan, "window": window[0] if window is not None else None,
+        }
 
     def _combine(self, acc: _Accumulator, device, loss_t, accuracy_t):
-        """(n, 4) [mean, std, saturated, dead] and (n,) ‖∂L/∂h‖ in probe order (NaN where the layer
-        produced nothing), pooled over the step's micro-batches and, under DDP, over ranks."""
+        """Per layer (layout order), pooled over the step's micro-batches and, under DDP, over
+        ranks: (n, 4) [mean, std, saturated, dead], ‖∂L/∂h‖, its finite mark, host masks of the
+        layers reached and given a gradient, the through-time norms, loss and accuracy."""
         n = len(self.specs)
         inv = self._inv_scale()
         zero = torch.zeros((), dtype=torch.float64, device=device)
@@ -702,7 +1012,7 @@ class Watcher:
         for i in range(n):
             if acc.alive[i] is not None:
                 alive.append(acc.alive[i])
-            elif self.specs[i].act_kind in RECTIFYING and self._units[i]:
+            elif self.specs[i].act_kind in RECTIFYING and self._units[i] and acc.count[i] == 0:
                 alive.append(torch.zeros(self._units[i], dtype=torch.float64, device=device))
             else:
                 alive.append(None)
@@ -723,7 +1033,7 @@ class Watcher:
             dst = 0 if self._group is None else torch.distributed.get_global_rank(self._group, 0)
             torch.distributed.reduce(flat, dst=dst, group=self._group)
             if not self.writes:
-                return None, None, None, None
+                return None
             count = list(flat[0:n])
             means = [flat[n + i] / flat[i] for i in range(n)]
             m2s = [flat[2 * n + i] - flat[n + i] * means[i] for i in range(n)]
@@ -738,117 +1048,87 @@ class Watcher:
                     offset += a.numel()
             scale = 1.0 / self.world_size  # DDP averages: ∂(mean of rank losses)/∂h_r = ∂L_r/∂h_r / R
         nan = torch.full((), float("nan"), device=device)
-        stats, grads = [], []
-        for i in self._order:
+        stats, grads, series = [], [], []
+        grad_scale = None
+        if inv is not None or scale != 1.0:
+            grad_scale = inv * scale if inv is not None else scale
+        for i in range(n):
             if acc.count[i] == 0:  # not reached on this rank (so, presumably, on any)
                 stats.append(nan.expand(4))
             else:
                 c = count[i]
                 var = m2s[i].clamp_min(0) / ((c - 1).clamp_min(1) if isinstance(c, torch.Tensor) else max(c - 1, 1))
-                kind = self.specs[i].act_kind
-                saturated = (sat[i] / c).float() if kind in ("sigmoid", "tanh") and sat[i] is not None else nan
+                saturated = (sat[i] / c).float() if sat[i] is not None else nan
                 dead = (alive[i] == 0).float().mean() if alive[i] is not None and alive[i].numel() else nan
                 stats.append(torch.stack([means[i].float(), var.sqrt().float(), saturated, dead]))
             if gsq[i] is None:
                 grads.append(nan)
             else:
                 norm = gsq[i].sqrt()
-                if inv is not None:
-                    norm = norm * inv  # the loss scale S the backward ran with
-                grads.append((norm * scale).float())
-        # Masks from device constants (torch.tensor(list, device=cuda) would be a blocking copy).
-        yes, no = torch.ones((), dtype=torch.bool, device=device), torch.zeros((), dtype=torch.bool, device=device)
-        reached = torch.stack([yes if acc.count[i] else no for i in self._order])
-        got_grad = torch.stack([yes if acc.grad_sq[i] is not None else no for i in self._order])
-        return (torch.stack(stats), reached), (torch.stack(grads), got_grad), loss_t, accuracy_t
+                grads.append((norm * grad_scale if grad_scale is not None else norm).float())
+            per_t = acc.time_sq[i]
+            if per_t is None and acc.calls[i]:
+                per_t = torch.stack([acc.calls[i][t].float() for t in sorted(acc.calls[i])])
+            if per_t is not None:
+                norms = per_t.sqrt()
+                if grad_scale is not None:
+                    norms = norms * grad_scale
+                series.append((i, downsample_time(norms.float())))
+        act_grad = torch.stack(grads)
+        reached = np.array([c > 0 for c in acc.count], dtype=bool)
+        got_grad = np.array([g is not None for g in acc.grad_sq], dtype=bool)
+        return torch.stack(stats), act_grad, act_grad, reached, got_grad, series, loss_t, accuracy_t
 
     def _meta(self) -> dict:
         return {"phase": "train", "run_id": self.run_id, "time": time.perf_counter() - self._t0,
-                "steps_per_sec": self._rate, "sample_every": self.sample_every}
+                "steps_per_sec": self._rate, "sample_every": self.sample_every,
+                "probe_overhead": self.overhead}
 
     def _finalize_pending(self, stepped: bool) -> None:
         """Pack the measured step (now that the optimiser has updated W) into one tensor and start
-        its single device-to-host copy. Same columns and checks as :class:`vgtui.probe.Probe`."""
+        its single device-to-host copy: :func:`vgtui.engine.pack`, as the trainer does."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        weights = [w.detach() for w in self._weights()]
-        device = weights[0].device
-        weight_norm = torch.stack(torch._foreach_norm(weights)).float()
-        plan = pending["update"]
-        if plan[0] == "snapshot":
-            update = torch.stack(torch._foreach_norm(torch._foreach_sub(weights, plan[1]))).float()
-        elif stepped:  # the optimiser's step hook fired: its buffers are this step's
-            # lr as a kernel scalar (a float) or a device tensor: no host-to-device copy.
-            norms = torch._foreach_norm(plan[1])
-            update = torch.stack([n.float() * lr for n, lr in zip(norms, plan[2])])
-        else:  # a skipped (AMP) or foreign step: the buffers say nothing about this step
-            update = torch.full_like(weight_norm, float("nan"))
-        stats, reached = pending["stats"]
-        act_grad, got_grad = pending["act_grad"]
-        wgrad = pending["wgrad"]
-        fwd_finite = torch.isfinite(stats[:, 0]) | ~reached  # nothing measured counts as finite
-        bwd_finite = (torch.isfinite(act_grad) | ~got_grad) & torch.isfinite(wgrad)
-        per_layer = torch.stack([
-            wgrad, act_grad, stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3],
-            weight_norm, update / weight_norm.clamp_min(1e-30), fwd_finite.float(), bwd_finite.float(),
-        ], dim=1)
+        layout = self.layout
+        device = self._device()
+        host: HostSide = pending["host"]
+        detail = None
+        if host.detail:
+            weight_norm = layout.per_layer(tensor_norms([p.detach() for p in layout.params]))
+            plan = pending["plan"]
+            known = plan is not None and (plan.kind == "snapshot" or stepped)
+            update = (UpdateMeter.norms(layout, plan, device) if known
+                      else torch.full((len(layout),), float("nan"), device=device))
+            host.update_known = known
+            host.lrs = plan.lrs if known and plan.kind == "momentum" else None
+            stats = pending["stats"]
+            detail = [stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3], weight_norm, update]
+        act_mark = torch.where(torch.isfinite(pending["stats"][:, 0]), 0.0, float("nan")) if host.detail \
+            else torch.zeros(len(layout), device=device)
         total, after, acted = pending["clip"]
         loss = pending["loss"]
         scale = pending["loss_scale"]
-        scalars = torch.stack([loss, pending["accuracy"], total.float(), after.float(), acted.float(),
-                               torch.isfinite(loss).float(), pending["skipped"].float(),
-                               scale.float() if scale is not None else torch.full_like(loss, float("nan"))])
-        hist = pending["hist"] if pending["hist"] is not None else torch.zeros(
-            len(weights), HIST_BINS, device=device)
-        packed = torch.cat([scalars, per_layer.reshape(-1), hist.reshape(-1)])
-        self._transfer.start(packed, (pending["step"], pending["meta"]))
+        scalars = [loss, pending["accuracy"], total, after, acted, pending["skipped"],
+                   scale if scale is not None else torch.full((), float("nan"), device=device)]
+        core = [pending["wgrad"], pending["act_grad"], act_mark, pending["grad_mark"]]
+        packed = pack(scalars, core, detail, pending["hist"], pending["series"], pending["window"])
+        self._transfer.start(packed, host)
 
     def _emit_ready(self, wait: bool) -> None:
         if self._sink is None:
             return
-        for (step, meta), values in self._transfer.poll(wait=wait):
-            record = self._unpack(step, meta, values)
-            if record.step in self._no_loss:
-                self._no_loss.discard(record.step)
-                if record.nonfinite == ("loss", "forward"):
-                    record.nonfinite = None
-            skipped, scale = values[_SCALARS - 2], values[_SCALARS - 1]
-            if skipped > 0 and record.nonfinite is not None and record.nonfinite[1] == "backward":
+        for host, values in self._transfer.poll(wait=wait):
+            record, extra = unpack(values, self.layout, host)
+            if extra["skipped"] > 0:
                 # fp16 loss scaling overflowed: GradScaler skips this step and lowers the scale.
                 # That is its normal calibration, not a diverging network: say so, raise no alarm.
-                record.nonfinite = None
-                self._sink.put(RunEvent("notice", f"step {step}: the AMP GradScaler skipped the update "
-                                        f"(inf/NaN gradients at loss scale {scale:g}) and lowers the scale",
-                                        step, self.run_id))
+                self._sink.put(RunEvent("notice", f"step {record.step}: the AMP GradScaler skipped the update "
+                                        f"(inf/NaN gradients at loss scale {extra['loss_scale']:g}) and lowers "
+                                        "the scale", record.step, self.run_id))
             self._sink.put(record)
 
-    def _unpack(self, step: int, meta: dict, values: np.ndarray) -> StepRecord:
-        names = self.layer_names
-        n = len(names)
-        loss, acc, total, after, acted, loss_finite = values[:6]
-        per_layer = values[_SCALARS:_SCALARS + n * _COLUMNS].reshape(n, _COLUMNS)
-        hist = values[_SCALARS + n * _COLUMNS:].reshape(n, HIST_BINS)
-        fwd_bad = np.flatnonzero(per_layer[:, len(LAYER_METRICS)] < 0.5)
-        bwd_bad = np.flatnonzero(per_layer[:, len(LAYER_METRICS) + 1] < 0.5)
-        nonfinite = None
-        if len(fwd_bad):
-            nonfinite = (names[fwd_bad[0]], "forward")
-        elif len(bwd_bad):
-            nonfinite = (names[bwd_bad[-1]], "backward")  # output -> input: the last index first
-        elif loss_finite < 0.5:
-            nonfinite = ("loss", "forward")
-        return StepRecord(
-            step=step, loss=float(loss), accuracy=float(acc), grad_norm_total=float(total),
-            grad_norm_clipped=float(after), clipped=bool(acted > 0.5),
-            layers={name: per_layer[:, i].copy() for i, name in enumerate(LAYER_METRICS)},
-            hist=hist, nonfinite=nonfinite, **meta,
-        )
 
-
-_COLUMNS = len(LAYER_METRICS) + 2  # + forward finite flag, backward finite flag
-#: loss, accuracy, grad_norm_total, grad_norm_clipped, clipped, loss finite, AMP skipped, loss scale
-_SCALARS = 8
 def _scalar(value, device) -> torch.Tensor:
     if value is None:
         return torch.full((), float("nan"), device=device)
@@ -874,24 +1154,37 @@ def _exit_hook(watcher: Watcher):
 
 
 def watch(model: nn.Module, *, layers: LayersArg = None, sample_every: int = 1,
-          record: str | Path | None = None, channel: Channel | None = None, optimizer=None,
+          record: str | Path | Any | None = None, channel: Channel | None = None, optimizer=None,
           scaler=None, diagnose: bool = True, histograms: bool = True, per_rank: bool = False,
-          start_step: int = 0, run_id: int = 0, name: str | None = None) -> Watcher:
+          start_step: int = 0, run_id: int = 0, name: str | None = None,
+          detail_every: int = DETAIL_EVERY, overhead_budget: float | None = DEFAULT_BUDGET,
+          window: bool | None = None) -> Watcher:
     """Attach vgtui to ``model`` (a plain module, a DDP-wrapped one, or a ``torch.compile``d one).
 
     layers:       None (every module that directly owns trainable parameters, in forward order),
                   a predicate ``(name, module) -> bool`` over those, or a list of module names,
                   modules or :class:`vgtui.LayerSpec` (kept in the given order).
-    sample_every: measure every N-th optimiser step (the first is always measured).
-    record:       a JSONL path (the format of ``vgtui run --record``: ``vgtui replay/attach`` read it).
+    sample_every: measure at most every N-th optimiser step (the first is always measured).
+    overhead_budget: the share of training time measuring may take (default 0.02): when it
+                  costs more, the interval between measured steps widens (never below
+                  ``sample_every``). None: exactly every ``sample_every`` steps (so too under
+                  DDP, where every rank must measure the same steps).
+    detail_every: activation statistics, ‖W‖, update ratios and histograms on every N-th measured
+                  step (the gradient norms on all of them).
+    record:       a JSONL path (the format of ``vgtui run --record``: ``vgtui replay/attach`` read
+                  it), or an open text file object.
     channel:      a :class:`vgtui.channel.Channel` that receives the same records in-process.
-    optimizer:    the default for :meth:`Watcher.step`; its step hook finalises the update size.
+    optimizer:    the default for :meth:`Watcher.step` (a torch optimizer or a wrapper of one).
     scaler:       a ``torch.amp.GradScaler``: gradients are read unscaled and activation
                   gradients have the loss scale divided out.
+    window:       carry every step's loss and global gradient norm (min/max/mean/last) in the next
+                  record's ``window``; one read of every gradient per step, so by default on CUDA
+                  and not on the CPU.
     diagnose:     attach the diagnosis's verdicts to each record.
     per_rank:     under torchrun every rank writes its own file (``run.rank<N>.jsonl``) with its
                   local activation statistics; default: rank 0 records the global step.
     """
     return Watcher(model, layers=layers, sample_every=sample_every, record=record, channel=channel,
                    optimizer=optimizer, scaler=scaler, diagnose=diagnose, histograms=histograms,
-                   per_rank=per_rank, start_step=start_step, run_id=run_id, name=name)
+                   per_rank=per_rank, start_step=start_step, run_id=run_id, name=name,
+                   detail_every=detail_every, overhead_budget=overhead_budget, window=window)

@@ -28,14 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .engine import (SATURATION_MARGIN, HostSide, Layout, UpdateMeter, UpdatePlan, WindowMeter, alive_units,
+                     downsample_time, first_tensor, measures_dead, pack, recomputing, saturated_mask,
+                     time_squares, unit_dim, unpack)
 from .layers import LayerSpec
-from .config import RECTIFYING
-from .records import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, LAYER_METRICS, StepRecord
+from .records import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, StepRecord
 
-#: A sigmoid unit within this distance of 0 or 1 (a tanh unit of -1 or 1) counts as saturated:
-#: there sigma'(z) < 0.02 (tanh'(z) < 0.04), i.e. the gradient through it is cut 12-25x beyond the
-#: already-small 0.25 peak of sigma'.
-SATURATION_MARGIN = 0.02
+__all__ = ["Probe", "SATURATION_MARGIN", "HostTransfer", "LogHistograms", "tensor_norms"]
 #: Histograms are estimated from at most this many evenly strided entries per layer: enough for
 #: a 28-bin shape, and it keeps the cost flat whatever the layer's size (measured: exact
 #: histograms of 50 layers cost 3x the training step on a CPU).
@@ -44,13 +43,6 @@ HIST_MAX_ELEMENTS = 1024
 #: By default the detail tier (activation statistics, update ratios, histograms) is measured on
 #: every 10th sampled step: at 10-20 steps/s that still refreshes those views about twice a second.
 DETAIL_EVERY = 10
-
-# Packed per layer: wgrad, act_grad, and marks that are finite exactly when every entry of h (of
-# dL/dh) is (see finite_marks); on detail steps also mean, std, saturated, dead, weight_norm, update.
-_CORE_COLUMNS = 4
-_COLUMNS = 10
-_SCALARS = 5  # loss, accuracy, grad_norm_total, grad_norm_clipped, clipped
-
 
 def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of each tensor: a float32 vector on their device, in their order.
@@ -286,17 +278,22 @@ class Probe:
         out = probe.forward(model, x)  # vgtui's models (taps); any other: attach() once, model(x)
         loss = ...
         probe.backward(loss)           # loss.backward(), or with owns_backward one autograd.grad
-        probe.after_backward()         # weight-gradient norms + histograms, before clipping
+        probe.after_backward()         # gradient norms + histograms, before clipping
         probe.clip(kind, threshold)    # clips (always) and measures the global norm
+        probe.count(step, loss)        # every step: loss and global norm into the step window
         probe.before_step(optimizer)
         optimizer.step()
         probe.finish(step, loss, accuracy, optimizer)  # packs and starts the one transfer
         for rec in probe.poll(): ...   # finished measurements, as StepRecords
+
+    The layout, packing, encodings and update ratios are :mod:`vgtui.engine`'s, shared with
+    :func:`vgtui.watch`; this class is the trainer's way of collecting.
     """
 
     def __init__(self, layers: list[LayerSpec], params: list[nn.Parameter], histograms: bool = True,
-                 detail_every: int = DETAIL_EVERY, owns_backward: bool = False):
+                 detail_every: int = DETAIL_EVERY, owns_backward: bool = False, window: bool | None = None):
         self.layers = layers
+        self.layout = Layout(layers, list(params))
         #: The caller runs backward through :meth:`backward`, and ``params`` are every trainable
         #: parameter the loss depends on: ∂L/∂h then comes from the same autograd call, not hooks.
         self.owns_backward = owns_backward
@@ -304,29 +301,41 @@ class Probe:
         self.detail = False
         self._sampled_count = 0
         self.names = [layer.name for layer in layers]
-        self.params = [p for p in params if p.requires_grad]
+        self.params = self.layout.params
         self.histograms = histograms
         self.sampled = False
         self._handles: list = []
         self._attached = False
+        n = len(layers)
         # Per sampled step: the tensors themselves, reduced later in a few batched kernels rather
         # than a handful of small kernels per layer (that costs more than the step on deep nets).
-        self._acts: list[torch.Tensor | None] = [None] * len(layers)
-        self._out_grads: list[torch.Tensor | None] = [None] * len(layers)
-        self._outs: list[torch.Tensor | None] = [None] * len(layers)  # h itself, for backward()
+        self._acts: list[torch.Tensor | None] = [None] * n
+        self._out_grads: list[torch.Tensor | None] = [None] * n
+        self._outs: list[torch.Tensor | None] = [None] * n  # h itself, for backward()
         self._act_grad: torch.Tensor | None = None
         self._act_grad_max: torch.Tensor | None = None
-        self._grad_missing: list[bool] | None = None
+        self._got_grad: np.ndarray | None = None
+        self._has_wgrad: np.ndarray | None = None
+        self._series: list[tuple[int, torch.Tensor]] = []
         self._total: torch.Tensor | None = None
-        self._groups: tuple[object, dict] | None = None
         self._wgrad: torch.Tensor | None = None
         self._hist: torch.Tensor | None = None
         self._histograms = LogHistograms()
         self._clip: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._snapshot: list[torch.Tensor] | None = None
+        self._plan: UpdatePlan | None = None
+        self._meter = UpdateMeter()
         self._transfer = HostTransfer()
         self._nan_cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._where: tuple[object, torch.Tensor | None] | None = None
+        self._owners_with_grad: dict[tuple, np.ndarray] = {}
+        self._window = WindowMeter()
+        #: Count every step's loss and global norm into StepRecord.window: one read of every
+        #: gradient per step, so by default on CUDA (a fused kernel) and not on the CPU.
+        self.windowing = window if window is not None else self.device.type == "cuda"
+        self._step_norm: torch.Tensor | None = None  # this step's global norm before clipping
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device if self.params else torch.device("cpu")
 
     # -- hooks ---------------------------------------------------------------------------------
     def attach(self) -> "Probe":
@@ -346,6 +355,8 @@ class Probe:
         if self._handles:
             return
         for index, layer in enumerate(self.layers):
+            if layer.output_module is None:
+                continue
             if layer.act_module is None or layer.act_is_output:
                 # h is also the activation: one hook keeps it and asks for its gradient.
                 hook = self._output_hook(index, keep_activation=True)
@@ -362,17 +373,19 @@ class Probe:
 
     def _keep_activation(self, index: int):
         def hook(module, inputs, output):
-            if self.sampled and isinstance(output, torch.Tensor):
-                self._acts[index] = output.detach()
+            out = first_tensor(output)
+            if self.sampled and out is not None and not recomputing():
+                self._acts[index] = out.detach()
 
         return hook
 
     def _output_hook(self, index: int, keep_activation: bool):
         def hook(module, inputs, output):
-            if self.sampled and isinstance(output, torch.Tensor):
+            out = first_tensor(output)
+            if self.sampled and out is not None and not recomputing():
                 if keep_activation:
-                    self._acts[index] = output.detach()
-                self._keep_output(index, output)
+                    self._acts[index] = out.detach()
+                self._keep_output(index, out)
 
         return hook
 
@@ -417,11 +430,12 @@ class Probe:
         if self._attached:
             self._install() if sampled else self._remove()
         if sampled:
+            n = len(self.layers)
             self.detail = self._sampled_count % self.detail_every == 0
             self._sampled_count += 1
-            self._acts = [None] * len(self.layers)
-            self._out_grads = [None] * len(self.layers)
-            self._outs = [None] * len(self.layers)
+            self._acts = [None] * n
+            self._out_grads = [None] * n
+            self._outs = [None] * n
             self._clip = None
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -435,7 +449,7 @@ class Probe:
         if not (self.sampled and self.owns_backward and outs):
             loss.backward()
             return
-        params = self.params
+        params = [p for p in self.params if p.requires_grad]
         grads = torch.autograd.grad(loss, [*params, *(h for _, h in outs)], allow_unused=True)
         for param, grad in zip(params, grads):
             if grad is not None:
@@ -451,62 +465,68 @@ class Probe:
         return [layer.weight.grad if layer.weight.grad is not None else torch.zeros_like(layer.weight)
                 for layer in self.layers]
 
-    def _weight_index(self, device) -> torch.Tensor | None:
-        """Where each layer's weight sits among ``params`` (None if one is not trainable)."""
-        if self._where is None or self._where[0] != device:
-            positions = {id(p): k for k, p in enumerate(self.params)}
-            index = None
-            if all(id(layer.weight) in positions for layer in self.layers):
-                index = _index(tuple(positions[id(layer.weight)] for layer in self.layers), device)
-            self._where = (device, index)
-        return self._where[1]
-
     def after_backward(self) -> None:
-        """Per-layer ‖∂L/∂W‖, ‖∂L/∂h‖ and histograms of |∂L/∂W|, before anything rescales them."""
+        """Per-layer ‖∂L/∂W‖ (over all of a layer's parameters), ‖∂L/∂h‖ (and per time step for
+        recurrent layers) and histograms of |∂L/∂W|, before anything rescales them."""
         if not self.sampled:
             return
         grads = [p.grad for p in self.params]
-        device = self.layers[0].weight.device
-        # One fused norm over every parameter's gradient serves the global norm and, for the
-        # layer weights among them, the per-layer norms.
-        if all(g is not None for g in grads) and (where := self._weight_index(device)) is not None:
-            norms = tensor_norms(grads)
-            self._wgrad = norms[where]
+        present = tuple(k for k, g in enumerate(grads) if g is not None)
+        n = len(self.layers)
+        # One fused norm over every parameter's gradient serves the global norm and, summed by
+        # layer, the per-layer norms.
+        if present:
+            norms = tensor_norms([grads[k] for k in present])
+            self._total = torch.linalg.vector_norm(norms)
+            self._wgrad = self.layout.per_layer(norms, None if len(present) == len(grads) else present)
         else:
-            grads = [g for g in grads if g is not None]
-            norms = tensor_norms(grads) if grads else None
-            self._wgrad = tensor_norms(self._weight_grads())
-        self._total = torch.linalg.vector_norm(norms) if norms is not None else None
+            self._total = None
+            self._wgrad = self._nans(self.device)[1]
+        self._has_wgrad = self._layers_with(present)
         self._act_grad, self._act_grad_max = self._activation_gradient_norms()
-        self._out_grads = [None] * len(self.layers)
+        self._series = []
+        for index, layer in enumerate(self.layers):
+            grad = self._out_grads[index]
+            if layer.time_dim is not None and grad is not None and grad.dim() > layer.time_dim:
+                self._series.append((index, downsample_time(time_squares(grad, layer.time_dim).sqrt())))
+        self._out_grads = [None] * n
         if self.histograms and self.detail:
             self._hist = self._histograms(self._weight_grads())
+
+    def _layers_with(self, present: tuple[int, ...]) -> np.ndarray:
+        """(n,) bool: layers at least one of whose parameters has a gradient (cached per pattern)."""
+        found = self._owners_with_grad.get(present)
+        if found is None:
+            found = np.zeros(len(self.layers), dtype=bool)
+            for k in present:
+                if self.layout.owner[k] < len(self.layers):
+                    found[self.layout.owner[k]] = True
+            self._owners_with_grad[present] = found
+        return found
 
     def _activation_gradient_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """‖∂L/∂h‖ per layer and a mark finite exactly when every entry of ∂L/∂h is (the 2-norm
         alone cannot tell: a float32 sum of squares overflows long before the entries do); NaN
-        for a layer whose gradient never came (not reached, or not trainable).
-
-        Measured and rejected: reducing each gradient inside its hook while it is still in cache
-        (relu-30-he, every step: 1.26-1.27x against 1.23x for this one batched pass)."""
+        for a layer whose gradient never came (marked not measured on unpacking)."""
         present = [g is not None for g in self._out_grads]
-        self._grad_missing = [not here for here in present]
+        self._got_grad = np.array(present, dtype=bool)
         if not any(present):
-            nans = self._nans(self.layers[0].weight.device)[1]
+            nans = self._nans(self.device)[1]
             return nans, nans
         norms, marks = norms_and_marks([g for g in self._out_grads if g is not None])
         return spread(norms, present), spread(marks, present)
 
     def _activation_stats(self, device) -> torch.Tensor:
         """(n_layers, 4): mean, std, saturated fraction, dead fraction, batched by shape and kind
-        (detail steps only)."""
+        (detail steps only; thresholds from :mod:`vgtui.engine`)."""
         missing = torch.full((4,), float("nan"), device=device)
         rows = [missing] * len(self.layers)
         groups: dict[tuple, list[int]] = {}
         for index, act in enumerate(self._acts):
             if act is not None:
-                groups.setdefault((tuple(act.shape), self.layers[index].act_kind), []).append(index)
-        for (shape, kind), members in groups.items():
+                layer = self.layers[index]
+                groups.setdefault((tuple(act.shape), layer.act_kind, unit_dim(layer)), []).append(index)
+        for (shape, kind, units_at), members in groups.items():
             stacked = torch.stack([self._acts[i] for i in members]).float()
             flat = stacked.reshape(len(members), -1)
             # mean and std from a sum and a norm: two fast reductions (std_mean is ~10x slower on CPU).
@@ -515,16 +535,11 @@ class Probe:
             mean_sq = torch.linalg.vector_norm(flat, dim=1).square_().div_(n)
             std = (mean_sq - mean.square()).clamp_min_(0).mul_(n / max(n - 1, 1)).sqrt_()
             columns = [mean, std]
-            if kind == "sigmoid":
-                columns.append(((flat - 0.5).abs_() > 0.5 - SATURATION_MARGIN).float().mean(1))
-            elif kind == "tanh":
-                columns.append((flat.abs() > 1.0 - SATURATION_MARGIN).float().mean(1))
-            else:
-                columns.append(torch.full_like(mean, float("nan")))
-            if kind in RECTIFYING and len(shape) >= 2:
+            saturated = saturated_mask(flat, kind)
+            columns.append(saturated.float().mean(1) if saturated is not None else torch.full_like(mean, float("nan")))
+            if measures_dead(kind, shape):
                 # A unit (feature or channel) is dead for this batch when inactive on every example.
-                units = stacked.reshape(len(members), shape[0], shape[1], -1)
-                columns.append((units.amax(dim=(1, 3)) <= 0).float().mean(1))
+                columns.append((~alive_units(stacked, units_at, stacked=True)).float().mean(1))
             else:
                 columns.append(torch.full_like(mean, float("nan")))
             for row, index in zip(torch.stack(columns, dim=1), members):
@@ -535,11 +550,16 @@ class Probe:
         """Clip all gradients (every step, sampled or not) and measure the global norm on sampled
         ones. Clip-by-norm scales by min(1, threshold / (‖g‖ + 1e-6)), as clip_grad_norm_ does."""
         grads = [p.grad for p in self.params if p.grad is not None]
+        self._step_norm = None
         if not grads or (kind == "none" and not self.sampled):
+            if self.sampled and not grads:
+                zero = torch.zeros((), device=self.device)
+                self._clip = (zero, zero, zero.bool())
             return
         total = self._total if self.sampled and self._total is not None else None
-        if total is None and (kind == "norm" or self.sampled):
+        if total is None and (kind == "norm" or self.windowing):  # clipping's own, or the window's
             total = torch.linalg.vector_norm(tensor_norms(grads))
+        self._step_norm = total
         if kind == "norm":
             coef = torch.clamp(threshold / (total + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef.to(grads[0].dtype))
@@ -555,37 +575,25 @@ class Probe:
             self._clip = (total, total, torch.zeros((), dtype=torch.bool, device=total.device))
         self._total = None
 
-    def _momentum_buffers(self, optimizer) -> tuple[list[torch.Tensor], list[float]] | None:
-        """For SGD with momentum the step is exactly lr * buffer: read it instead of copying W."""
-        if not isinstance(optimizer, torch.optim.SGD):
-            return None
-        buffers, lrs = [], []
-        for layer in self.layers:
-            group = self._group_of(optimizer, layer.weight)
-            state = optimizer.state.get(layer.weight, {})
-            buf = state.get("momentum_buffer")
-            if group is None or group["momentum"] == 0 or group.get("nesterov") or buf is None:
-                return None
-            buffers.append(buf)
-            lrs.append(float(group["lr"]))
-        return buffers, lrs
-
-    def _group_of(self, optimizer, param):
-        """The param group holding ``param``; the lookup table is built once per optimiser."""
-        cached = self._groups
-        if cached is None or cached[0] is not optimizer:
-            table = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-            self._groups = cached = (optimizer, table)
-        return cached[1].get(id(param))
+    def count(self, step: int, loss: torch.Tensor) -> None:
+        """Every step, sampled or not: this step's loss and global gradient norm (before
+        clipping) into the step window that the next measured record carries. Call after
+        :meth:`clip`. The norm is clipping's own where it clipped, else one read of the gradients."""
+        if not self.windowing:
+            return
+        norm = self._step_norm
+        if norm is None:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.linalg.vector_norm(tensor_norms(grads)) if grads else torch.zeros((), device=self.device)
+        self._step_norm = None
+        self._window.add(step, loss, norm)
 
     def before_step(self, optimizer) -> None:
-        """Snapshot the layer weights when the update cannot be read from the optimiser's state."""
-        self._snapshot = None
-        if not (self.sampled and self.detail):
-            return
-        if isinstance(optimizer, torch.optim.SGD) and self._momentum_buffers(optimizer) is not None:
-            return  # momentum buffers exist already (from the second step on)
-        self._snapshot = [layer.weight.detach().clone() for layer in self.layers]
+        """Plan the update measurement (detail steps): read SGD's momentum buffers after the step,
+        or keep a copy of the weights now (see :class:`vgtui.engine.UpdateMeter`)."""
+        self._plan = None
+        if self.sampled and self.detail:
+            self._plan = self._meter.plan(self.layout, optimizer)
 
     def finish(self, step: int, loss: torch.Tensor, accuracy: torch.Tensor | None, optimizer=None,
                **meta) -> None:
@@ -598,7 +606,7 @@ class Probe:
         if not self.sampled:
             return
         n = len(self.layers)
-        device = self.layers[0].weight.device
+        device = self.device
         nan, nans = self._nans(device)
         if self._clip is None:
             self.clip("none")
@@ -609,50 +617,45 @@ class Probe:
             # On the CPU reading a value is free, so the forward check runs only when it can find
             # something: a non-finite activation that leaves the loss and every gradient finite
             # was squashed (sigmoid(inf), relu(-inf)) before the next layer saw it.
-            act_norm = torch.zeros(n)
+            act_mark = torch.zeros(n)
         elif any(reached):
-            act_norm = spread(finite_marks([a for a in self._acts if a is not None]), reached)
+            act_mark = spread(finite_marks([a for a in self._acts if a is not None]), reached)
         else:
-            act_norm = nans
+            act_mark = nans
         core = [self._wgrad if self._wgrad is not None else nans,
                 self._act_grad if self._act_grad is not None else nans,
-                act_norm,
+                act_mark,
                 self._act_grad_max if self._act_grad_max is not None else nans]
-        lrs = None
+        detail = None
+        plan = self._plan
         if self.detail:
-            weights = [layer.weight.detach() for layer in self.layers]
-            weight_norm = tensor_norms(weights)
-            update = nans
-            if self._snapshot is not None:
-                update = tensor_norms(torch._foreach_sub(weights, self._snapshot))
-                lrs = [1.0] * n
-            elif optimizer is not None and (mom := self._momentum_buffers(optimizer)) is not None:
-                buffers, lrs = mom
-                update = tensor_norms(buffers)  # times lr, on the host
+            weight_norm = self.layout.per_layer(tensor_norms([p.detach() for p in self.params]))
+            update = (UpdateMeter.norms(self.layout, plan, device) if plan is not None
+                      else torch.full((n,), math.nan, device=device))
             stats = self._activation_stats(device)
-            core += [stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3], weight_norm, update]
-        self._snapshot = None
-        self._acts = [None] * n
+            detail = [stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3], weight_norm, update]
         acc = accuracy.detach() if accuracy is not None else nan
         total, after, acted = self._clip if self._clip is not None else (nan, nan, nan)
-        scalars = [loss.detach(), acc, total, after, acted]
-        if device.type == "cpu":
-            # Nothing to transfer: numpy reads each piece in place, for a fraction of what the
-            # torch calls that would pack them cost (~15 dispatches: 1 % of relu-30-he's step).
-            parts = [np.array([float(value) for value in scalars]),
-                     np.stack([column.numpy() for column in core], axis=1).reshape(-1)]
-            if self._hist is not None:
-                parts.append(self._hist.numpy().reshape(-1))
-            packed = np.concatenate(parts, dtype=np.float64)
-        else:
-            parts = [torch.stack([value.float().reshape(()) for value in scalars]),
-                     torch.stack(core, dim=1).reshape(-1)]
-            if self._hist is not None:
-                parts.append(self._hist.reshape(-1))
-            packed = torch.cat(parts)
-        host_side = {"reached": reached, "grad_missing": self._grad_missing, "lrs": lrs}
-        self._wgrad = self._hist = self._act_grad = self._act_grad_max = self._grad_missing = None
-        self._transfer.start(packed, (step, meta, self.detail, host_side))
+        zero = torch.zeros((), device=device)
+        scalars = [loss.detach(), acc, total, after, acted, zero, nan]
+        window = self._window.take()
+        packed = pack(scalars, core, detail, self._hist if self.detail else None,
+                      [series for _, series in self._series], window[0] if window is not None else None)
+        host = HostSide(
+            step=step, meta=meta, detail=self.detail, reached=np.array(reached, dtype=bool),
+            got_grad=self._got_grad if self._got_grad is not None else np.zeros(n, dtype=bool),
+            has_wgrad=self._has_wgrad if self._has_wgrad is not None else np.zeros(n, dtype=bool),
+            hist=self._hist is not None and self.detail, update_known=plan is not None,
+            lrs=plan.lrs if plan is not None else None,
+            series=[(index, len(series)) for index, series in self._series],
+            window=window[1] if window is not None else None,
+        )
+        self._acts = [None] * n
+        self._plan = None
+        self._wgrad = self._hist = self._act_grad = self._act_grad_max = None
+        self._got_grad = self._has_wgrad = None
+        self._series = []
+        self._transfer.start(packed, host)
 
     def _nans(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """A NaN scalar and a NaN per layer on ``device``, made once (read-only placeholders)."""
@@ -677,54 +680,4 @@ class Probe:
 
     def poll(self, wait: bool = False) -> list[StepRecord]:
         """Measurements whose transfer has completed (all of them if ``wait``), oldest first."""
-        return [self._unpack(values, *tag) for tag, values in self._transfer.poll(wait)]
-
-    def _unpack(self, values: np.ndarray, step: int, meta: dict, detail: bool, host_side: dict) -> StepRecord:
-        n = len(self.layers)
-        loss, acc, total, after, acted = values[:_SCALARS]
-        columns = _COLUMNS if detail else _CORE_COLUMNS
-        per_layer = values[_SCALARS : _SCALARS + n * columns].reshape(n, columns)
-        rest = values[_SCALARS + n * columns :]
-        hist = rest.reshape(n, HIST_BINS) if rest.size else None
-        wgrad, act_grad, act_max, act_grad_max = per_layer.T[:_CORE_COLUMNS]
-        if detail:
-            mean, std, saturated, dead, weight_norm, update = per_layer.T[_CORE_COLUMNS:]
-        else:
-            mean = std = saturated = dead = weight_norm = update = np.full(n, np.nan)
-        lrs = host_side["lrs"]
-        if lrs is not None:
-            update = update * np.asarray(lrs) / np.maximum(weight_norm, 1e-30)
-        layers = {
-            "weight_grad_norm": wgrad, "act_grad_norm": act_grad, "act_mean": mean, "act_std": std,
-            "saturated": saturated, "dead": dead, "weight_norm": weight_norm, "update_ratio": update,
-        }
-        layers = {name: layers[name].copy() for name in LAYER_METRICS}
-        # Where non-finite values began: forward input -> output first, then backward output -> input.
-        # A layer that produced nothing this step (not reached, frozen) counts as finite.
-        reached = np.asarray(host_side["reached"], dtype=bool)
-        missing = host_side["grad_missing"]
-        has_grad = ~np.asarray(missing, dtype=bool) if missing is not None else np.zeros(n, dtype=bool)
-        # Backward: an entry of dL/dh non-finite, or a NaN weight-gradient norm. An infinite norm
-        # alone may be float32 overflow of finite entries: that is an explosion, not yet a NaN.
-        fwd_bad = np.flatnonzero(reached & ~np.isfinite(act_max))
-        bwd_bad = np.flatnonzero((has_grad & ~np.isfinite(act_grad_max)) | np.isnan(wgrad))
-        nonfinite = None
-        if len(fwd_bad):
-            nonfinite = (self.names[fwd_bad[0]], "forward")
-        elif len(bwd_bad):
-            nonfinite = (self.names[bwd_bad[-1]], "backward")
-        elif np.isnan(loss) or np.isinf(loss):
-            nonfinite = ("loss", "forward")
-        return StepRecord(
-            step=step,
-            loss=float(loss),
-            accuracy=float(acc),
-            grad_norm_total=float(total),
-            grad_norm_clipped=float(after),
-            clipped=bool(acted > 0.5),
-            layers=layers,
-            hist=hist,
-            nonfinite=nonfinite,
-            detail=detail,
-            **meta,
-        )
+        return [unpack(values, self.layout, host)[0] for host, values in self._transfer.poll(wait)]

@@ -7,12 +7,12 @@ inside becomes a RunError record: the consumer decides how to show it.
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import inspect
 import queue
 import threading
 import time
 import traceback
-from collections import deque
 from pathlib import Path
 
 import torch
@@ -24,95 +24,9 @@ from .channel import Channel
 from .config import Preset
 from .data import DataError, make_data
 from .diagnosis import Diagnoser
+from .engine import OverheadBudget, ProbeClock
 from .probe import Probe
 from .records import RunError, RunEvent, RunHeader
-
-
-class OverheadBudget:
-    """Keeps the probe's share of wall time under ``budget`` by widening the sampling interval
-    (and narrowing it back, never below the user's ``floor``) once per window of a second.
-
-    The share is the probe's own measured time (its calls after backward, around the optimiser
-    step, the packing and read-back, and the diagnosis; see :class:`ProbeClock`) over the
-    window's wall time. What the probe adds inside forward and backward (keeping the taps;
-    ``autograd.grad`` handing back ∂L/∂h) is not timed: it cannot be told apart from training's
-    own work there, and measured ~0.6 ms of the ~3.7 ms the probe adds to a relu-30-he step
-    (docs/BENCHMARKS.md), so the share reads ~15 % low.
-    """
-
-    WINDOW_SECONDS = 1.0
-    TARGET = 0.7  # aim below the budget so that noise does not flip the interval back and forth
-    MAX_INTERVAL = 10_000
-
-    def __init__(self, budget: float, floor: int):
-        self.budget = budget
-        self.floor = floor
-        self.share = float("nan")
-        self._start = time.perf_counter()
-        self._probe_at_start = 0.0
-        self._steps = 0
-
-    def update(self, interval: int, probe_seconds: float) -> int:
-        """Called once per step; returns the interval to use from now on."""
-        self._steps += 1
-        now = time.perf_counter()
-        elapsed = now - self._start
-        # A window spans a second and three sampled steps, so that it sees the probe's real cost;
-        # on slow steps (seconds each) one whole interval once ten seconds have passed, so that
-        # a 200-layer net is not measured over minutes per window.
-        enough = self._steps >= 3 * interval or (elapsed >= 10 * self.WINDOW_SECONDS and self._steps >= interval)
-        if elapsed < self.WINDOW_SECONDS or not enough:
-            return interval
-        self.share = (probe_seconds - self._probe_at_start) / elapsed
-        self._start, self._probe_at_start, self._steps = now, probe_seconds, 0
-        goal = self.TARGET * self.budget
-        if self.share > self.budget:
-            interval = math.ceil(interval * self.share / goal)
-        elif self.share < 0.4 * self.budget and interval > self.floor:
-            interval = max(self.floor, interval // 2, math.floor(interval * self.share / goal))
-        return max(self.floor, min(interval, self.MAX_INTERVAL))
-
-
-class ProbeClock:
-    """Seconds the probe added to training, for the overhead budget.
-
-    CPU: host time inside the probe's calls. CUDA: the time between CUDA events recorded around
-    those calls, i.e. the probe's kernels plus any time the GPU sat idle waiting for the probe's
-    host work, read once the events have completed (never waited for). Host time would be wrong
-    there: a call that finds the launch queue full waits for the GPU to drain training's own
-    kernels, and was charged 11 % for it on an H100 in a run whose probe cost was under 2 %.
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self._seconds = 0.0
-        self._open: object = None
-        self._pending: deque = deque()
-
-    def start(self) -> None:
-        if self.cuda:
-            self._open = torch.cuda.Event(enable_timing=True)
-            self._open.record()
-        else:
-            self._open = time.perf_counter()
-
-    def stop(self) -> None:
-        if self._open is None:
-            return
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._pending.append((self._open, end))
-        else:
-            self._seconds += time.perf_counter() - self._open
-        self._open = None
-
-    def seconds(self) -> float:
-        """Probe seconds measured so far (on CUDA: those whose events have completed)."""
-        while self._pending and self._pending[0][1].query():
-            begin, end = self._pending.popleft()
-            self._seconds += begin.elapsed_time(end) / 1000.0
-        return self._seconds
 
 
 def resolve_device(name: str) -> torch.device:
@@ -139,8 +53,10 @@ class Trainer(threading.Thread):
         data_root: Path | None = None,
         download: bool = False,
         overhead_budget: float | None = None,
+        window: bool | None = None,
     ):
         super().__init__(name=f"vgtui-trainer-{run_id}", daemon=True)
+        self.window = window
         self.overhead_budget = overhead_budget
         self.preset = preset
         self.channel = channel
@@ -237,12 +153,13 @@ class Trainer(threading.Thread):
             run_id=self.run_id,
             params=count_params(built.model),
         )
+        probe = Probe(built.layers, list(built.model.parameters()), detail_every=preset.detail_every,
+                      owns_backward=self._uses_taps(built.model), window=self.window)
+        header = dataclasses.replace(header, tied={k: list(v) for k, v in probe.layout.tied.items()})
         self._emit(header)
         self._emit(RunEvent("started", f"{preset.name} on {device}", run_id=self.run_id))
         if self.paused:
             self._emit(RunEvent("paused", step=0, run_id=self.run_id))
-        probe = Probe(built.layers, list(built.model.parameters()), detail_every=preset.detail_every,
-                      owns_backward=True)
         memory.freeze_long_lived()
         self._clock = clock = ProbeClock(device)
         diagnoser = Diagnoser(header)
@@ -266,8 +183,7 @@ class Trainer(threading.Thread):
                     if probe.pending:
                         clock.start()
                         for record in probe.poll():
-                            record.verdicts = diagnoser.update(record)
-                            self._emit(record)
+                            self._emit(dataclasses.replace(record, verdicts=diagnoser.update(record)))
                         clock.stop()
                     self.step += 1
                     if self._budget is not None:
@@ -280,8 +196,7 @@ class Trainer(threading.Thread):
                         break
         finally:
             for record in probe.poll(wait=True):
-                record.verdicts = diagnoser.update(record)
-                self._emit(record)
+                self._emit(dataclasses.replace(record, verdicts=diagnoser.update(record)))
             probe.detach()
 
     def _meta(self, phase: str) -> dict:
@@ -293,6 +208,15 @@ class Trainer(threading.Thread):
             "sample_every": self.sample_every,
             "probe_overhead": self._budget.share if self._budget is not None else float("nan"),
         }
+
+    @staticmethod
+    def _uses_taps(model: nn.Module) -> bool:
+        """Whether the model reports its layers itself (``forward(x, taps=...)``, vgtui's MLPs):
+        then no hooks and one ``autograd.grad`` call; any other model is measured through hooks."""
+        try:
+            return "taps" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            return False
 
     def _phases(self, built: Built, data, probe: Probe):
         """(phase name, step function) pairs: optional layer-wise pre-training, then training."""
@@ -308,14 +232,18 @@ class Trainer(threading.Thread):
         optimizer = make_optimizer(model.parameters(), preset)
         autoencoder = built.task == "autoencoder"
         model.train()
-        probe.detach()  # the model reports its layers' outputs itself (taps): no hooks
+        taps = self._uses_taps(model)
+        if taps:
+            probe.detach()  # the model reports its layers' outputs itself (taps): no hooks
+        else:
+            probe.attach()  # any other model: hooks, on sampled steps only
 
         def step() -> bool:
             x, y = data.batch(self.step)
             sampled = self.step % self.sample_every == 0
             probe.begin(sampled)
             optimizer.zero_grad(set_to_none=True)
-            out = probe.forward(model, x)
+            out = probe.forward(model, x) if taps else model(x)
             loss = built.loss_fn(out, x if autoencoder else y)
             probe.backward(loss)
             clock = self._clock
@@ -330,6 +258,7 @@ class Trainer(threading.Thread):
             probe.before_step(optimizer)
             if sampled:
                 clock.stop()
+            probe.count(self.step, loss)  # the step window (its cost is not the budget's: see Probe)
             optimizer.step()
             if sampled:
                 clock.start()
@@ -377,6 +306,7 @@ class Trainer(threading.Thread):
             probe.backward(loss)
             probe.after_backward()
             probe.clip(preset.clip, preset.clip_threshold)
+            probe.count(self.step, loss)
             probe.before_step(optimizer)
             optimizer.step()
             if sampled:
