@@ -260,7 +260,7 @@ def test_a_vanilla_rnn_vanishing_through_time_is_not_healthy():
     n_back = math.log(TIME_FLOOR) / math.log(v.evidence["per_step_factor"])
     assert f"more than {math.ceil(n_back)} steps back" in v.summary
     assert "falls ×" in v.summary and "per step" in v.summary
-    assert set(v.suggestions) <= {"lstm", "gru"}  # empty until those presets are merged
+    assert set(v.suggestions) == {"lstm", "gru", "rnn-orthogonal"}
     # over 100 steps the same RNN's gradient underflows to exactly 0 at the start: still caught
     norms = _through_time(rnn, 100)
     assert norms[0] == 0.0
