@@ -90,7 +90,9 @@ def test_accelerate_loop_with_prepared_optimizer_and_clip(tmp_path, fresh_accele
         accuracy = np.mean([(o.argmax(1) == y).float().mean().item() for o, (_, y) in zip(outs, micro)])
         params = list(copy_.parameters())
         grads = dict(zip(params, torch.autograd.grad(loss, params)))
-        per_layer = [grads[copy_[int(name)].weight].norm().item() for name in LAYERS]
+        # ‖∂L/∂W‖ of a layer: every parameter it owns (weight and bias) as one vector
+        per_layer = [torch.linalg.vector_norm(torch.stack([grads[p].norm() for p in copy_[int(name)].parameters()])).item()
+                     for name in LAYERS]
         total = torch.linalg.vector_norm(torch.stack([gr.norm() for gr in grads.values()])).item()
         assert record.loss == pytest.approx(loss.item(), rel=1e-5)
         assert record.accuracy == pytest.approx(accuracy)
@@ -99,7 +101,16 @@ def test_accelerate_loop_with_prepared_optimizer_and_clip(tmp_path, fresh_accele
         assert record.grad_norm_clipped == pytest.approx(total * min(1.0, CLIP / (total + 1e-6)), rel=1e-5)
         assert record.clipped == (total > CLIP)
         clipped.append(record.clipped)
-        assert np.all(np.isfinite(record.layers["update_ratio"]))  # the prepared optimizer's step was seen
+        # The prepared optimizer's step was seen: on detail steps (every 10th measured one) the
+        # update ratio is ‖W_after - W_before‖ / ‖W_after‖ over each layer's parameters.
+        assert record.measured("update_ratio").all() == (record.step % 10 == 0)
+        if record.measured("update_ratio").all() and record.step + 1 < STEPS:
+            after = snapshots[record.step + 1]
+            before = snapshots[record.step]
+            want = [torch.linalg.vector_norm(torch.stack([(after[k] - before[k]).norm() for k in after if k.startswith(f"{name}.")]))
+                    / torch.linalg.vector_norm(torch.stack([after[k].norm() for k in after if k.startswith(f"{name}.")]))
+                    for name in LAYERS]
+            np.testing.assert_allclose(record.layers["update_ratio"], want, rtol=1e-4)
     assert any(clipped) and not all(clipped)
 
 

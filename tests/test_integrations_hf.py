@@ -100,9 +100,24 @@ def reference(batches, state, layers):
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
     params = list(model.parameters())  # tied weights once, as the Trainer clips them
     grads = dict(zip(params, torch.autograd.grad(loss, params)))
-    per_layer = [grads[model.get_submodule(name).weight].norm().item() for name in layers]
+    per_layer = layer_norms(model, layers, grads)
     total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])).item()
     return loss.item(), per_layer, total, total * min(1.0, CLIP / (total + 1e-6))
+
+
+def layer_norms(model, layers, grads) -> list[float]:
+    """‖∂L/∂W‖ per layer as vgtui promises it: every parameter the layer's module owns (weights and
+    biases) as one vector; a tensor tied to an earlier layer (GPT-2's lm_head = wte) counted there
+    only, so a layer left with none is not measured (NaN)."""
+    claimed: set[int] = set()
+    norms = []
+    for name in layers:
+        module = model.get_submodule(name)
+        mine = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in claimed]
+        claimed.update(id(p) for p in mine)
+        norms.append(torch.linalg.vector_norm(torch.stack([grads[p].norm() for p in mine])).item()
+                     if mine else float("nan"))
+    return norms
 
 
 @pytest.fixture(scope="module")

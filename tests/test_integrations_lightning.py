@@ -102,7 +102,10 @@ def reference(module, step: int):
     loss = sum(losses) / len(losses)
     params = list(net.parameters())
     grads = dict(zip(params, torch.autograd.grad(loss, params)))
-    per_layer = [grads[net.get_submodule(name.removeprefix("net.")).weight].norm().item() for name in LAYERS]
+    # ‖∂L/∂W‖ of a layer: every parameter it owns (weight and bias) as one vector
+    per_layer = [torch.linalg.vector_norm(torch.stack([grads[p].norm() for p in
+                                                        net.get_submodule(name.removeprefix("net.")).parameters()])).item()
+                 for name in LAYERS]
     total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])).item()
     after = total * min(1.0, CLIP / (total + 1e-6))  # torch.nn.utils.clip_grad_norm_
     with torch.no_grad():
