@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from .channel import Channel
+from .distributed import counted_pieces, local_sq_norms, piece_sq_norms, reduce_sum, sharding_kind
 from .config import RECTIFYING
 from .engine import (CELLS, RECURRENT, HostSide, Layout, OverheadBudget, ProbeClock, UpdateMeter, WindowMeter,
                      activation_kind, alive_units, downsample_time, first_tensor, hook_optimizer_step,
@@ -414,11 +415,17 @@ class Watcher:
                  scaler=None, diagnose: bool = True, histograms: bool = True, per_rank: bool = False,
                  start_step: int = 0, run_id: int = 0, name: str | None = None,
                  detail_every: int = DETAIL_EVERY, overhead_budget: float | None = DEFAULT_BUDGET,
-                 window: bool | None = None):
+                 window: bool | None = None, run_info: dict | None = None, process_group=None):
         if int(sample_every) < 1:
             raise ValueError(f"sample_every must be at least 1, got {sample_every}")
         self.model = model
         self.inner, self.ddp, self.compiled = _unwrap(model)
+        self.sharding = sharding_kind(self.inner)
+        if self.sharding == "tensor_parallel":
+            raise ValueError("vgtui.watch does not support tensor parallelism (DTensor parameters sharded "
+                             "outside FSDP2's fully_shard): its activations are split by feature, so "
+                             "per-layer norms would be wrong; FSDP2 (fully_shard) and DDP are supported")
+        self.run_info = run_info  # read when the header is written: the caller may fill it until then
         self.specs, self._auto_order = _resolve_layers(self.inner, layers)
         self.params = [p for p in self.inner.parameters() if p.requires_grad]
         self.sample_every = int(sample_every)
@@ -434,10 +441,22 @@ class Watcher:
         self.rank, self.world_size, self._group = 0, 1, None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self._group = getattr(self.ddp, "process_group", None) if self.ddp is not None else None
+            if process_group is not None:
+                self._group = process_group
             self.rank = torch.distributed.get_rank(self._group)
             self.world_size = torch.distributed.get_world_size(self._group)
+        #: FSDP2: weights and gradients are sharded, so their norms too are sums over ranks; they
+        #: join the activation sums in one all_reduce when the measured step is finalised.
+        self._sharded = self.sharding != "none" and self.world_size > 1
+        if self._sharded and per_rank:
+            raise ValueError("vgtui.watch: per_rank=True cannot be used with FSDP2 (each rank holds only "
+                             "shards of the weights); rank 0 records the whole model")
+        if self._sharded and window:
+            raise ValueError("vgtui.watch: window=True cannot be used with FSDP2 (the global norm of every "
+                             "step would need an all_reduce on every step)")
         self.writes = per_rank or self.rank == 0
-        self._reduce = self.ddp is not None and self.world_size > 1 and not per_rank
+        data_parallel = self.ddp is not None or process_group is not None or self._sharded
+        self._reduce = data_parallel and self.world_size > 1 and not per_rank
         self._measures = self.writes or self._reduce  # rank != 0 outside DDP: nothing to do
         target = None
         if record is not None and self.writes:
@@ -474,7 +493,7 @@ class Watcher:
         self._window = WindowMeter()
         #: every step's loss and global norm into StepRecord.window: one read of every gradient
         #: per step, so by default on CUDA (a fused kernel) and not on the CPU
-        self.windowing = window if window is not None else self._device().type == "cuda"
+        self.windowing = window if window is not None else (self._device().type == "cuda" and not self._sharded)
         self._step_norm: torch.Tensor | None = None  # this step's global norm before clipping
         self._pre_clip: tuple | None = None  # (‖∂L/∂W‖ per layer, histograms, global ‖g‖, has grad)
         self._post_clip: torch.Tensor | None = None
@@ -855,6 +874,8 @@ class Watcher:
         }
         if self._clip_info and self._clip_info[1] is not None:
             preset["clip_threshold"] = self._clip_info[1]
+        if self.sharding != "none":
+            preset["sharding"] = self.sharding
         if self.optimizer is not None:
             inner = unwrap_optimizer(self.optimizer)
             preset["optimizer"] = type(inner).__name__
@@ -862,6 +883,10 @@ class Watcher:
             lr = groups[0].get("lr") if groups else None
             if isinstance(lr, (int, float)):
                 preset["lr"] = float(lr)
+        if self.run_info:
+            preset.update(self.run_info)
+            if preset.get("clip") == "none":
+                preset.pop("clip_threshold", None)
         return preset
 
     def _step(self, optimizer, loss, accuracy) -> None:
@@ -1158,7 +1183,7 @@ def watch(model: nn.Module, *, layers: LayersArg = None, sample_every: int = 1,
           scaler=None, diagnose: bool = True, histograms: bool = True, per_rank: bool = False,
           start_step: int = 0, run_id: int = 0, name: str | None = None,
           detail_every: int = DETAIL_EVERY, overhead_budget: float | None = DEFAULT_BUDGET,
-          window: bool | None = None) -> Watcher:
+          window: bool | None = None, run_info: dict | None = None, process_group=None) -> Watcher:
     """Attach vgtui to ``model`` (a plain module, a DDP-wrapped one, or a ``torch.compile``d one).
 
     layers:       None (every module that directly owns trainable parameters, in forward order),
@@ -1183,8 +1208,17 @@ def watch(model: nn.Module, *, layers: LayersArg = None, sample_every: int = 1,
     diagnose:     attach the diagnosis's verdicts to each record.
     per_rank:     under torchrun every rank writes its own file (``run.rank<N>.jsonl``) with its
                   local activation statistics; default: rank 0 records the global step.
+    run_info:     keys merged into the header's ``preset`` (a framework integration's description
+                  of the run: its clip setting, precision, ...); read when the header is written at
+                  the first step, so it may be filled in until then.
+    process_group: reduce the activation sums over this group's ranks, as under DDP, for a module
+                  trained data-parallel but not passed DDP-wrapped (Lightning's DDP strategy hands
+                  callbacks the inner module); gradients must be averaged over the group.
+    FSDP2 (``fully_shard``) models are measured from their local shards (see docs/API.md); tensor
+    parallelism is refused with a ValueError.
     """
     return Watcher(model, layers=layers, sample_every=sample_every, record=record, channel=channel,
                    optimizer=optimizer, scaler=scaler, diagnose=diagnose, histograms=histograms,
                    per_rank=per_rank, start_step=start_step, run_id=run_id, name=name,
-                   detail_every=detail_every, overhead_budget=overhead_budget, window=window)
+                   detail_every=detail_every, overhead_budget=overhead_budget, window=window,
+                   run_info=run_info, process_group=process_group)

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_sharded", "local_piece", "local_sq_norms", "reduce_sum", "sharded_sq_norms", "sharding_kind"]
+__all__ = ["counted_pieces", "is_sharded", "local_piece", "local_sq_norms", "piece_sq_norms", "reduce_sum", "sharded_sq_norms", "sharding_kind"]
 
 
 def _dtensor_type():
@@ -86,6 +86,24 @@ def local_sq_norms(tensors: Sequence[torch.Tensor | None], group=None) -> torch.
         for i, norm in zip(where, torch._foreach_norm(pieces, 2, dtype=torch.float32)):
             values[i] = norm.double().square()
     return torch.stack(values) if values else zero.new_zeros(0)
+
+
+def counted_pieces(tensors: Sequence[torch.Tensor], group=None) -> tuple[list[torch.Tensor], list[bool]]:
+    """Each tensor's local piece as a plain tensor and whether this rank counts it (see
+    :func:`local_piece`): for callers that keep pieces (a copy of the weights before a step) and
+    take their norms later with :func:`piece_sq_norms`."""
+    pairs = [local_piece(t.detach(), group) for t in tensors]
+    return [p for p, _ in pairs], [c for _, c in pairs]
+
+
+def piece_sq_norms(pieces: Sequence[torch.Tensor], counted: Sequence[bool]) -> torch.Tensor:
+    """(len(pieces),) float64: the squared 2-norm of each plain local piece, 0 where this rank
+    does not count it. One fused norm kernel; no index tensor (no host-to-device copy)."""
+    if not pieces:
+        return torch.zeros(0, dtype=torch.float64)
+    norms = torch._foreach_norm(list(pieces), 2, dtype=torch.float32)
+    zero = torch.zeros((), dtype=torch.float64, device=pieces[0].device)
+    return torch.stack([n.double().square() if c else zero for n, c in zip(norms, counted)])
 
 
 def reduce_sum(parts: Sequence[torch.Tensor], group=None) -> list[torch.Tensor]:

@@ -202,6 +202,18 @@ class Layout:
         sums.index_add_(0, index, norms.float().square())
         return sums[:n].sqrt()
 
+    def per_layer_sq(self, squares: torch.Tensor, positions: tuple[int, ...] | None = None) -> torch.Tensor:
+        """(n + 1,) float64: each layer's sum of the squared norms ``squares`` of ``self.params``
+        (or of those at ``positions``), and last the parameters in no layer. Sums of squares add
+        across the shards of a sharded model (the square root is taken after the reduce)."""
+        owners = tuple(self.owner) if positions is None else tuple(self.owner[k] for k in positions)
+        key = (owners, str(squares.device))
+        index = self._segments.get(key)
+        if index is None:
+            index = self._segments[key] = torch.tensor(owners, device=squares.device)
+        sums = torch.zeros(len(self.specs) + 1, device=squares.device, dtype=torch.float64)
+        return sums.index_add_(0, index, squares.double())
+
 
 # -- optimizers as users hold them --------------------------------------------------------------
 def unwrap_optimizer(optimizer):

@@ -27,29 +27,9 @@ def unwrap_optimizer(optimizer):
 
 
 def watch_run(model, info: dict[str, Any], **options) -> Watcher:
-    """:func:`vgtui.watch` whose run header also carries ``info`` (read when the header is
-    written, at the first step, so the integration may fill it in until then)."""
-    watcher = watch(model, **options)
-    describe(watcher, info)
-    return watcher
-
-
-def describe(watcher: Watcher, info: dict[str, Any]) -> None:
-    """Merge ``info`` into the header's ``preset``. The Watcher takes no run description of its
-    own yet, so this is the one place that reaches inside it; it only adds keys, and a Watcher
-    without ``_preset`` records a header without them."""
-    base = getattr(watcher, "_preset", None)
-    if not callable(base):
-        return
-
-    def preset() -> dict:
-        merged = base()
-        merged.update(info)
-        if merged.get("clip") == "none":
-            merged.pop("clip_threshold", None)
-        return merged
-
-    watcher._preset = preset
+    """:func:`vgtui.watch` whose run header also carries ``info`` (its ``run_info``: read when the
+    header is written, at the first step, so the integration may fill it in until then)."""
+    return watch(model, run_info=info, **options)
 
 
 class StepSums:
