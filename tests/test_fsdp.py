@@ -223,3 +223,245 @@ def test_replicated_pieces_count_once_and_partial_is_refused(fsdp_run):
 def test_tensor_parallelism_is_told_apart_from_fsdp(fsdp_run):
     results, _ = fsdp_run
     assert results["kinds"] == ["none", "fsdp", "tensor_parallel"]  # plain, fully_shard, RowwiseParallel
+
+
+# -- vgtui.watch on an FSDP2 model ------------------------------------------------------------------
+WATCH_WORKER = r'''
+import json, sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+STEPS, RANKS, MICRO, LR, CLIP = 4, 2, 6, 0.3, 0.8  # MICRO: examples per rank and step
+LAYERS = ["0.fc", "0.norm", "1.fc", "1.norm", "2"]
+
+
+class Block(nn.Module):
+    def __init__(self, i, o):
+        super().__init__()
+        self.fc = nn.Linear(i, o)
+        self.norm = nn.LayerNorm(o)  # per example: no batch statistics to differ between ranks
+
+    def forward(self, x):
+        return torch.tanh(self.norm(self.fc(x)))
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(Block(5, 7), Block(7, 6), nn.Linear(6, 3))  # 7 rows over 2 ranks: 4 and 3
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(200 + step)
+    x = torch.randn(RANKS * MICRO, 5, generator=g) * (1 + step)  # later steps clip
+    return x, torch.randint(0, 3, (RANKS * MICRO,), generator=g)
+
+
+def train(model, watcher, opt, rank=0, world=1, guard=None):
+    """The user's loop; ``guard`` wraps every call into vgtui (and the optimiser step, whose hook
+    finalises the measured step)."""
+    import contextlib
+    guard = guard or contextlib.nullcontext
+    share = RANKS * MICRO // world
+    for step in range(STEPS):
+        x, y = batch(step)
+        x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        loss = F.cross_entropy(model(x), y)  # FSDP2 averages the gradients over ranks
+        loss.backward()
+        with guard():
+            watcher.before_clip()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        with guard():
+            watcher.step(opt, loss.detach())
+            opt.step()
+        opt.zero_grad()
+    with guard():
+        watcher.close()
+
+
+def main(out):
+    import contextlib
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    import vgtui
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    model = make_model()
+    fully_shard(model[0])
+    fully_shard(model[1])
+    fully_shard(model)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    calls = {"all_reduce": 0, "reduce": 0}
+    real = {"all_reduce": dist.all_reduce, "reduce": dist.reduce}
+
+    def counting(name):
+        def call(*a, **k):
+            calls[name] += 1
+            return real[name](*a, **k)
+        return call
+
+    def forbidden(*a, **k):
+        raise AssertionError("vgtui gathered a sharded tensor")
+
+    @contextlib.contextmanager
+    def guard():
+        saved = (dist.all_reduce, dist.reduce, dist.all_gather, dist.all_gather_into_tensor, dist.broadcast,
+                 DTensor.full_tensor, DTensor.redistribute)
+        dist.all_reduce, dist.reduce = counting("all_reduce"), counting("reduce")
+        dist.all_gather = dist.all_gather_into_tensor = dist.broadcast = forbidden
+        DTensor.full_tensor = DTensor.redistribute = forbidden
+        try:
+            yield
+        finally:
+            (dist.all_reduce, dist.reduce, dist.all_gather, dist.all_gather_into_tensor, dist.broadcast,
+             DTensor.full_tensor, DTensor.redistribute) = saved
+
+    watcher = vgtui.watch(model, record=Path(out) / "fsdp_watch.jsonl", diagnose=False, detail_every=2,
+                          overhead_budget=None)
+    train(model, watcher, opt, rank, world, guard)
+    result = {"rank": rank, "calls": calls, "transfers": watcher.transfers, "writes": watcher.writes,
+              "latest": watcher.latest is not None, "sharding": watcher.sharding}
+
+    # Tensor parallelism: refused at watch(), with one line.
+    from torch.distributed.tensor import init_device_mesh
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+    tp = parallelize_module(make_model(), init_device_mesh("cpu", (RANKS,)), {"2": RowwiseParallel()})
+    try:
+        vgtui.watch(tp)
+        result["tensor_parallel"] = "accepted"
+    except ValueError as exc:
+        result["tensor_parallel"] = str(exc)
+    (Path(out) / f"watch{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
+'''
+
+
+@pytest.fixture(scope="module")
+def fsdp_watch_run(tmp_path_factory):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("this torch build has no torch.distributed with gloo")
+    out = tmp_path_factory.mktemp("fsdp_watch")
+    worker = out / "watch_worker.py"
+    worker.write_text(WATCH_WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONWARNINGS="ignore")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cmd = _torchrun() + ["--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                         f"--master_port={_free_port()}", str(worker), str(out)]
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    spec = importlib.util.spec_from_file_location("vgtui_fsdp_watch_worker", worker)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return out, module
+
+
+def _recorded(path):
+    from vgtui.jsonl import read_recording
+    from vgtui.records import RunHeader, StepRecord
+
+    result = read_recording(path)
+    assert result.problems == []
+    header = next(r for r in result.records if isinstance(r, RunHeader))
+    return header, [r for r in result.records if isinstance(r, StepRecord)]
+
+
+def _reference(worker):
+    """The unsharded model trained by one process on the combined batch, measured with plain
+    autograd: per-layer ‖∂L/∂W‖ over each layer's parameters before clipping, ‖∂L/∂h‖, the global
+    norm before and after clipping, and on detail steps ‖W‖ after the step and ‖ΔW‖/‖W‖."""
+    model = worker.make_model()
+    mods = [model.get_submodule(name) for name in worker.LAYERS]
+    owned = [list(m.parameters()) for m in mods]
+    opt = torch.optim.SGD(model.parameters(), lr=worker.LR, momentum=0.9)
+    steps = []
+    for step in range(worker.STEPS):
+        x, y = worker.batch(step)
+        outs = {}
+        handles = [m.register_forward_hook(lambda mod, i, o, n=n: outs.__setitem__(n, o)) for n, m in zip(worker.LAYERS, mods)]
+        loss = F.cross_entropy(model(x), y)
+        for h in handles:
+            h.remove()
+        flat = [p for params in owned for p in params]
+        grads = torch.autograd.grad(loss, [outs[n] for n in worker.LAYERS] + flat)
+        act = [float(g.double().norm()) for g in grads[:len(mods)]]
+        hs = [outs[n].detach().double() for n in worker.LAYERS]
+        it = iter(grads[len(mods):])
+        per_layer = [[next(it) for _ in params] for params in owned]
+        wgrad = [float(torch.linalg.vector_norm(torch.stack([g.double().norm() for g in gs]))) for gs in per_layer]
+        total = float(np.sqrt(sum(w ** 2 for w in wgrad)))
+        for p, g in zip(flat, grads[len(mods):]):
+            p.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), worker.CLIP)
+        after = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in flat])))
+        before = [[p.detach().clone() for p in params] for params in owned]
+        opt.step()
+        opt.zero_grad()
+        wnorm = [float(torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in params]))) for params in owned]
+        moved = [float(torch.linalg.vector_norm(torch.stack([(p.detach() - b).norm() for p, b in zip(params, bs)])))
+                 for params, bs in zip(owned, before)]
+        steps.append({"loss": loss.item(), "wgrad": wgrad, "act": act, "total": total, "after": after,
+                      "act_mean": [float(h.mean()) for h in hs], "act_std": [float(h.std()) for h in hs],
+                      "weight_norm": wnorm, "update_ratio": [m / w for m, w in zip(moved, wnorm)]})
+    return steps
+
+
+def test_fsdp2_watch_records_the_unsharded_model_on_the_combined_batch(fsdp_watch_run):
+    from tests.test_ddp import RECORDED
+
+    out, worker = fsdp_watch_run
+    header, steps = _recorded(out / "fsdp_watch.jsonl")
+    assert header.layers == worker.LAYERS and header.preset["sharding"] == "fsdp"
+    assert header.params == sum(p.numel() for p in worker.make_model().parameters())
+    expected = _reference(worker)
+    assert [r.step for r in steps] == list(range(worker.STEPS))
+    for record, want in zip(steps, expected):
+        what = f"step {record.step}"
+        np.testing.assert_allclose(record.layers["weight_grad_norm"], want["wgrad"], rtol=RECORDED, err_msg=what)
+        np.testing.assert_allclose(record.layers["act_grad_norm"], want["act"], rtol=RECORDED, err_msg=what)
+        assert record.grad_norm_total == pytest.approx(want["total"], rel=1e-5)
+        assert record.grad_norm_clipped == pytest.approx(want["after"], rel=1e-5)
+        assert record.clipped == (want["total"] > worker.CLIP)
+        assert record.loss == pytest.approx(want["loss"], rel=1e-5)  # the mean of the ranks' losses
+        if record.step % 2 == 0:  # detail_every=2: ‖W‖ and the update ratio
+            np.testing.assert_allclose(record.layers["weight_norm"], want["weight_norm"], rtol=RECORDED, err_msg=what)
+            np.testing.assert_allclose(record.layers["update_ratio"], want["update_ratio"], rtol=2 * RECORDED,
+                                       err_msg=what)
+            # activation statistics pooled over both ranks' halves of the batch
+            np.testing.assert_allclose(record.layers["act_mean"], want["act_mean"], rtol=RECORDED, atol=1e-6,
+                                       err_msg=what)
+            np.testing.assert_allclose(record.layers["act_std"], want["act_std"], rtol=RECORDED, err_msg=what)
+            assert record.hist is not None and record.hist.sum(axis=1).tolist() == [
+                float(p.numel()) for p in (worker.make_model().get_submodule(n).weight for n in worker.LAYERS)]
+        else:
+            assert not record.measured("weight_norm").any()
+    assert any(r.clipped for r in steps) and not all(r.clipped for r in steps)
+
+
+def test_fsdp2_watch_one_all_reduce_per_measured_step_no_gather_and_rank0_alone_copies(fsdp_watch_run):
+    out, worker = fsdp_watch_run
+    rank0 = json.loads((out / "watch0.json").read_text())
+    rank1 = json.loads((out / "watch1.json").read_text())
+    for result in (rank0, rank1):  # gathers raised inside every vgtui call: none happened
+        assert result["calls"] == {"all_reduce": worker.STEPS, "reduce": 0}
+        assert result["sharding"] == "fsdp"
+    assert (rank0["transfers"], rank0["writes"], rank0["latest"]) == (worker.STEPS, True, True)
+    assert (rank1["transfers"], rank1["writes"], rank1["latest"]) == (0, False, False)
+    assert not list(out.glob("*.rank1.jsonl"))
+
+
+def test_tensor_parallel_is_refused_at_watch(fsdp_watch_run):
+    out, _ = fsdp_watch_run
+    message = json.loads((out / "watch0.json").read_text())["tensor_parallel"]
+    assert "tensor parallelism" in message and "\n" not in message

@@ -548,11 +548,12 @@ class Watcher:
             return
         try:
             self._start()
-            if self.writes and self.sampled:
+            if (self.writes or self._sharded) and self.sampled:
                 self._clock.start()
                 self._pre_clip = self._read_gradients()
                 self._clock.stop()
-                self._step_norm = self._pre_clip[2]
+                if not self._sharded:
+                    self._step_norm = self._pre_clip[2]
             elif self.writes and self.windowing:  # the step window's norm, before clipping
                 self._step_norm = self._global_norm()
         except Exception as exc:
@@ -566,7 +567,9 @@ class Watcher:
         self.before_clip(optimizer)
         total = torch.nn.utils.clip_grad_norm_(self.params, max_norm, norm_type,
                                                error_if_nonfinite=error_if_nonfinite)
-        if self.sampled and self.writes and norm_type == 2.0 and self._pre_clip is not None:
+        if self.sampled and self._sharded and norm_type == 2.0 and self._pre_clip is not None:
+            self._post_clip = float(max_norm)  # the norm after it follows once the total is reduced
+        elif self.sampled and self.writes and norm_type == 2.0 and self._pre_clip is not None:
             # torch scales every gradient by min(1, max_norm / (total + 1e-6)): the norm after it
             self._post_clip = self._pre_clip[2] * torch.clamp(max_norm / (self._pre_clip[2] + 1e-6), max=1.0)
         return total
@@ -895,7 +898,7 @@ class Watcher:
         if measuring:
             self._clock.start()
         self._finalize_pending(stepped=False)
-        hooked = self._hook_optimizer(optimizer) if optimizer is not None and self.writes else False
+        hooked = self._hook_optimizer(optimizer) if optimizer is not None and (self.writes or self._sharded) else False
         if measuring:
             self._measure(optimizer, loss, accuracy, hooked)
         elif self.writes and self.windowing:  # every step counts in the window the next record carries
@@ -971,6 +974,8 @@ class Watcher:
         for k in present:
             if layout.owner[k] < len(layout):
                 has[layout.owner[k]] = True
+        if self._sharded:
+            return self._read_sharded_gradients(grads), has
         if present:
             norms = tensor_norms([grads[k].detach() for k in present])
             total = torch.linalg.vector_norm(norms)
@@ -984,6 +989,20 @@ class Watcher:
             hist = self._hist([w.grad.detach() if w.grad is not None else torch.zeros_like(w) for w in weights])
         return wgrad, hist, total, has
 
+    def _read_sharded_gradients(self, grads):
+        """FSDP2: this rank's share of each layer's squared ‖∂L/∂W‖ ((n + 1,), last: parameters in
+        no layer) and of the histograms' counts, summed over ranks when the step is finalised."""
+        layout = self.layout
+        wgrad_sq = layout.per_layer_sq(local_sq_norms(grads))
+        hist = None
+        if self.histograms and self.detail:
+            weights = [spec.weight for spec in self.specs]
+            pieces, counted = counted_pieces([w.grad if w.grad is not None else torch.zeros_like(w) for w in weights])
+            hist = self._hist(pieces)
+            if not all(counted):  # a replicated piece: its counts come from one rank
+                hist = hist * torch.tensor(counted, dtype=hist.dtype, device=hist.device).unsqueeze(1)
+        return wgrad_sq, hist
+
     def _measure(self, optimizer, loss, accuracy, hooked: bool) -> None:
         """Everything of a sampled step that must be read before the optimiser changes it."""
         acc, self._acc = self._acc, _Accumulator(len(self.specs))
@@ -991,6 +1010,9 @@ class Watcher:
         device = self._device()
         loss_t = _scalar(loss, device)
         accuracy_t = _scalar(accuracy, device)
+        if self._sharded:
+            self._measure_sharded(acc, optimizer, loss, loss_t, accuracy_t, hooked)
+            return
         combined = self._combine(acc, device, loss_t, accuracy_t)
         if not self.writes:
             return
@@ -1024,41 +1046,137 @@ class Watcher:
             "plan": plan, "window": window[0] if window is not None else None,
         }
 
-    def _combine(self, acc: _Accumulator, device, loss_t, accuracy_t):
-        """Per layer (layout order), pooled over the step's micro-batches and, under DDP, over
-        ranks: (n, 4) [mean, std, saturated, dead], ‖∂L/∂h‖, its finite mark, host masks of the
-        layers reached and given a gradient, the through-time norms, loss and accuracy."""
-        n = len(self.specs)
-        inv = self._inv_scale()
-        zero = torch.zeros((), dtype=torch.float64, device=device)
-        count: list = list(acc.count)
-        gsq = list(acc.grad_sq)
+    def _measure_sharded(self, acc, optimizer, loss, loss_t, accuracy_t, hooked: bool) -> None:
+        """FSDP2: this rank's local sums of the step (gradient norms before and after clipping,
+        histogram counts, activation sums), kept on the device until :meth:`_reduce_sharded` adds
+        the weight norms and update sizes and sums them all over ranks in one all_reduce."""
+        device = self._device()
+        sums, has = self._pre_clip if self._pre_clip is not None else self._read_gradients()
+        after_sq, own_clip = None, None
+        if self._pre_clip is not None:
+            if isinstance(self._post_clip, float):  # our own clip_grad_norm_: its result follows from the total
+                own_clip = self._post_clip
+            else:
+                after_sq = local_sq_norms([p.grad for p in self.params]).sum().reshape(1)
+        plan, counted = None, None
+        if self.detail:
+            plan = self._meter.plan(self.layout, optimizer, can_wait_for_step=hooked)
+            if plan.kind == "snapshot":  # keep the local pieces of the copy, not DTensors
+                plan.tensors, counted = counted_pieces(plan.tensors)
+        found_inf = self._found_inf(optimizer)
+        self._pending = {
+            "sharded": True, "step": self.step_index, "meta": self._meta(), "acc": acc, "act": self._act_sums(acc, device, loss_t, accuracy_t),
+            "wgrad_sq": sums[0], "hist": sums[1], "has": has, "clipped_by_user": self._pre_clip is not None,
+            "after_sq": after_sq, "own_clip": own_clip, "plan": plan, "counted": counted, "detail": self.detail,
+            "loss": loss_t, "accuracy": accuracy_t, "loss_given": loss is not None,
+            "skipped": found_inf if found_inf is not None else torch.zeros((), device=device),
+            "loss_scale": self.scaler._scale.detach().clone() if self._inv_scale() is not None else None,
+        }
+
+    def _reduce_sharded(self, pending: dict, stepped: bool) -> dict | None:
+        """FSDP2, once the optimiser has stepped: ‖W‖ and ‖ΔW‖ from the local shards, then ONE
+        all_reduce of every sum of the step (no gather of any weight or gradient). Returns the
+        measured step as :meth:`_finalize_pending` packs it (rank 0), None on the other ranks."""
+        layout = self.layout
+        n = len(layout)
+        device = self._device()
+        detail = pending["detail"]
+        parts = [pending["wgrad_sq"], pending["after_sq"] if pending["after_sq"] is not None
+                 else torch.zeros(1, dtype=torch.float64, device=device)]
+        if pending["hist"] is not None:
+            parts.append(pending["hist"])
+        plan = pending["plan"]
+        known = plan is not None and (plan.kind == "snapshot" or stepped)
+        if detail:
+            parts.append(layout.per_layer_sq(local_sq_norms(layout.params)))
+            update_sq = torch.zeros(n + 1, dtype=torch.float64, device=device)
+            if known and plan.positions:
+                if plan.kind == "snapshot":
+                    now, _ = counted_pieces([layout.params[k] for k in plan.positions])
+                    squares = piece_sq_norms(torch._foreach_sub(now, plan.tensors), pending["counted"])
+                else:  # lr · momentum buffer (the buffers are sharded like their parameters)
+                    squares = local_sq_norms(plan.tensors)
+                update_sq = layout.per_layer_sq(squares, plan.positions)
+            parts.append(update_sq)
+        parts.append(pending["act"])
+        reduced = reduce_sum(parts, group=self._group)  # the one collective of the measured step
+        if not self.writes:
+            return None
+        wgrad_sq, after_sq = reduced[0], reduced[1]
+        rest = reduced[2:]
+        hist = rest.pop(0).float() if pending["hist"] is not None else None
+        total = wgrad_sq.sum().sqrt().float()
+        if not pending["clipped_by_user"]:
+            clip = (total, total, torch.zeros((), dtype=torch.bool, device=device))
+        else:
+            if pending["own_clip"] is not None:
+                after = total * torch.clamp(pending["own_clip"] / (total + 1e-6), max=1.0)
+            else:
+                after = after_sq.sum().sqrt().float()
+            clip = (total, after, after < total * (1.0 - 1e-6))
+        combined = self._combine(pending["acc"], device, pending["loss"], pending["accuracy"], reduced=rest[-1])
+        stats, act_grad, grad_mark, reached, got_grad, series, loss_t, accuracy_t = combined
+        host = HostSide(step=pending["step"], meta=pending["meta"], detail=detail,
+                        reached=reached, got_grad=got_grad, has_wgrad=pending["has"], hist=hist is not None,
+                        series=[(i, len(s)) for i, s in series], loss_given=pending["loss_given"])
+        out = {"host": host, "stats": stats, "act_grad": act_grad, "grad_mark": grad_mark,
+               "wgrad": wgrad_sq[:n].sqrt().float(), "hist": hist, "clip": clip, "loss": loss_t,
+               "accuracy": accuracy_t, "series": [s for _, s in series], "skipped": pending["skipped"],
+               "loss_scale": pending["loss_scale"], "plan": plan, "window": None}
+        if detail:
+            out["weight_norm"] = rest[0][:n].sqrt().float()
+            out["update"] = rest[1][:n].sqrt().float() if known else torch.full((n,), float("nan"), device=device)
+        return out
+
+    def _alive(self, acc: _Accumulator, device) -> list[torch.Tensor | None]:
         alive = []
-        for i in range(n):
+        for i in range(len(self.specs)):
             if acc.alive[i] is not None:
                 alive.append(acc.alive[i])
             elif self.specs[i].act_kind in RECTIFYING and self._units[i] and acc.count[i] == 0:
                 alive.append(torch.zeros(self._units[i], dtype=torch.float64, device=device))
             else:
                 alive.append(None)
+        return alive
+
+    def _act_sums(self, acc: _Accumulator, device, loss_t, accuracy_t) -> torch.Tensor:
+        """The activation sums that add across ranks, in one float64 vector: count, Σx, Σx²,
+        saturated count, ‖∂L/∂h‖², loss and accuracy, units alive."""
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        means, m2s, count = acc.mean, acc.m2, acc.count
+        fill = [torch.full((), float(c), dtype=torch.float64, device=device) for c in count]
+        s1 = [m.double() * c if m is not None else zero for m, c in zip(means, count)]
+        s2 = [q.double() + m.double().square() * c if m is not None else zero
+              for m, q, c in zip(means, m2s, count)]
+        parts = [torch.stack(fill), torch.stack(s1), torch.stack(s2),
+                 torch.stack([x.double() if x is not None else zero for x in acc.sat]),
+                 torch.stack([g.double() if g is not None else zero for g in acc.grad_sq]),
+                 torch.stack([loss_t.double(), accuracy_t.double()])]
+        parts += [a for a in self._alive(acc, device) if a is not None]
+        return torch.cat([p.reshape(-1) for p in parts])
+
+    def _combine(self, acc: _Accumulator, device, loss_t, accuracy_t, reduced: torch.Tensor | None = None):
+        """Per layer (layout order), pooled over the step's micro-batches and, under DDP, over
+        ranks: (n, 4) [mean, std, saturated, dead], ‖∂L/∂h‖, its finite mark, host masks of the
+        layers reached and given a gradient, the through-time norms, loss and accuracy.
+        ``reduced``: the sums of :meth:`_act_sums` already summed over ranks (FSDP2, where they
+        travel with the weight norms)."""
+        n = len(self.specs)
+        inv = self._inv_scale()
+        count: list = list(acc.count)
+        gsq = list(acc.grad_sq)
+        alive = self._alive(acc, device)
         means, m2s, sat = list(acc.mean), list(acc.m2), list(acc.sat)
         scale = 1.0
         if self._reduce:
-            # Sums that add across ranks: count, Σx, Σx², saturated count, ‖∂L/∂h‖², units alive.
-            fill = [torch.full((), float(c), dtype=torch.float64, device=device) for c in count]
-            s1 = [m.double() * c if m is not None else zero for m, c in zip(means, count)]
-            s2 = [q.double() + m.double().square() * c if m is not None else zero
-                  for m, q, c in zip(means, m2s, count)]
-            parts = [torch.stack(fill), torch.stack(s1), torch.stack(s2),
-                     torch.stack([x.double() if x is not None else zero for x in sat]),
-                     torch.stack([g.double() if g is not None else zero for g in gsq]),
-                     torch.stack([loss_t.double(), accuracy_t.double()])]
-            parts += [a for a in alive if a is not None]
-            flat = torch.cat([p.reshape(-1) for p in parts])
-            dst = 0 if self._group is None else torch.distributed.get_global_rank(self._group, 0)
-            torch.distributed.reduce(flat, dst=dst, group=self._group)
-            if not self.writes:
-                return None
+            if reduced is None:
+                flat = self._act_sums(acc, device, loss_t, accuracy_t)
+                dst = 0 if self._group is None else torch.distributed.get_global_rank(self._group, 0)
+                torch.distributed.reduce(flat, dst=dst, group=self._group)
+                if not self.writes:
+                    return None
+            else:
+                flat = reduced
             count = list(flat[0:n])
             means = [flat[n + i] / flat[i] for i in range(n)]
             m2s = [flat[2 * n + i] - flat[n + i] * means[i] for i in range(n)]
@@ -1115,16 +1233,23 @@ class Watcher:
         pending, self._pending = self._pending, None
         if pending is None:
             return
+        if pending.get("sharded"):
+            pending = self._reduce_sharded(pending, stepped)
+            if pending is None:  # not the recording rank: it only joined the reduce
+                return
         layout = self.layout
         device = self._device()
         host: HostSide = pending["host"]
         detail = None
         if host.detail:
-            weight_norm = layout.per_layer(tensor_norms([p.detach() for p in layout.params]))
             plan = pending["plan"]
             known = plan is not None and (plan.kind == "snapshot" or stepped)
-            update = (UpdateMeter.norms(layout, plan, device) if known
-                      else torch.full((len(layout),), float("nan"), device=device))
+            if "weight_norm" in pending:  # FSDP2: summed over the shards already
+                weight_norm, update = pending["weight_norm"], pending["update"]
+            else:
+                weight_norm = layout.per_layer(tensor_norms([p.detach() for p in layout.params]))
+                update = (UpdateMeter.norms(layout, plan, device) if known
+                          else torch.full((len(layout),), float("nan"), device=device))
             host.update_known = known
             host.lrs = plan.lrs if known and plan.kind == "momentum" else None
             stats = pending["stats"]
