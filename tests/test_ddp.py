@@ -107,11 +107,14 @@ def main(out):
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     result = {"rank": rank}
-    for mode, per_rank in (("rank0", False), ("per_rank", True)):
+    for mode, per_rank in (("rank0", False), ("per_rank", True), ("group", False)):
         inner = make_model()
         ddp = nn.parallel.DistributedDataParallel(inner)
         before = hook_count(inner)
-        watcher = vgtui.watch(ddp, record=Path(out) / f"{mode}.jsonl", per_rank=per_rank, diagnose=False)
+        # "group": the inner module and its process group, as Lightning's DDP strategy hands it
+        watched, group = (inner, dist.group.WORLD) if mode == "group" else (ddp, None)
+        watcher = vgtui.watch(watched, record=Path(out) / f"{mode}.jsonl", per_rank=per_rank, diagnose=False,
+                              process_group=group)
         train(ddp, watcher, rank, world)
         result[mode] = {"transfers": watcher.transfers, "latest": watcher.latest is not None,
                         "hooks_left": hook_count(inner) - before, "writes": watcher.writes}
@@ -233,6 +236,19 @@ def test_rank0_matches_plain_autograd_on_the_combined_batch(ddp_run):
     per_param = iter(float(g.norm()) ** 2 for g in w_grad)
     _close(record.layers["weight_grad_norm"], [np.sqrt(sum(next(per_param) for _ in params)) for params in owned],
            "‖∂L/∂W‖", rtol=RECORDED)
+
+
+def test_a_module_not_ddp_wrapped_reduces_over_the_given_process_group(ddp_run):
+    """watch(inner, process_group=...) records what watch(ddp) records: the combined batch."""
+    out, _ = ddp_run
+    wrapped, grouped = _steps(out / "rank0.jsonl"), _steps(out / "group.jsonl")
+    assert len(grouped) == len(wrapped) == 3
+    for g, w in zip(grouped, wrapped):
+        for metric in COMPARED:
+            _close(g.layers[metric], w.layers[metric], f"step {g.step} {metric}")
+        _close([g.loss, g.grad_norm_total], [w.loss, w.grad_norm_total], f"step {g.step} scalars")
+    rank1 = json.loads((out / "result1.json").read_text())
+    assert rank1["group"] == {"transfers": 0, "latest": False, "hooks_left": 0, "writes": False}
 
 
 def test_other_ranks_neither_copy_nor_write(ddp_run):
