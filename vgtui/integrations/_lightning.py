@@ -107,6 +107,11 @@ class LightningWatch(Guarded):
         self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
         options = dict(self.watch_options)
         options.setdefault("name", type(pl_module).__name__)
+        # Lightning's DDP strategy hands callbacks the inner module: its activation sums are
+        # combined over the wrapper's group, as for a DDP-wrapped model.
+        wrapper = getattr(trainer.strategy, "model", None)
+        if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) and trainer.world_size > 1:
+            options.setdefault("process_group", wrapper.process_group)
         self.watcher = watch_run(pl_module, self.info, scaler=self._scaler, **options)
         self._module = pl_module
         original = pl_module.configure_gradient_clipping
