@@ -259,9 +259,15 @@ def batch(step):
     return x, torch.randint(0, 3, (RANKS * MICRO,), generator=g)
 
 
-def train(model, watcher, opt, rank=0, world=1, guard=None):
+def make_optimizer(model, kind):
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)  # update from the momentum buffers
+    return torch.optim.Adam(model.parameters(), lr=0.05)  # update from a copy of the weights
+
+
+def train(model, watcher, opt, rank=0, world=1, guard=None, own_clip=False):
     """The user's loop; ``guard`` wraps every call into vgtui (and the optimiser step, whose hook
-    finalises the measured step)."""
+    finalises the measured step). ``own_clip``: the watcher's clip_grad_norm_ instead of torch's."""
     import contextlib
     guard = guard or contextlib.nullcontext
     share = RANKS * MICRO // world
@@ -270,9 +276,12 @@ def train(model, watcher, opt, rank=0, world=1, guard=None):
         x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
         loss = F.cross_entropy(model(x), y)  # FSDP2 averages the gradients over ranks
         loss.backward()
-        with guard():
-            watcher.before_clip()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        if own_clip:
+            watcher.clip_grad_norm_(CLIP)
+        else:
+            with guard():
+                watcher.before_clip()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         with guard():
             watcher.step(opt, loss.detach())
             opt.step()
@@ -290,12 +299,6 @@ def main(out):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    model = make_model()
-    fully_shard(model[0])
-    fully_shard(model[1])
-    fully_shard(model)
-    assert all(isinstance(p, DTensor) for p in model.parameters())
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     calls = {"all_reduce": 0, "reduce": 0}
     real = {"all_reduce": dist.all_reduce, "reduce": dist.reduce}
 
@@ -321,11 +324,24 @@ def main(out):
             (dist.all_reduce, dist.reduce, dist.all_gather, dist.all_gather_into_tensor, dist.broadcast,
              DTensor.full_tensor, DTensor.redistribute) = saved
 
+    def sharded():
+        model = make_model()
+        fully_shard(model[0])
+        fully_shard(model[1])
+        fully_shard(model)
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+        return model
+
+    model = sharded()
     watcher = vgtui.watch(model, record=Path(out) / "fsdp_watch.jsonl", diagnose=False, detail_every=2,
                           overhead_budget=None)
-    train(model, watcher, opt, rank, world, guard)
-    result = {"rank": rank, "calls": calls, "transfers": watcher.transfers, "writes": watcher.writes,
+    train(model, watcher, make_optimizer(model, "sgd"), rank, world, guard)
+    result = {"rank": rank, "calls": dict(calls), "transfers": watcher.transfers, "writes": watcher.writes,
               "latest": watcher.latest is not None, "sharding": watcher.sharding}
+    # Adam (update sizes from a copy of the local shards) and the watcher's own clip_grad_norm_.
+    model = sharded()
+    watcher = vgtui.watch(model, record=Path(out) / "fsdp_adam.jsonl", diagnose=False, detail_every=1)
+    train(model, watcher, make_optimizer(model, "adam"), rank, world, guard, own_clip=True)
 
     # Tensor parallelism: refused at watch(), with one line.
     from torch.distributed.tensor import init_device_mesh
@@ -377,14 +393,14 @@ def _recorded(path):
     return header, [r for r in result.records if isinstance(r, StepRecord)]
 
 
-def _reference(worker):
+def _reference(worker, optimizer="sgd"):
     """The unsharded model trained by one process on the combined batch, measured with plain
     autograd: per-layer ‖∂L/∂W‖ over each layer's parameters before clipping, ‖∂L/∂h‖, the global
     norm before and after clipping, and on detail steps ‖W‖ after the step and ‖ΔW‖/‖W‖."""
     model = worker.make_model()
     mods = [model.get_submodule(name) for name in worker.LAYERS]
     owned = [list(m.parameters()) for m in mods]
-    opt = torch.optim.SGD(model.parameters(), lr=worker.LR, momentum=0.9)
+    opt = worker.make_optimizer(model, optimizer)
     steps = []
     for step in range(worker.STEPS):
         x, y = worker.batch(step)
@@ -417,14 +433,18 @@ def _reference(worker):
     return steps
 
 
-def test_fsdp2_watch_records_the_unsharded_model_on_the_combined_batch(fsdp_watch_run):
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fsdp2_watch_records_the_unsharded_model_on_the_combined_batch(fsdp_watch_run, optimizer):
+    """SGD with momentum and torch's clip, measured on every other step; Adam and the watcher's own
+    clip_grad_norm_, every step in detail."""
     from tests.test_ddp import RECORDED
 
     out, worker = fsdp_watch_run
-    header, steps = _recorded(out / "fsdp_watch.jsonl")
+    header, steps = _recorded(out / ("fsdp_watch.jsonl" if optimizer == "sgd" else "fsdp_adam.jsonl"))
     assert header.layers == worker.LAYERS and header.preset["sharding"] == "fsdp"
     assert header.params == sum(p.numel() for p in worker.make_model().parameters())
-    expected = _reference(worker)
+    expected = _reference(worker, optimizer)
+    every = 2 if optimizer == "sgd" else 1
     assert [r.step for r in steps] == list(range(worker.STEPS))
     for record, want in zip(steps, expected):
         what = f"step {record.step}"
@@ -434,7 +454,7 @@ def test_fsdp2_watch_records_the_unsharded_model_on_the_combined_batch(fsdp_watc
         assert record.grad_norm_clipped == pytest.approx(want["after"], rel=1e-5)
         assert record.clipped == (want["total"] > worker.CLIP)
         assert record.loss == pytest.approx(want["loss"], rel=1e-5)  # the mean of the ranks' losses
-        if record.step % 2 == 0:  # detail_every=2: ‖W‖ and the update ratio
+        if record.step % every == 0:  # detail steps: ‖W‖ and the update ratio
             np.testing.assert_allclose(record.layers["weight_norm"], want["weight_norm"], rtol=RECORDED, err_msg=what)
             np.testing.assert_allclose(record.layers["update_ratio"], want["update_ratio"], rtol=2 * RECORDED,
                                        err_msg=what)
