@@ -195,3 +195,112 @@ def test_lightning_sampled_steps_hold_their_own_micro_batches_only():
         assert record.accuracy == pytest.approx(accuracy)
         np.testing.assert_allclose(record.layers["weight_grad_norm"], per_layer, rtol=1e-5)
         assert record.grad_norm_total == pytest.approx(total, rel=1e-5)
+
+
+# -- Lightning's DDP strategy under torchrun -------------------------------------------------------
+DDP_WORKER = r'''
+import copy, json, sys, warnings
+from pathlib import Path
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STEPS, BATCH, RANKS = 3, 4, 2  # BATCH: examples per rank and step
+
+
+def make_net():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def main(out):
+    warnings.simplefilter("ignore")
+    import lightning.pytorch as L
+    from vgtui.integrations.lightning import VgtuiCallback
+
+    class Classifier(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_net()
+            self.batches, self.snapshots = [], []
+
+        def on_train_batch_start(self, batch, batch_idx):
+            self.snapshots.append(copy.deepcopy(self.net.state_dict()))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            self.batches.append((x.clone(), y.clone()))
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.2)
+
+    g = torch.Generator().manual_seed(5)
+    n = STEPS * BATCH * RANKS
+    data = torch.utils.data.TensorDataset(torch.randn(n, 6, generator=g) * 3, torch.randint(0, 3, (n,), generator=g))
+    module = Classifier()
+    trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=RANKS, max_steps=STEPS, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[VgtuiCallback(record=Path(out) / "lightning_ddp.jsonl", diagnose=False)])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=BATCH))
+    torch.save({"batches": module.batches, "snapshots": module.snapshots},
+               Path(out) / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
+'''
+
+
+def test_lightning_ddp_records_activation_gradients_of_the_combined_batch(tmp_path):
+    """Lightning's DDP strategy hands callbacks the inner module; the callback reduces the
+    activation sums over the wrapper's group: rank 0 records ‖∂L/∂h‖ of both ranks' examples."""
+    import os
+    import socket
+    import subprocess
+
+    from tests.test_ddp import RECORDED, _torchrun
+
+    worker = tmp_path / "lightning_ddp_worker.py"
+    worker.write_text(DDP_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cmd = _torchrun() + ["--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+                         str(worker), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    steps = [r for r in read_recording(tmp_path / "lightning_ddp.jsonl").records if isinstance(r, StepRecord)]
+    assert [r.step for r in steps] == [0, 1, 2] and not list(tmp_path.glob("*.rank1.jsonl"))
+    spec = __import__("importlib.util").util.spec_from_file_location("lightning_ddp_worker", worker)
+    module = __import__("importlib.util").util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for record in steps:
+        net = module.make_net()
+        net.load_state_dict(ranks[0]["snapshots"][record.step])
+        layers = [net[int(name.removeprefix("net."))] for name in LAYERS]
+        params = list(net.parameters())
+        loss, outputs = 0.0, []
+        for rank in ranks:  # DDP averages the ranks' mean losses: the combined batch's mean
+            x, y = rank["batches"][record.step]
+            outs = {}
+            handles = [m.register_forward_hook(lambda mod, i, o, k=k: outs.__setitem__(k, o)) for k, m in enumerate(layers)]
+            loss = loss + F.cross_entropy(net(x), y) / len(ranks)
+            for h in handles:
+                h.remove()
+            outputs += [outs[k] for k in range(len(layers))]
+        grads = torch.autograd.grad(loss, outputs + params)
+        act = [np.sqrt(sum(float(grads[r * len(layers) + k].double().norm()) ** 2 for r in range(len(ranks))))
+               for k in range(len(layers))]
+        by_param = dict(zip(params, grads[len(outputs):]))
+        wgrad = [float(torch.linalg.vector_norm(torch.stack([by_param[p].norm() for p in m.parameters()])))
+                 for m in layers]
+        np.testing.assert_allclose(record.layers["act_grad_norm"], act, rtol=RECORDED)
+        np.testing.assert_allclose(record.layers["weight_grad_norm"], wgrad, rtol=RECORDED)
+        assert record.loss == pytest.approx(loss.item(), rel=1e-5)
