@@ -40,6 +40,8 @@ What is measured, and when (the places where monitors usually go wrong):
 * Under DDP the activation sums are combined across ranks with one small reduce per sampled step,
   so rank 0 records the step of the combined global batch; other ranks compute their share and
   do nothing else.
+* Under FSDP2 (``fully_shard``) every norm is summed from the ranks' local shards in the same one
+  all_reduce per measured step (no weight or gradient is gathered); tensor parallelism is refused.
 * Under ``torch.compile`` the hooks inside the compiled region do nothing (they would break the
   graph): per-layer activation statistics and ``‖∂L/∂h‖`` are recorded as not measured.
 
