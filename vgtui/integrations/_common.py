@@ -10,20 +10,7 @@ from typing import Any, Callable
 import torch
 
 from ..api import Watcher, watch
-
-
-def unwrap_optimizer(optimizer):
-    """The torch optimiser inside accelerate's ``AcceleratedOptimizer`` (``.optimizer``) or
-    Lightning's ``LightningOptimizer`` (``._optimizer``): the object whose step hooks fire when
-    the update really happens, and whose id GradScaler keys its state by."""
-    for _ in range(8):
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None:
-            inner = getattr(optimizer, "_optimizer", None)
-        if inner is None or inner is optimizer or not hasattr(inner, "param_groups"):
-            break
-        optimizer = inner
-    return optimizer
+from ..engine import unwrap_optimizer  # noqa: F401 - the one definition, used by every integration
 
 
 def watch_run(model, info: dict[str, Any], **options) -> Watcher:
