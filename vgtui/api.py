@@ -449,7 +449,7 @@ class Watcher:
             self.world_size = torch.distributed.get_world_size(self._group)
         #: FSDP2: weights and gradients are sharded, so their norms too are sums over ranks; they
         #: join the activation sums in one all_reduce when the measured step is finalised.
-        self._sharded = self.sharding != "none" and self.world_size > 1
+        self._sharded = self.sharding != "none"
         if self._sharded and per_rank:
             raise ValueError("vgtui.watch: per_rank=True cannot be used with FSDP2 (each rank holds only "
                              "shards of the weights); rank 0 records the whole model")
