@@ -8,13 +8,8 @@ per-rank mode writes one file per rank. One torchrun launch runs both modes (~20
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,9 +18,8 @@ import pytest
 import torch
 
 from vgtui.jsonl import LAYER_DIGITS, read_recording
+from tests.torchrun import run_two_ranks
 from vgtui.records import StepRecord
-
-REPO = Path(__file__).resolve().parents[1]
 
 # The worker: one file, imported by the test as well, so the model, the data and the loop that
 # the two ranks run are the very ones the single-process reference runs.
@@ -128,43 +122,11 @@ if __name__ == "__main__":
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun() -> list[str]:
-    exe = Path(sys.executable).with_name("torchrun")
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("torchrun")
-    return [found] if found else [sys.executable, "-m", "torch.distributed.run"]
-
-
-def _load_worker(path: Path):
-    spec = importlib.util.spec_from_file_location("vgtui_ddp_worker", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("this torch build has no torch.distributed with gloo")
     out = tmp_path_factory.mktemp("ddp")
-    worker = out / "worker.py"
-    worker.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONWARNINGS="ignore")
-    if sys.platform.startswith("linux"):  # containers often resolve the host name to no usable interface
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    cmd = _torchrun() + ["--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                         f"--master_port={_free_port()}", str(worker), str(out)]
-    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return out, _load_worker(worker)
+    worker = run_two_ranks(WORKER, out, "vgtui_ddp_worker")
+    return out, worker
 
 
 def _steps(path: Path) -> list[StepRecord]:

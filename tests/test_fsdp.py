@@ -9,21 +9,15 @@ Replicate placements, plain replicated tensors and the refusal of Partial placem
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import shutil
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.torchrun import run_two_ranks
 
 WORKER = r'''
 import json, sys
@@ -140,43 +134,11 @@ if __name__ == "__main__":
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun() -> list[str]:
-    exe = Path(sys.executable).with_name("torchrun")
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("torchrun")
-    return [found] if found else [sys.executable, "-m", "torch.distributed.run"]
-
-
-def _load_worker(path: Path):
-    spec = importlib.util.spec_from_file_location("vgtui_fsdp_worker", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("this torch build has no torch.distributed with gloo")
     out = tmp_path_factory.mktemp("fsdp")
-    worker = out / "worker.py"
-    worker.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONWARNINGS="ignore")
-    if sys.platform.startswith("linux"):  # containers often resolve the host name to no usable interface
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    cmd = _torchrun() + ["--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                         f"--master_port={_free_port()}", str(worker), str(out)]
-    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return json.loads((out / "fsdp.json").read_text()), _load_worker(worker)
+    worker = run_two_ranks(WORKER, out, "vgtui_fsdp_worker")
+    return json.loads((out / "fsdp.json").read_text()), worker
 
 
 def single_process(worker):
@@ -364,22 +326,8 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def fsdp_watch_run(tmp_path_factory):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("this torch build has no torch.distributed with gloo")
     out = tmp_path_factory.mktemp("fsdp_watch")
-    worker = out / "watch_worker.py"
-    worker.write_text(WATCH_WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONWARNINGS="ignore")
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    cmd = _torchrun() + ["--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                         f"--master_port={_free_port()}", str(worker), str(out)]
-    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    spec = importlib.util.spec_from_file_location("vgtui_fsdp_watch_worker", worker)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = run_two_ranks(WATCH_WORKER, out, "vgtui_fsdp_watch_worker")
     return out, module
 
 

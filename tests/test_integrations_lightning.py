@@ -255,32 +255,13 @@ if __name__ == "__main__":
 def test_lightning_ddp_records_activation_gradients_of_the_combined_batch(tmp_path):
     """Lightning's DDP strategy hands callbacks the inner module; the callback reduces the
     activation sums over the wrapper's group: rank 0 records ‖∂L/∂h‖ of both ranks' examples."""
-    import os
-    import socket
-    import subprocess
+    from tests.test_ddp import RECORDED
+    from tests.torchrun import run_two_ranks
 
-    from tests.test_ddp import RECORDED, _torchrun
-
-    worker = tmp_path / "lightning_ddp_worker.py"
-    worker.write_text(DDP_WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    cmd = _torchrun() + ["--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
-                         str(worker), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    module = run_two_ranks(DDP_WORKER, tmp_path, "lightning_ddp_worker", timeout=300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     steps = [r for r in read_recording(tmp_path / "lightning_ddp.jsonl").records if isinstance(r, StepRecord)]
     assert [r.step for r in steps] == [0, 1, 2] and not list(tmp_path.glob("*.rank1.jsonl"))
-    spec = __import__("importlib.util").util.spec_from_file_location("lightning_ddp_worker", worker)
-    module = __import__("importlib.util").util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     for record in steps:
         net = module.make_net()
         net.load_state_dict(ranks[0]["snapshots"][record.step])
