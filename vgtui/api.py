@@ -76,6 +76,7 @@ from .engine import (CELLS, RECURRENT, HostSide, Layout, OverheadBudget, ProbeCl
 from .layers import LayerSpec
 from .probe import DETAIL_EVERY, HostTransfer, LogHistograms, tensor_norms
 from .records import RunError, RunEvent, RunHeader, StepRecord
+from .recurrent import ThroughTime
 
 __all__ = ["Watcher", "watch", "default_layers"]
 
@@ -468,6 +469,8 @@ class Watcher:
         self.layout: Layout | None = None
         self._units: list[int | None] = [None] * n
         self._acc = _Accumulator(n)
+        # total ‖∂L/∂h_t‖ of fused nn.RNN/LSTM/GRU layers, replayed on measured steps (vgtui/recurrent.py)
+        self._through_time = ThroughTime(lambda: self.sampled, self._fail)
         self._transfer = HostTransfer()
         self._hist = LogHistograms()
         self._meter = UpdateMeter()
@@ -649,6 +652,7 @@ class Watcher:
             self._handles.append(spec.output_module.register_forward_hook(self._output_hook(index)))
             if spec.act_module is not None and not spec.act_is_output:
                 self._handles.append(spec.act_module.register_forward_hook(self._act_hook(index)))
+        self._handles += self._through_time.install(self.specs)
         if self._cells:
             self._handles.append(self.inner.register_forward_pre_hook(self._new_forward))
         if not self._started and self._auto_order:
@@ -1069,11 +1073,16 @@ class Watcher:
             per_t = acc.time_sq[i]
             if per_t is None and acc.calls[i]:
                 per_t = torch.stack([acc.calls[i][t].float() for t in sorted(acc.calls[i])])
-            if per_t is not None:
+            if per_t is not None and not isinstance(self.specs[i].output_module, RECURRENT):
+                # (a fused module's output gradient is only the direct path: its series come below)
                 norms = per_t.sqrt()
                 if grad_scale is not None:
                     norms = norms * grad_scale
                 series.append((i, downsample_time(norms.float())))
+        timed, notices = self._through_time.series(grad_scale)  # fused recurrent layers, named keys
+        series += timed
+        for notice in notices if self._sink is not None else ():
+            self._sink.put(RunEvent("notice", notice, self.step_index, self.run_id))
         act_grad = torch.stack(grads)
         reached = np.array([c > 0 for c in acc.count], dtype=bool)
         got_grad = np.array([g is not None for g in acc.grad_sq], dtype=bool)
