@@ -307,3 +307,30 @@ def test_the_header_keeps_one_layer_and_the_recording_carries_the_stacked_series
     assert header.layers == ["rnn"]
     assert sorted(record.time_act_grad_norm) == ["rnn.l0", "rnn.l1", "rnn.l2"]
     assert all(len(v) == 5 for v in record.time_act_grad_norm.values())
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "step-by-step"])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.RNN])
+def test_both_replays_agree_with_the_truth(cls, fused):
+    """LSTM and RNN replay through PyTorch's kernel by default; the step-by-step replay (GRU's) is
+    exact for them too."""
+    from vgtui.recurrent import total_time_grads
+
+    torch.manual_seed(0)
+    module = cls(3, 6, num_layers=2, bidirectional=True)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 2, 3, generator=g)
+    target = torch.randn(2, 12, generator=g)
+    last = loss_for("last", False, target)
+
+    def loss_of(out, state):  # the final state enters the loss as well
+        h_n = state[0] if isinstance(state, tuple) else state
+        return last(out, state) + h_n.square().mean()
+
+    _, expected = truth(copy.deepcopy(module), x, loss_of)
+    out, state = module(x)
+    finals = list(state) if isinstance(state, tuple) else [state]
+    grads = torch.autograd.grad(loss_of(out, state), [out, *finals], allow_unused=True)  # c_n: unused
+    got = total_time_grads(module, x, None, grads[0], grads[1], grads[2] if len(grads) > 2 else None, fused=fused)
+    for k in range(2):
+        np.testing.assert_allclose(got[k].sqrt().numpy(), expected[k], rtol=RTOL, atol=ATOL)

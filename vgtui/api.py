@@ -469,8 +469,8 @@ class Watcher:
         self.layout: Layout | None = None
         self._units: list[int | None] = [None] * n
         self._acc = _Accumulator(n)
-        # total ‖∂L/∂h_t‖ of fused nn.RNN/LSTM/GRU layers, replayed on measured steps (vgtui/recurrent.py)
-        self._through_time = ThroughTime(lambda: self.sampled, self._fail)
+        # total ‖∂L/∂h_t‖ of fused nn.RNN/LSTM/GRU layers, replayed on detail steps (vgtui/recurrent.py)
+        self._through_time = ThroughTime(lambda: self.sampled and self.detail, self._fail)
         self._transfer = HostTransfer()
         self._hist = LogHistograms()
         self._meter = UpdateMeter()

@@ -96,10 +96,13 @@ def _run_direction(module: nn.Module, xw: torch.Tensor, h: torch.Tensor, c: torc
 
 
 def total_time_grads(module: nn.Module, x: torch.Tensor, hx, grad_out: torch.Tensor | None,
-                     grad_hn: torch.Tensor | None, grad_cn: torch.Tensor | None) -> list[torch.Tensor]:
+                     grad_hn: torch.Tensor | None, grad_cn: torch.Tensor | None,
+                     fused: bool | None = None) -> list[torch.Tensor]:
     """‖∂L/∂h_t‖² per time step (t ascending, shape (T,)) for every layer of ``module``, given the
     call's input ``x`` and initial state ``hx`` and the gradients that reached its output and
-    final state (None where none did). Gradients stay on the device; nothing is synchronised."""
+    final state (None where none did). Gradients stay on the device; nothing is synchronised.
+    ``fused``: replay through PyTorch's fused kernel (LSTM and RNN; the default for them) or step
+    by step in Python (GRU, whose h_{t-1} also enters outside W_hh, always is)."""
     layers, dirs = module.num_layers, 2 if module.bidirectional else 1
     lstm = isinstance(module, nn.LSTM)
     hidden = module.hidden_size
@@ -128,35 +131,131 @@ def total_time_grads(module: nn.Module, x: torch.Tensor, hx, grad_out: torch.Ten
         h0 = x.new_zeros(layers * dirs, batch, out_size)
     if lstm and c0 is None:
         c0 = x.new_zeros(layers * dirs, batch, hidden)
-    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
-        taps = [x.new_zeros(steps, batch, dirs * out_size, requires_grad=True) for _ in range(layers)]
-        inp = x
-        h_n, c_n = [], []
-        for k in range(layers):
-            halves = []
-            for d in range(dirs):
-                w_ih, w_hh, b_ih, b_hh, w_hr = _weights(module, k, d, dtype)
-                xw = inp @ w_ih.T
-                if b_ih is not None:
-                    xw = xw + b_ih
-                tap = taps[k][:, :, d * out_size:(d + 1) * out_size]
-                seq, h_last, c_last = _run_direction(module, xw, h0[k * dirs + d], c0[k * dirs + d] if lstm else None,
-                                                     w_hh, b_hh, w_hr, tap, reverse=d == 1)
-                halves.append(seq)
-                h_n.append(h_last)
-                c_n.append(c_last)
-            inp = torch.cat(halves, dim=2) if dirs > 1 else halves[0]
-        outputs, grads = [], []
-        for value, grad in ((inp, grad_out), (torch.stack(h_n), grad_hn),
-                            (torch.stack(c_n) if lstm else None, grad_cn)):
-            if value is not None and grad is not None:
-                outputs.append(value)
-                grads.append(grad.detach().to(dtype))
-        if not outputs:
-            return [x.new_zeros(steps) for _ in range(layers)]
-        tap_grads = torch.autograd.grad(outputs, taps, grads, allow_unused=True)
-    return [g.detach().reshape(steps, -1).float().square().sum(dim=1) if g is not None else x.new_zeros(steps)
-            for g in tap_grads]
+    grads = [None if g is None else g.detach().to(dtype) for g in (grad_out, grad_hn, grad_cn)]
+    if not any(g is not None for g in grads):
+        return [x.new_zeros(steps) for _ in range(layers)]
+    if fused is None:
+        fused = not isinstance(module, nn.GRU)
+    replay = _fused if fused else _unrolled
+    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cuDNN's "weights are not one contiguous chunk" and the like
+        per_layer = replay(module, x, h0, c0, *grads)
+    return [g.detach().reshape(steps, -1).float().square().sum(dim=1) for g in per_layer]
+
+
+def _unrolled(module, x, h0, c0, grad_out, grad_hn, grad_cn) -> list[torch.Tensor]:
+    """Every step in Python, a zero tap added to every layer's h_t: the taps' gradients."""
+    layers, dirs = module.num_layers, 2 if module.bidirectional else 1
+    lstm = isinstance(module, nn.LSTM)
+    out_size = h0.shape[2]
+    steps, batch = x.shape[0], x.shape[1]
+    taps = [x.new_zeros(steps, batch, dirs * out_size, requires_grad=True) for _ in range(layers)]
+    inp = x
+    h_n, c_n = [], []
+    for k in range(layers):
+        halves = []
+        for d in range(dirs):
+            w_ih, w_hh, b_ih, b_hh, w_hr = _weights(module, k, d, x.dtype)
+            xw = inp @ w_ih.T
+            if b_ih is not None:
+                xw = xw + b_ih
+            tap = taps[k][:, :, d * out_size:(d + 1) * out_size]
+            seq, h_last, c_last = _run_direction(module, xw, h0[k * dirs + d], c0[k * dirs + d] if lstm else None,
+                                                 w_hh, b_hh, w_hr, tap, reverse=d == 1)
+            halves.append(seq)
+            h_n.append(h_last)
+            c_n.append(c_last)
+        inp = torch.cat(halves, dim=2) if dirs > 1 else halves[0]
+    outputs, given = _with_grads((inp, grad_out), (torch.stack(h_n), grad_hn),
+                                 (torch.stack(c_n) if lstm else None, grad_cn))
+    found = torch.autograd.grad(outputs, taps, given, allow_unused=True)
+    return [g if g is not None else torch.zeros_like(t) for g, t in zip(found, taps)]
+
+
+def _with_grads(*pairs):
+    outputs, grads = [], []
+    for value, grad in pairs:
+        if value is not None and grad is not None:
+            outputs.append(value)
+            grads.append(grad)
+    return outputs, grads
+
+
+_SHADOWS: dict[tuple, nn.Module] = {}
+
+
+def _shadow(module: nn.Module, input_size: int) -> nn.Module:
+    """A one-layer module of the same kind on the meta device: a signature for functional_call."""
+    lstm = isinstance(module, nn.LSTM)
+    key = (type(module), getattr(module, "nonlinearity", None), input_size, module.hidden_size,
+           module.proj_size if lstm else 0, module.bias, module.bidirectional)
+    shadow = _SHADOWS.get(key)
+    if shadow is None:
+        extra = {"proj_size": module.proj_size} if lstm else {"nonlinearity": module.nonlinearity}
+        shadow = _SHADOWS[key] = type(module)(input_size, module.hidden_size, num_layers=1, bias=module.bias,
+                                              bidirectional=module.bidirectional, device="meta", **extra)
+    return shadow
+
+
+def _fused(module, x, h0, c0, grad_out, grad_hn, grad_cn) -> list[torch.Tensor]:
+    """Through PyTorch's own kernel, one layer at a time. h_{t-1} enters an LSTM or RNN step only
+    as W_hh h_{t-1}, so each layer is run on [x_t, e_t] with weights [W_ih, W_hh] and e = 0 (same
+    forward): ∂L/∂e_{t+1} = W_hh^T ∂L/∂gates_{t+1} is exactly what flows back into h_t through the
+    recurrence. The rest of ∂L/∂h_t, the layer output's own gradient (the layers above and the
+    module's output) and h_n's, comes from a zero tap on the output. Reverse direction: e_{t-1}."""
+    from torch.func import functional_call
+
+    layers, dirs = module.num_layers, 2 if module.bidirectional else 1
+    lstm = isinstance(module, nn.LSTM)
+    out_size = h0.shape[2]
+    steps, batch = x.shape[0], x.shape[1]
+    extras, taps, outs = [], [], []
+    h_n, c_n = [], []
+    inp = x
+    for k in range(layers):
+        extra = x.new_zeros(steps, batch, dirs * out_size, requires_grad=True)
+        params = {}
+        for d in range(dirs):
+            w_ih, w_hh, b_ih, b_hh, w_hr = _weights(module, k, d, x.dtype)
+            blocks = [w_ih] + [w_hh if e == d else torch.zeros_like(w_hh) for e in range(dirs)]
+            suffix = "_l0" + ("_reverse" if d else "")
+            params["weight_ih" + suffix] = torch.cat(blocks, dim=1)
+            params["weight_hh" + suffix] = w_hh
+            if b_ih is not None:
+                params["bias_ih" + suffix], params["bias_hh" + suffix] = b_ih, b_hh
+            if w_hr is not None:
+                params["weight_hr" + suffix] = w_hr
+        state = h0[k * dirs:(k + 1) * dirs]
+        if lstm:
+            state = (state, c0[k * dirs:(k + 1) * dirs])
+        shadow = _shadow(module, inp.shape[2] + dirs * out_size)
+        out, last = functional_call(shadow, params, (torch.cat([inp, extra], dim=2), state))
+        tap = torch.zeros_like(out, requires_grad=True)
+        inp = out + tap
+        extras.append(extra)
+        taps.append(tap)
+        h_last, c_last = last if lstm else (last, None)
+        h_n.append(h_last)
+        c_n.append(c_last)
+    h_n_all = torch.cat(h_n)
+    outputs, given = _with_grads((inp, grad_out), (h_n_all, grad_hn), (torch.cat(c_n) if lstm else None, grad_cn))
+    found = torch.autograd.grad(outputs, extras + taps, given, allow_unused=True)
+    result = []
+    for k in range(layers):
+        g_extra = found[k] if found[k] is not None else torch.zeros_like(extras[k])
+        total = found[layers + k].clone() if found[layers + k] is not None else torch.zeros_like(taps[k])
+        for d in range(dirs):
+            part = slice(d * out_size, (d + 1) * out_size)
+            if d == 0:  # h_t feeds step t+1; h_{T-1} is h_n
+                total[:-1, :, part] += g_extra[1:, :, part]
+                last = steps - 1
+            else:  # the reverse direction's h_t feeds step t-1; h_0 is its h_n
+                total[1:, :, part] += g_extra[:-1, :, part]
+                last = 0
+            if grad_hn is not None:
+                total[last, :, part] += grad_hn[k * dirs + d]
+        result.append(total)
+    return result
 
 
 class _Call:
