@@ -334,3 +334,51 @@ def test_both_replays_agree_with_the_truth(cls, fused):
     got = total_time_grads(module, x, None, grads[0], grads[1], grads[2] if len(grads) > 2 else None, fused=fused)
     for k in range(2):
         np.testing.assert_allclose(got[k].sqrt().numpy(), expected[k], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_lstm_with_projection_matches_its_equations_unrolled():
+    """proj_size: h_t = W_hr (o_t ⊙ tanh c_t), and h_{t-1} enters the gates through W_hh (4H×P).
+    No cell class has a projection: the truth is PyTorch's documented equations, written out."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 6, proj_size=4, batch_first=True)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 7, 3, generator=g)
+    target = torch.randn(2, 4, generator=g)
+    w_ih, w_hh, b_ih, b_hh, w_hr = (p.detach() for p in (lstm.weight_ih_l0, lstm.weight_hh_l0,
+                                                        lstm.bias_ih_l0, lstm.bias_hh_l0, lstm.weight_hr_l0))
+    h, c = torch.zeros(2, 4), torch.zeros(2, 6)
+    hs = []
+    xr = x.clone().requires_grad_()  # something for autograd to differentiate
+    for t in range(7):
+        i, f, gg, o = (xr[:, t] @ w_ih.T + b_ih + h @ w_hh.T + b_hh).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+        h = (torch.sigmoid(o) * torch.tanh(c)) @ w_hr.T
+        h.retain_grad()
+        hs.append(h)
+    loss_of = loss_for("last", True, target)
+    loss_of(torch.stack(hs, dim=1), None).backward()
+    expected = np.array([float(h.grad.norm()) for h in hs])
+    _, (record,), _ = watch_steps(Net(lstm, loss_of), x)
+    np.testing.assert_allclose(record.time_act_grad_norm["rnn"], expected, rtol=RTOL)
+
+
+def test_a_failing_replay_costs_only_its_own_series(monkeypatch):
+    """A fault in the replay: one notice, no series for that module from then on; every other
+    measurement of the step goes on, and so does training."""
+    from vgtui import recurrent
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("odd weights")
+
+    monkeypatch.setattr(recurrent, "total_time_grads", broken)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 2, 3, generator=g)
+    net = Net(nn.LSTM(3, 4), loss_for("last", False, torch.randn(2, 4, generator=g)))
+    with pytest.warns(UserWarning, match="odd weights"):
+        records, steps, _ = watch_steps(net, x, steps=3)
+    assert len(steps) == 3 and all(not r.time_act_grad_norm for r in steps)
+    assert all(np.isfinite(r.layers["act_grad_norm"][0]) for r in steps)
+    assert len([r for r in records if isinstance(r, RunEvent) and "odd weights" in r.message]) == 1
+    assert not [r for r in records if type(r).__name__ == "RunError"]

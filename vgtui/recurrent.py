@@ -286,6 +286,7 @@ class ThroughTime:
         self.modules: dict[str, nn.Module] = {}
         self.refused: dict[str, str] = {}  # name -> why, for the steps since the last take()
         self.notified: set[str] = set()
+        self.broken: set[str] = set()  # modules whose replay failed once: not replayed again
         self._current: dict[str, _Call] = {}  # the call whose forward is running, per module
 
     def install(self, specs) -> list:
@@ -306,7 +307,7 @@ class ThroughTime:
     def _pre_hook(self, name: str):
         def hook(module, args, kwargs):
             try:
-                if self._skip():
+                if name in self.broken or self._skip():
                     return None
                 x = args[0] if args else kwargs.get("input")
                 hx = args[1] if len(args) > 1 else kwargs.get("hx")
@@ -356,17 +357,21 @@ class ThroughTime:
             if name in refused:
                 continue  # one call of the step is missing: the pooled series would be wrong
             module = self.modules[name]
-            for key in series_names(name, module):
-                series.pop(key, None)
             pooled: list[torch.Tensor] | None = None
-            for call in captured:
-                if call.grad_out is None and call.grad_hn is None and call.grad_cn is None:
-                    continue  # its output never reached the loss
-                squares = total_time_grads(module, call.x, call.hx, call.grad_out, call.grad_hn, call.grad_cn)
-                if pooled is None or pooled[0].shape != squares[0].shape:
-                    pooled = squares  # calls of another length: the latest length wins
-                else:
-                    pooled = [a + b for a, b in zip(pooled, squares)]
+            try:
+                for call in captured:
+                    if call.grad_out is None and call.grad_hn is None and call.grad_cn is None:
+                        continue  # its output never reached the loss
+                    squares = total_time_grads(module, call.x, call.hx, call.grad_out, call.grad_hn, call.grad_cn)
+                    if pooled is None or pooled[0].shape != squares[0].shape:
+                        pooled = squares  # calls of another length: the latest length wins
+                    else:
+                        pooled = [a + b for a, b in zip(pooled, squares)]
+            except Exception as exc:  # this module's series only: every other measurement goes on
+                self.broken.add(name)
+                notices.append(f"{name}: ‖∂L/∂h_t‖ through time not measured from now on "
+                               f"(the replay failed: {type(exc).__name__}: {exc})")
+                continue
             if pooled is not None:
                 series.update(zip(series_names(name, module), pooled))
         return series, notices
