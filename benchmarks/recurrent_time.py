@@ -11,6 +11,7 @@ of each arm's mean step time, ratios against the bare loop; and, steadier, the r
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/recurrent_time.py
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/recurrent_time.py --detail-every 1
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/recurrent_time.py --cell gru --rounds 6
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from vgtui.channel import Channel
 from vgtui.recurrent import total_time_grads
 
 
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
 class Classifier(nn.Module):
-    def __init__(self, inputs: int, hidden: int, layers: int):
+    def __init__(self, inputs: int, hidden: int, layers: int, cell: str = "lstm"):
         super().__init__()
         self.embed = nn.Linear(inputs, hidden)
-        self.lstm = nn.LSTM(hidden, hidden, num_layers=layers, batch_first=True)
+        self.lstm = CELLS[cell](hidden, hidden, num_layers=layers, batch_first=True)
         self.head = nn.Linear(hidden, 10)
 
     def forward(self, x):
@@ -41,7 +45,7 @@ class Classifier(nn.Module):
 
 def build(args):
     torch.manual_seed(0)
-    model = Classifier(args.inputs, args.hidden, args.layers)
+    model = Classifier(args.inputs, args.hidden, args.layers, args.cell)
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(args.batch, args.steps, args.inputs, generator=g),
              torch.randint(0, 10, (args.batch,), generator=g)) for _ in range(4)]
@@ -109,8 +113,9 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--pairs", type=int, default=60)
     parser.add_argument("--detail-every", type=int, default=10)
+    parser.add_argument("--cell", choices=sorted(CELLS), default="lstm")
     args = parser.parse_args()
-    print(f"nn.LSTM {args.layers}×{args.hidden}, T={args.steps}, batch {args.batch}, "
+    print(f"{CELLS[args.cell].__name__} {args.layers}×{args.hidden}, T={args.steps}, batch {args.batch}, "
           f"{torch.get_num_threads()} thread(s), detail tier every {args.detail_every}")
     arms = [Arm("bare", args, None), Arm("watch, no replay", args, False), Arm("watch + replay", args, True)]
     for arm in arms:  # warm-up
