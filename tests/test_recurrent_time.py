@@ -163,7 +163,7 @@ def test_total_gradient_through_time_matches_an_unrolled_cell_loop(case):
         assert (record.time_act_grad_norm[names[-1]][:-1] > 0).all()
 
 
-def test_initial_state_unbatched_and_micro_batches_pool():
+def test_initial_state_and_micro_batches_pool():
     """A given (h0, c0) is replayed; two micro-batches add as Σ_k ‖∂L_k/∂h_t‖²."""
     torch.manual_seed(0)
     module = nn.LSTM(3, 5, num_layers=2)
@@ -382,3 +382,19 @@ def test_a_failing_replay_costs_only_its_own_series(monkeypatch):
     assert all(np.isfinite(r.layers["act_grad_norm"][0]) for r in steps)
     assert len([r for r in records if isinstance(r, RunEvent) and "odd weights" in r.message]) == 1
     assert not [r for r in records if type(r).__name__ == "RunError"]
+
+
+def test_an_unbatched_sequence_is_a_batch_of_one():
+    torch.manual_seed(0)
+    gru = nn.GRU(3, 4, num_layers=2)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(6, 3, generator=g)  # (T, input): no batch dimension
+    target = torch.randn(4, generator=g)
+
+    def loss_of(out, state):
+        return F.mse_loss(out[-1].reshape(-1), target) + state[-1].square().mean()
+
+    _, expected = truth(copy.deepcopy(gru), x.unsqueeze(1), loss_of)
+    _, (record,), _ = watch_steps(Net(gru, loss_of), x)
+    for k in range(2):
+        np.testing.assert_allclose(record.time_act_grad_norm[f"rnn.l{k}"], expected[k], rtol=RTOL)

@@ -31,7 +31,9 @@ What is measured, and when (the places where monitors usually go wrong):
 * ``‖∂L/∂h‖`` comes from tensor hooks that fire once per micro-batch; the recorded norm is
   ``sqrt(Σ_k ‖∂L_k/∂h_k‖²)`` (with the AMP loss scale divided out). A layer no gradient reached
   is recorded as not measured, never as non-finite. Recurrent modules (``nn.RNN/LSTM/GRU``) and
-  looped cells (``nn.RNNCell`` ...) also get ``‖∂L/∂h_t‖`` per time step (per call for cells).
+  looped cells (``nn.RNNCell`` ...) also get ``‖∂L/∂h_t‖`` per time step (per call for cells; for a
+  fused module the total gradient of every stacked layer, replayed on detail steps by
+  :mod:`vgtui.recurrent`).
 * Activation statistics are of what follows the layer: when an activation module (ReLU,
   LeakyReLU, ELU, GELU, SiLU, Tanh, Sigmoid; in-place or not) is applied directly to a layer's
   output, its dead units or saturation are measured; pooled over every micro-batch of the step
@@ -470,7 +472,7 @@ class Watcher:
         self._units: list[int | None] = [None] * n
         self._acc = _Accumulator(n)
         # total ‖∂L/∂h_t‖ of fused nn.RNN/LSTM/GRU layers, replayed on detail steps (vgtui/recurrent.py)
-        self._through_time = ThroughTime(lambda: self.sampled and self.detail, self._fail)
+        self._through_time = ThroughTime(lambda: self.sampled and self.detail and self.writes, self._fail)
         self._transfer = HostTransfer()
         self._hist = LogHistograms()
         self._meter = UpdateMeter()
