@@ -7,13 +7,15 @@ through the layers above). The fused kernel never materialises it, and only the 
 leaves the module at all: for a loss on the last step the direct path is exactly 0 for every
 t < T, which reads as total vanishing even for a healthy LSTM.
 
-So on measured steps the watcher captures what the module was given (input, initial state) and
+So on detail steps the watcher captures what the module was given (input, initial state) and
 the gradients that reached what it returned (output, and h_n / c_n when the loss uses them), and
-:func:`total_time_grads` replays the same computation unrolled in Python (PyTorch's gate
-equations, the module's own weights, detached) with a zero tensor added to every layer's h_t, then
-back-propagates the captured gradients through that replay with one ``torch.autograd.grad``: the
-gradient reaching each zero tensor is exactly the total ∂L/∂h_t. The user's graph, gradients and
-numbers are untouched.
+at ``step()`` :func:`total_time_grads` replays the call with the module's own weights, detached,
+and back-propagates the captured gradients through the replay with one ``torch.autograd.grad``.
+GRU is replayed step by step (PyTorch's gate equations) with a zero tensor added to every layer's
+h_t: the gradient reaching each zero tensor is exactly the total ∂L/∂h_t. LSTM and RNN go through
+PyTorch's fused kernel instead, one layer at a time (:func:`_fused` says how). The user's graph,
+gradients and numbers are untouched. A replay costs about one more forward and backward of the
+module, hence detail steps only (docs/BENCHMARKS.md).
 
 Not replayable, so recorded as not measured (no series; one notice): ``PackedSequence`` inputs, and
 dropout between stacked layers in training mode (its random masks are gone by the time of the
