@@ -398,3 +398,36 @@ def test_an_unbatched_sequence_is_a_batch_of_one():
     _, (record,), _ = watch_steps(Net(gru, loss_of), x)
     for k in range(2):
         np.testing.assert_allclose(record.time_act_grad_norm[f"rnn.l{k}"], expected[k], rtol=RTOL)
+
+
+def test_loss_scaling_is_divided_out_and_checkpointing_changes_nothing():
+    """GradScaler's scale rides on the captured gradients: divided out like every ∂L/∂h. Under
+    activation checkpointing the forward run again inside backward is not captured twice."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 5, num_layers=2)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 2, 3, generator=g)
+    target = torch.randn(2, 5, generator=g)
+    loss_of = loss_for("last", False, target)
+    _, expected = truth(copy.deepcopy(lstm), x, loss_of)
+
+    class Checkpointed(Net):
+        def forward(self, x, hx=None):
+            return self.loss_of(*checkpoint(self.rnn, x, use_reentrant=False))
+
+    for net in (Net(lstm, loss_of), Checkpointed(lstm, loss_of)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        opt = torch.optim.SGD(net.parameters(), lr=0.0)
+        channel = Channel(100)
+        watcher = vgtui.watch(net, channel=channel, optimizer=opt, scaler=scaler, diagnose=False,
+                              overhead_budget=None)
+        scaler.scale(net(x)).backward()
+        watcher.step(opt)
+        scaler.step(opt)
+        scaler.update()
+        watcher.close()
+        (record,) = [r for r in channel.drain() if isinstance(r, StepRecord)]
+        for k in range(2):
+            np.testing.assert_allclose(record.time_act_grad_norm[f"rnn.l{k}"], expected[k], rtol=RTOL)
