@@ -31,7 +31,9 @@ What is measured, and when (the places where monitors usually go wrong):
 * ``‖∂L/∂h‖`` comes from tensor hooks that fire once per micro-batch; the recorded norm is
   ``sqrt(Σ_k ‖∂L_k/∂h_k‖²)`` (with the AMP loss scale divided out). A layer no gradient reached
   is recorded as not measured, never as non-finite. Recurrent modules (``nn.RNN/LSTM/GRU``) and
-  looped cells (``nn.RNNCell`` ...) also get ``‖∂L/∂h_t‖`` per time step (per call for cells).
+  looped cells (``nn.RNNCell`` ...) also get ``‖∂L/∂h_t‖`` per time step (per call for cells; for a
+  fused module the total gradient of every stacked layer, replayed on detail steps by
+  :mod:`vgtui.recurrent`).
 * Activation statistics are of what follows the layer: when an activation module (ReLU,
   LeakyReLU, ELU, GELU, SiLU, Tanh, Sigmoid; in-place or not) is applied directly to a layer's
   output, its dead units or saturation are measured; pooled over every micro-batch of the step
@@ -79,6 +81,7 @@ from .engine import (CELLS, RECURRENT, HostSide, Layout, OverheadBudget, ProbeCl
 from .layers import LayerSpec
 from .probe import DETAIL_EVERY, HostTransfer, LogHistograms, tensor_norms
 from .records import RunError, RunEvent, RunHeader, StepRecord
+from .recurrent import ThroughTime
 
 __all__ = ["Watcher", "watch", "default_layers"]
 
@@ -489,6 +492,8 @@ class Watcher:
         self.layout: Layout | None = None
         self._units: list[int | None] = [None] * n
         self._acc = _Accumulator(n)
+        # total ‖∂L/∂h_t‖ of fused nn.RNN/LSTM/GRU layers, replayed on detail steps (vgtui/recurrent.py)
+        self._through_time = ThroughTime(lambda: self.sampled and self.detail and self.writes, self._fail)
         self._transfer = HostTransfer()
         self._hist = LogHistograms()
         self._meter = UpdateMeter()
@@ -673,6 +678,7 @@ class Watcher:
             self._handles.append(spec.output_module.register_forward_hook(self._output_hook(index)))
             if spec.act_module is not None and not spec.act_is_output:
                 self._handles.append(spec.act_module.register_forward_hook(self._act_hook(index)))
+        self._handles += self._through_time.install(self.specs)
         if self._cells:
             self._handles.append(self.inner.register_forward_pre_hook(self._new_forward))
         if not self._started and self._auto_order:
@@ -1214,11 +1220,16 @@ class Watcher:
             per_t = acc.time_sq[i]
             if per_t is None and acc.calls[i]:
                 per_t = torch.stack([acc.calls[i][t].float() for t in sorted(acc.calls[i])])
-            if per_t is not None:
+            if per_t is not None and not isinstance(self.specs[i].output_module, RECURRENT):
+                # (a fused module's output gradient is only the direct path: its series come below)
                 norms = per_t.sqrt()
                 if grad_scale is not None:
                     norms = norms * grad_scale
                 series.append((i, downsample_time(norms.float())))
+        timed, notices = self._through_time.series(grad_scale)  # fused recurrent layers, named keys
+        series += timed
+        for notice in notices if self._sink is not None else ():
+            self._sink.put(RunEvent("notice", notice, self.step_index, self.run_id))
         act_grad = torch.stack(grads)
         reached = np.array([c > 0 for c in acc.count], dtype=bool)
         got_grad = np.array([g is not None for g in acc.grad_sq], dtype=bool)

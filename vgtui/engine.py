@@ -423,7 +423,7 @@ class HostSide:
     hist: bool = False
     update_known: bool = True
     lrs: np.ndarray | None = None  # momentum plans: ‖ΔW‖ = lr · ‖buffer‖
-    series: list[tuple[int, int]] = field(default_factory=list)  # (layer index, points)
+    series: list[tuple[int | str, int]] = field(default_factory=list)  # (layer index or series name, points)
     loss_given: bool = True
     window: tuple[int, int] | None = None  # (steps, first step) of the packed StepWindow
 
@@ -515,7 +515,7 @@ def unpack(values: np.ndarray, layout: Layout, host: HostSide) -> tuple[StepReco
         nonfinite = None  # GradScaler's calibration, not a diverging network (the watcher says so)
     series = {}
     for index, points in host.series:
-        series[layout.names[index]] = values[offset: offset + points].copy()
+        series[layout.names[index] if isinstance(index, int) else index] = values[offset: offset + points].copy()
         offset += points
     window = None
     if host.window is not None:
