@@ -1,0 +1,133 @@
+"""Held-out evaluation in the trainer: the numbers against an evaluation written here, the split
+apart from training, and a training run that goes exactly as it would without it."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vgtui.config import load_preset
+from vgtui.data import SyntheticData, make_data
+from vgtui.models import build_model, make_optimizer
+from vgtui.records import StepRecord
+from vgtui.trainer import HeldOut, run_to_completion
+
+TINY = {"depth": 2, "width": 32, "batch_size": 16}
+
+
+def tiny(name="relu-he", **changes):
+    return load_preset(name).replace(**{**TINY, **changes})
+
+
+def steps_of(records):
+    return [r for r in records if isinstance(r, StepRecord)]
+
+
+def independent_heldout(model: nn.Module, preset, n_batches: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over the held-out draws, all examples at once."""
+    source = SyntheticData(preset.seed, preset.batch_size, split="heldout")
+    xs, ys = zip(*(source.batch(i) for i in range(n_batches)))
+    x, y = torch.cat(xs), torch.cat(ys)
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    model.train()
+    return (nn.functional.cross_entropy(logits, y).item(),
+            (logits.argmax(1) == y).double().mean().item())
+
+
+def test_heldout_numbers_equal_an_independent_evaluation():
+    preset = tiny(eval_every=5, eval_batches=3)
+    records = steps_of(run_to_completion(preset, 11))
+    # A bare loop with the same recipe (no vgtui probe): the held-out numbers at each eval step.
+    built = build_model(preset)
+    model = built.model
+    optimizer = make_optimizer(model.parameters(), preset)
+    train = SyntheticData(preset.seed, preset.batch_size)
+    expected = {}
+    for step in range(11):
+        if step % 5 == 0:
+            expected[step] = independent_heldout(model, preset, 3)
+        x, y = train.batch(step)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    by_step = {r.step: r for r in records}
+    for step, (loss, acc) in expected.items():
+        assert by_step[step].heldout_loss == pytest.approx(loss, rel=1e-5)
+        assert by_step[step].heldout_accuracy == pytest.approx(acc, abs=1e-6)  # float32
+    others = [r for r in records if r.step not in expected]
+    assert others and all(math.isnan(r.heldout_loss) and math.isnan(r.heldout_accuracy) for r in others)
+
+
+def test_heldout_is_not_training_data_and_differs_from_the_training_loss():
+    preset = tiny(eval_every=1, eval_batches=2)
+    held = [make_data("synthetic", preset.seed, preset.batch_size, "cpu", split="heldout").batch(i) for i in range(2)]
+    train = SyntheticData(preset.seed, preset.batch_size)
+    for i in range(50):
+        x, _ = train.batch(i)
+        assert all(not torch.equal(x, hx) for hx, _ in held)
+    records = steps_of(run_to_completion(preset, 3))
+    assert all(r.heldout_loss != r.loss for r in records)  # same weights, other examples
+
+
+def test_an_evaluation_at_an_unsampled_step_rides_on_the_next_record():
+    records = steps_of(run_to_completion(tiny(eval_every=5, sample_every=3), 13))
+    carried = {r.step: r.heldout_loss for r in records if not math.isnan(r.heldout_loss)}
+    assert sorted(carried) == [0, 6, 12]  # evaluated at 0, 5, 10: the next record each time
+
+
+@pytest.mark.parametrize("name", ["sigmoid-batchnorm", "relu-he"])
+def test_evaluation_leaves_the_training_run_unchanged(name):
+    """Eval on every step vs never, same seed: the same losses, norms and final weights (batch
+    norm's running statistics included: eval mode does not update them)."""
+    preset = tiny(name)
+    on = run_to_completion(preset.replace(eval_every=1), 8)
+    off = run_to_completion(preset.replace(eval_every=0), 8)
+    on_steps, off_steps = steps_of(on), steps_of(off)
+    assert [r.loss for r in on_steps] == [r.loss for r in off_steps]
+    assert [r.grad_norm_total for r in on_steps] == [r.grad_norm_total for r in off_steps]
+    for a, b in zip(on_steps, off_steps):
+        np.testing.assert_array_equal(a.layers["act_grad_norm"], b.layers["act_grad_norm"])
+    assert all(math.isnan(r.heldout_loss) for r in off_steps)
+    assert all(math.isfinite(r.heldout_loss) for r in on_steps)
+
+
+def test_evaluate_restores_the_mode_draws_no_random_numbers_and_builds_no_graph():
+    preset = tiny("sigmoid-batchnorm")
+    built = build_model(preset)
+    model = built.model
+    batches = [SyntheticData(0, 16, split="heldout").batch(i) for i in range(2)]
+    running = {k: v.clone() for k, v in model.state_dict().items()}
+    evaluator = HeldOut(batches, built.loss_fn, autoencoder=False, every=1)
+    rng = torch.get_rng_state()
+    model.train()
+    evaluator.evaluate(model)
+    assert model.training
+    model.eval()
+    evaluator.evaluate(model)
+    assert not model.training
+    assert torch.equal(rng, torch.get_rng_state())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, running[key]), key
+    assert all(p.grad is None for p in model.parameters())
+    taken = evaluator.take()
+    assert set(taken) == {"heldout_loss", "heldout_accuracy"} and evaluator.take() == {}
+
+
+def test_autoencoder_heldout_is_a_reconstruction_loss_without_accuracy():
+    preset = load_preset("autoencoder-relu").replace(width=32, code_width=8, depth=2, batch_size=16,
+                                                     eval_every=2)
+    records = steps_of(run_to_completion(preset, 3))
+    assert math.isfinite(records[0].heldout_loss) and records[0].heldout_loss > 0
+    assert all(math.isnan(r.heldout_accuracy) for r in records)
+
+
+def test_sequence_preset_evaluates_its_held_out_sequences():
+    preset = load_preset("lstm").replace(width=16, seq_len=12, batch_size=8, eval_every=2, eval_batches=2)
+    records = steps_of(run_to_completion(preset, 3))
+    carried = [r for r in records if not math.isnan(r.heldout_loss)]
+    assert [r.step for r in carried] == [0, 2]
+    assert all(0.0 <= r.heldout_accuracy <= 1.0 for r in carried)
