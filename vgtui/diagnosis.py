@@ -200,6 +200,38 @@ SUGGESTIONS: dict[str, list[str]] = {
     "vanishing_time": ["lstm", "gru", "rnn-orthogonal"],
     "exploding_time": ["rnn-clipped", "lstm", "gru"],
 }
+#: What a recurrent or convolutional run is pointed to instead (the header's preset names its
+#: network): the MLP presets above do not fit those models. Keys missing here keep SUGGESTIONS.
+_RECURRENT_VANISHING = ["lstm", "gru", "rnn-orthogonal"]
+_RECURRENT_EXPLODING = ["rnn-clipped", "lstm", "gru"]
+NETWORK_SUGGESTIONS: dict[str, dict[str, list[str]]] = {
+    "rnn": {
+        "vanishing_saturating": _RECURRENT_VANISHING,
+        "vanishing_relu": _RECURRENT_VANISHING,
+        "vanishing_deep": _RECURRENT_VANISHING,
+        "exploding": _RECURRENT_EXPLODING,
+        "exploding_deep": _RECURRENT_EXPLODING,
+        "nonfinite": _RECURRENT_EXPLODING,
+        "dead": ["lstm", "gru"],
+        "saturation": _RECURRENT_VANISHING,
+        "plateau": _RECURRENT_VANISHING,
+        "spike": ["rnn-clipped"],
+    },
+    # Deep plain conv stacks degrade; residual blocks with batch norm keep the gradient's scale
+    # (He et al. 2016). cnn-plain is the ReLU fix for cnn-sigmoid's saturation.
+    "cnn": {
+        "vanishing_saturating": ["cnn-residual", "cnn-plain"],
+        "vanishing_relu": ["cnn-residual"],
+        "vanishing_deep": ["cnn-residual"],
+        "exploding": ["cnn-residual"],
+        "exploding_deep": ["cnn-residual"],
+        "nonfinite": ["cnn-residual"],
+        "dead": ["cnn-residual"],
+        "saturation": ["cnn-plain", "cnn-residual"],
+        "plateau": ["cnn-residual"],
+        "spike": ["cnn-residual"],
+    },
+}
 #: Depth (layers measured, output included) from which the 30-layer presets are the better example.
 DEEP_LAYERS = 12
 
@@ -444,6 +476,7 @@ class Diagnoser:
         # A preset names its activation; a user's model (vgtui.watch) only has the layer kinds.
         self.activation = self.preset.get("activation") or _main_kind(self.kinds)
         self.task = self.preset.get("task", "classifier")
+        self.network = self.preset.get("network", "mlp")
         self.clip = self.preset.get("clip", "none")
         self.first_nonfinite: dict | None = None
         self.nonfinite_records = 0
@@ -456,6 +489,10 @@ class Diagnoser:
         self.saturating_layers = np.array(
             [i for i, k in enumerate(self.kinds) if k in ("sigmoid", "tanh")], dtype=int)
         self._reset_phase()
+
+    def _fixes(self, key: str) -> list[str]:
+        """The presets verdict ``key`` points to, for this run's kind of network."""
+        return NETWORK_SUGGESTIONS.get(self.network, {}).get(key, SUGGESTIONS[key])
 
     # -- state ---------------------------------------------------------------------------------
     def _reset_phase(self) -> None:
@@ -734,18 +771,22 @@ class Diagnoser:
                               " too small for it: a ReLU passes half the variance, so weights"
                               " need variance 2/fan_in (He et al. 2015) or the gradient shrinks"
                               " every layer, and more so the deeper the net.")
+        if self.network == "cnn":
+            causes.append("A deep plain conv stack multiplies these factors over every layer; residual"
+                          " blocks with batch norm add an identity path that carries the gradient"
+                          " past them (He et al. 2016).")
         if dead_all:
             causes.append("A layer whose units are all inactive passes exactly zero gradient back.")
         causes.append("Early layers then barely change: their updates are tiny relative to their"
                       " weights, and the loss plateaus while the top layers do all the learning.")
         if self.task == "autoencoder":
-            suggest = SUGGESTIONS["vanishing_autoencoder"]
+            suggest = self._fixes("vanishing_autoencoder")
         elif saturating:
-            suggest = SUGGESTIONS["vanishing_saturating"]
+            suggest = self._fixes("vanishing_saturating")
         elif self.n > DEEP_LAYERS:
-            suggest = SUGGESTIONS["vanishing_deep"]
+            suggest = self._fixes("vanishing_deep")
         else:
-            suggest = SUGGESTIONS["vanishing_relu"]
+            suggest = self._fixes("vanishing_relu")
         evidence = {
             "basis": basis,
             "first_last_ratio": float(ratio),
@@ -818,7 +859,7 @@ class Diagnoser:
         if nf is not None:
             evidence.update({"nonfinite_step": nf["step"], "nonfinite_layer": nf["layer"],
                              "nonfinite_direction": nf["direction"]})
-        suggest = SUGGESTIONS["exploding"] if self.n <= DEEP_LAYERS else SUGGESTIONS["exploding_deep"]
+        suggest = self._fixes("exploding") if self.n <= DEEP_LAYERS else self._fixes("exploding_deep")
         return Verdict("exploding", severity, "; ".join(parts), " ".join(causes), evidence,
                        _suggest(self.preset, suggest))
 
@@ -940,7 +981,7 @@ class Diagnoser:
                         " or a warm-up.")
         evidence = {k: v for k, v in last.items()} | {"spikes": count}
         return Verdict("spike", "warning", summary, explanation, evidence,
-                       _suggest(self.preset, SUGGESTIONS["spike"]))
+                       _suggest(self.preset, self._fixes("spike")))
 
     # -- through time --------------------------------------------------------------------------------
     def _time_stride(self, points: int) -> float:
@@ -1011,7 +1052,7 @@ class Diagnoser:
                 " the gradient on nearly unchanged (Hochreiter & Schmidhuber 1997); an orthogonal"
                 " init of the recurrent weights (singular values 1); shorter sequences."
                 " Clipping does not help: it only scales large gradients down.")
-            suggest = SUGGESTIONS["vanishing_time"]
+            suggest = self._fixes("vanishing_time")
         else:
             summary = (f"through time in {name}: the gradient grows ×{_fmt(fit.factor)} per step"
                        f" back; the first step gets {_fmt(fit.ratio)}× that of the last")
@@ -1022,7 +1063,7 @@ class Diagnoser:
                 " steps (Pascanu, Mikolov & Bengio 2013). Remedies: gradient clipping by norm,"
                 " an orthogonal init of the recurrent weights (or scaled to a spectral radius"
                 " below 1), a gated cell (LSTM, GRU).")
-            suggest = SUGGESTIONS["exploding_time"]
+            suggest = self._fixes("exploding_time")
         evidence = {
             "through_time": True,
             "layer": name,
@@ -1067,7 +1108,7 @@ class Diagnoser:
         if "window_step" in nf:
             evidence["window_step"] = nf["window_step"]
         return Verdict("nonfinite", "critical", summary, explanation, evidence,
-                       _suggest(self.preset, SUGGESTIONS["nonfinite"]))
+                       _suggest(self.preset, self._fixes("nonfinite")))
 
     # -- per-layer unit statistics ------------------------------------------------------------
     def _local_verdicts(self) -> list[Verdict]:
@@ -1135,7 +1176,7 @@ class Diagnoser:
                        f"{value:.0%} of {self.names[worst]}'s units dead"
                        f" (mean {evidence['mean_fraction']:.0%} over rectifying layers)",
                        " ".join(causes), evidence,
-                       _suggest(self.preset, SUGGESTIONS["dead"]))
+                       _suggest(self.preset, self._fixes("dead")))
 
     def _saturation_verdict(self, sat, worst, value, critical) -> Verdict:
         act = self.activation or "the activation"
@@ -1150,7 +1191,7 @@ class Diagnoser:
         return Verdict("saturation", "critical" if critical else "warning",
                        f"{value:.0%} of {self.names[worst]}'s units saturated",
                        explanation, evidence,
-                       _suggest(self.preset, SUGGESTIONS["saturation"]))
+                       _suggest(self.preset, self._fixes("saturation")))
 
     # -- plateau ------------------------------------------------------------------------------
     def _plateau_verdict(self, others: list[Verdict]) -> Verdict | None:
@@ -1181,7 +1222,7 @@ class Diagnoser:
             cause = ("The gradients themselves look healthy: a learning rate too small or too"
                      " large (oscillating), or the limit of what this network can fit (the noise in the"
                      " data included).")
-            suggest = SUGGESTIONS["plateau_autoencoder" if self.task == "autoencoder" else "plateau"]
+            suggest = self._fixes("plateau_autoencoder" if self.task == "autoencoder" else "plateau")
         direction = "below" if improvement > 0 else "above"
         explanation = (f"The median loss of the last {len(losses) - half} records ({_fmt(newer)}) is"
                        f" only {abs(improvement):.1%} {direction} that of the {half} before"
