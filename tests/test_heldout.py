@@ -1,6 +1,7 @@
 """Held-out evaluation in the trainer: the numbers against an evaluation written here, the split
 apart from training, and a training run that goes exactly as it would without it."""
 
+import io
 import math
 
 import numpy as np
@@ -131,3 +132,22 @@ def test_sequence_preset_evaluates_its_held_out_sequences():
     carried = [r for r in records if not math.isnan(r.heldout_loss)]
     assert [r.step for r in carried] == [0, 2]
     assert all(0.0 <= r.heldout_accuracy <= 1.0 for r in carried)
+
+
+def test_csv_export_has_held_out_rows_at_the_evaluated_steps_in_the_same_columns(tmp_path):
+    from vgtui.export import CSV_COLUMNS, export_csv, read_csv
+    from vgtui.headless import run_headless
+    from vgtui.jsonl import read_recording
+
+    path, csv_path = tmp_path / "run.jsonl", tmp_path / "run.csv"
+    preset = tiny(eval_every=4)
+    assert run_headless(preset, 10, record=path, out=io.StringIO()) == 0
+    records = [r for r in read_recording(path).records if isinstance(r, StepRecord)]
+    export_csv(path, csv_path)
+    assert open(csv_path).readline().strip() == ",".join(CSV_COLUMNS)
+    rows = read_csv(csv_path)  # the reader of the old exports reads it unchanged
+    held = {(step, metric): value for step, layer, metric, value in rows if metric.startswith("heldout")}
+    expected = {(r.step, m): getattr(r, m) for r in records if not math.isnan(r.heldout_loss)
+                for m in ("heldout_loss", "heldout_accuracy")}
+    assert sorted({step for step, _ in expected}) == [0, 4, 8]
+    assert held == pytest.approx(expected)
