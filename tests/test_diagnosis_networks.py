@@ -98,3 +98,32 @@ def test_rnn_tanh_run_output_shows_the_ratio_through_time_and_recurrent_fixes():
     assert "held-out" in step0
     assert "try: lstm, gru, rnn-orthogonal" in text
     assert "relu-he" not in text and "sigmoid-batchnorm" not in text
+
+
+def _verdicts_after(name: str, steps: int):
+    records = [r for r in run_to_completion(load_preset(name), steps) if isinstance(r, StepRecord)]
+    return records[-1].verdicts
+
+
+def test_rnn_exploding_is_traced_back_to_its_first_step_and_pointed_to_clipping():
+    """Its first step explodes through time (5e6× at t = 0), the update saturates every unit, and
+    from then on nothing passes back: the vanishing has that cause, and clipping fixes it."""
+    verdicts = {v.kind: v for v in _verdicts_after("rnn-exploding", 25)}  # saturation: detail steps
+    vanishing = verdicts["vanishing"]
+    assert vanishing.evidence["through_time"] and vanishing.evidence["exploded_step"] == 0
+    assert vanishing.evidence["exploded_ratio"] > 1e6
+    assert "after it exploded through time at step 0" in vanishing.summary
+    assert vanishing.suggestions[0] == "rnn-clipped"
+    assert verdicts["saturation"].suggestions[0] == "rnn-clipped"
+
+
+def test_rnn_clipped_reads_exploding_once_through_time_with_its_clipping():
+    verdicts = _verdicts_after("rnn-clipped", 6)
+    exploding = [v for v in verdicts if v.kind == "exploding"]
+    assert len(exploding) == 1
+    (verdict,) = exploding
+    assert verdict.evidence["through_time"] and verdict.evidence["clipped_fraction"] == 1.0
+    assert "clipping acts on 100% of steps" in verdict.summary
+    assert verdict.severity == "warning"  # clipping keeps it finite
+    assert verdict.evidence["across_layers_ratio"] > 1e3
+    assert set(verdict.suggestions) <= RECURRENT

@@ -326,6 +326,33 @@ def nonfinite_step(record: StepRecord) -> int | None:
     return min(steps) if steps else None
 
 
+def _merge_through_time(across: list[Verdict], through_time: list[Verdict]) -> list[Verdict]:
+    """One verdict per kind. A recurrent layer's ‖∂L/∂h‖ is its norm over every time step, so when
+    the gradient explodes or vanishes through time the ratio across layers shows the same thing
+    again (rnn-clipped read "exploding" twice). The through-time verdict says where; it keeps the
+    across-layer one's clipping finding and, when clipping holds the run (a warning there), its
+    severity."""
+    by_kind = {v.kind: v for v in across}
+    merged = []
+    for verdict in through_time:
+        other = by_kind.pop(verdict.kind, None)
+        if other is not None:
+            evidence = {**other.evidence, **verdict.evidence,
+                        "across_layers_ratio": other.evidence.get("first_last_ratio")}
+            summary, severity, explanation = verdict.summary, verdict.severity, verdict.explanation
+            clipped = other.evidence.get("clipped_fraction", 0.0)
+            if verdict.kind == "exploding" and other.evidence.get("clip", "none") != "none" and clipped:
+                summary += f"; clipping acts on {clipped:.0%} of steps"
+                explanation += (f" Clipping rescales {clipped:.0%} of steps: it keeps the run finite"
+                                " (Pascanu et al. 2013), but the gradient through time is still that"
+                                " large.")
+                severity = other.severity
+            verdict = dataclasses.replace(verdict, summary=summary, severity=severity, evidence=evidence,
+                                          explanation=explanation)
+        merged.append(verdict)
+    return [v for v in across if v.kind in by_kind] + merged
+
+
 def _builtin_preset_names() -> set[str]:
     try:
         from .config import builtin_names
@@ -491,8 +518,12 @@ class Diagnoser:
         self._reset_phase()
 
     def _fixes(self, key: str) -> list[str]:
-        """The presets verdict ``key`` points to, for this run's kind of network."""
-        return NETWORK_SUGGESTIONS.get(self.network, {}).get(key, SUGGESTIONS[key])
+        """The presets verdict ``key`` points to, for this run's kind of network; after an
+        explosion through time, the fixes against it come first (see ``time_burst``)."""
+        fixes = NETWORK_SUGGESTIONS.get(self.network, {}).get(key, SUGGESTIONS[key])
+        if self.time_burst is not None and key in ("vanishing_time", "saturation"):
+            return self._fixes("exploding_time") + fixes
+        return fixes
 
     # -- state ---------------------------------------------------------------------------------
     def _reset_phase(self) -> None:
@@ -541,6 +572,10 @@ class Diagnoser:
         self.time_vanish_crit = _Latch(VANISH_CRITICAL, VANISH_CRITICAL_EXIT, high=False)
         self.time_explode = _Latch(EXPLODE_ENTER, EXPLODE_EXIT, high=True)
         self.time_explode_crit = _Latch(EXPLODE_CRITICAL, EXPLODE_CRITICAL_EXIT, high=True)
+        #: The first record whose gradient grew through time past the critical line: (step, ratio,
+        #: layer). A vanilla RNN whose first steps explode saturates and then passes exactly
+        #: nothing back: the vanishing that follows has that cause, and clipping is its fix.
+        self.time_burst: tuple[int, float, str] | None = None
 
     # -- the entry points ------------------------------------------------------------------------
     def diagnose(self, record: StepRecord) -> StepRecord:
@@ -587,8 +622,7 @@ class Diagnoser:
             return _ordered(verdicts)
 
         if self.count >= MIN_RECORDS:
-            verdicts += self._flow_verdicts(record)
-            verdicts += self._time_verdicts()
+            verdicts += _merge_through_time(self._flow_verdicts(record), self._time_verdicts())
             spike = self._spike_verdict()
             if spike is not None:
                 verdicts.append(spike)
@@ -1005,6 +1039,9 @@ class Diagnoser:
             return
         self.time_fits = fits
         ratios = [f.ratio for f in fits.values() if f.ratio == f.ratio]
+        if self.time_burst is None and ratios and max(ratios) > EXPLODE_CRITICAL:
+            name = max((k for k in fits if fits[k].ratio == fits[k].ratio), key=lambda k: fits[k].ratio)
+            self.time_burst = (int(record.step), float(fits[name].ratio), name)
         if ratios:
             self.time_low.append(min(ratios))
             self.time_high.append(max(ratios))
@@ -1053,6 +1090,17 @@ class Diagnoser:
                 " init of the recurrent weights (singular values 1); shorter sequences."
                 " Clipping does not help: it only scales large gradients down.")
             suggest = self._fixes("vanishing_time")
+            burst = self.time_burst
+            if burst is not None:
+                summary += f", after it exploded through time at step {burst[0]}"
+                explanation = (
+                    f"At step {burst[0]} the gradient through time in {burst[2]} grew instead: the"
+                    f" first step got {_fmt(burst[1])}× that of the last. The update it drove made"
+                    " the recurrent weights so large that the units saturate, and a saturated tanh"
+                    " or sigmoid passes (almost) nothing back, so now the gradient through time"
+                    " vanishes. The fix is against the explosion: clipping by norm (Pascanu,"
+                    " Mikolov & Bengio 2013), a recurrent init with spectral radius near 1, or a"
+                    " gated cell. " + explanation.split(" Remedies:")[0])
         else:
             summary = (f"through time in {name}: the gradient grows ×{_fmt(fit.factor)} per step"
                        f" back; the first step gets {_fmt(fit.ratio)}× that of the last")
@@ -1074,6 +1122,9 @@ class Diagnoser:
             "zero_steps": float(fit.zero_steps),
             "per_step_factors": {k: float(f.factor) for k, f in self.time_fits.items()},
         }
+        if kind == "vanishing" and self.time_burst is not None:
+            evidence["exploded_step"] = self.time_burst[0]
+            evidence["exploded_ratio"] = self.time_burst[1]
         return Verdict(kind, "critical" if critical else "warning", summary, explanation,
                        evidence, _suggest(self.preset, suggest))
 
