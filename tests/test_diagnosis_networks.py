@@ -94,7 +94,7 @@ def test_rnn_tanh_run_output_shows_the_ratio_through_time_and_recurrent_fixes():
     text = out.getvalue()
     step0 = next(line for line in text.splitlines() if line.startswith("step      0"))
     through_time = float(step0.split("in time")[1].split()[0])
-    assert through_time < 1e-9  # the gradient reaching t = 0 (1.6e-13 at init, docs/PRESETS.md)
+    assert through_time < 1e-9  # the gradient reaching t = 0 (1.6e-13 at init, docs/DIAGNOSIS.md)
     assert "held-out" in step0
     assert "try: lstm, gru, rnn-orthogonal" in text
     assert "relu-he" not in text and "sigmoid-batchnorm" not in text
