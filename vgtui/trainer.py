@@ -61,7 +61,7 @@ class HeldOut:
     def evaluate(self, model: nn.Module) -> None:
         began = time.perf_counter()
         training = model.training
-        model.eval()
+        model.train(False)  # eval mode (batch norm: running statistics, none updated)
         try:
             with torch.no_grad():
                 loss_sum = correct = 0
