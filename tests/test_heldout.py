@@ -151,3 +151,41 @@ def test_csv_export_has_held_out_rows_at_the_evaluated_steps_in_the_same_columns
                 for m in ("heldout_loss", "heldout_accuracy")}
     assert sorted({step for step, _ in expected}) == [0, 4, 8]
     assert held == pytest.approx(expected)
+
+
+def test_a_failing_evaluation_is_reported_once_and_training_goes_on(monkeypatch):
+    from vgtui.records import RunEvent
+
+    def broken(self, model):
+        raise RuntimeError("odd module output")
+
+    monkeypatch.setattr(HeldOut, "evaluate", broken)
+    records = run_to_completion(tiny(eval_every=2), 5)
+    notices = [r for r in records if isinstance(r, RunEvent) and r.kind == "notice"]
+    assert len(notices) == 1 and "odd module output" in notices[0].message
+    assert [r.step for r in steps_of(records)] == [0, 1, 2, 3, 4]
+
+
+def test_a_missing_test_set_trains_without_held_out(tmp_path):
+    """Fashion-MNIST training files without the t10k ones: one notice, no held-out numbers."""
+    import gzip
+    import struct
+
+    from vgtui.records import RunEvent
+
+    images = np.random.default_rng(0).integers(0, 255, (64, 28, 28), dtype=np.uint8)
+    labels = np.arange(64, dtype=np.uint8) % 10
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">4B3I", 0, 0, 8, 3, 64, 28, 28) + images.tobytes())
+    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">4BI", 0, 0, 8, 1, 64) + labels.tobytes())
+    records = run_to_completion(tiny(data="fashion-mnist"), 3, data_root=tmp_path)
+    notices = [r.message for r in records if isinstance(r, RunEvent) and r.kind == "notice"]
+    assert len(notices) == 1 and "no held-out evaluation" in notices[0] and "t10k" in notices[0]
+    steps = steps_of(records)
+    assert len(steps) == 3 and all(math.isnan(r.heldout_loss) for r in steps)
+    from vgtui.headless import run_headless
+
+    out, err = io.StringIO(), io.StringIO()
+    assert run_headless(tiny(data="fashion-mnist"), 2, data_root=tmp_path, out=out, err=err) == 0
+    assert err.getvalue().count("\n") == 1 and "vgtui: no held-out evaluation" in err.getvalue()

@@ -293,6 +293,8 @@ def run_headless(
                         if first_bad and stop_on_nonfinite and stopped_at is None:
                             stopped_at = bad_step
                             trainer.stop()
+                    elif isinstance(rec, RunEvent) and rec.kind == "notice":
+                        print(f"vgtui: {rec.message}", file=err)  # e.g. no held-out evaluation
                     elif isinstance(rec, RunError):
                         error = rec
                         print(f"vgtui: training failed at step {rec.step}: {rec.message}", file=err)

@@ -2,7 +2,8 @@
 
 Control flows the other way through a command queue (pause, resume, single step, stop, sampling
 interval). The thread checks it between steps, so stop takes at most one step. Anything raised
-inside becomes a RunError record: the consumer decides how to show it.
+inside becomes a RunError record: the consumer decides how to show it. Every ``eval_every`` steps
+the preset's held-out split is evaluated (:class:`HeldOut`) and the next record carries it.
 """
 
 from __future__ import annotations
@@ -207,12 +208,18 @@ class Trainer(threading.Thread):
         clock = ProbeClock(device) if self.overhead_budget else None
         probe = Probe(built.layers, list(built.model.parameters()), detail_every=preset.detail_every,
                       owns_backward=self._uses_taps(built.model), window=self.window, clock=clock)
+        missing_heldout = None
         if preset.eval_every:
-            batches = heldout_batches(preset, preset.eval_batches, device, self.data_root, self.download)
-            self.heldout = HeldOut(batches, built.loss_fn, built.task == "autoencoder", preset.eval_every)
+            try:
+                batches = heldout_batches(preset, preset.eval_batches, device, self.data_root, self.download)
+                self.heldout = HeldOut(batches, built.loss_fn, built.task == "autoencoder", preset.eval_every)
+            except DataError as exc:  # no test set beside the training files: train without it
+                missing_heldout = f"no held-out evaluation: {exc}"
         header = dataclasses.replace(header, tied={k: list(v) for k, v in probe.layout.tied.items()})
         self._emit(header)
         self._emit(RunEvent("started", f"{preset.name} on {device}", run_id=self.run_id))
+        if missing_heldout:
+            self._emit(RunEvent("notice", missing_heldout, run_id=self.run_id))
         if self.paused:
             self._emit(RunEvent("paused", step=0, run_id=self.run_id))
         memory.freeze_long_lived()
@@ -256,6 +263,15 @@ class Trainer(threading.Thread):
             for record in probe.poll(wait=wait):
                 self._emit(diagnoser.diagnose(record))
 
+    def _evaluate(self, heldout: HeldOut, model: nn.Module) -> None:
+        """A failing evaluation is reported once and turned off; training goes on."""
+        try:
+            heldout.evaluate(model)
+        except Exception as exc:
+            self.heldout = None
+            self._emit(RunEvent("notice", f"held-out evaluation turned off: {type(exc).__name__}: {exc}",
+                                step=self.step, run_id=self.run_id))
+
     def _meta(self, phase: str) -> dict:
         return {
             "phase": phase,
@@ -291,7 +307,6 @@ class Trainer(threading.Thread):
         autoencoder = built.task == "autoencoder"
         model.train()
         taps = self._uses_taps(model)
-        heldout = self.heldout
         if taps:
             probe.detach()  # the model reports its layers' outputs itself (taps): no hooks
         else:
@@ -300,9 +315,10 @@ class Trainer(threading.Thread):
         def step() -> bool:
             x, y = data.batch(self.step)
             sampled = self.step % self.sample_every == 0
+            heldout = self.heldout
             if heldout is not None and heldout.due(self.step):
                 probe.begin(False)  # the held-out forward is not measured
-                heldout.evaluate(model)  # with the weights this step's training loss is computed at
+                self._evaluate(heldout, model)  # with the weights this step's training loss is computed at
             probe.begin(sampled)
             optimizer.zero_grad(set_to_none=True)
             out = probe.forward(model, x) if taps else model(x)
