@@ -302,6 +302,10 @@ class Probe:
         probe.finish(step, loss, accuracy, optimizer)  # packs and starts the one transfer
         for rec in probe.poll(): ...   # finished measurements, as StepRecords
 
+    With ``clock=`` (the overhead budget's :class:`vgtui.engine.ProbeClock`) the probe charges its
+    own work on sampled steps to it; wrap what is done with the polled records in
+    ``probe.timed()``.
+
     The layout, packing, encodings and update ratios are :mod:`vgtui.engine`'s, shared with
     :func:`vgtui.watch`; this class is the trainer's way of collecting.
     """
