@@ -1,4 +1,4 @@
-"""What the sequence and convolution presets do in training: the numbers behind docs/PRESETS.md.
+"""What the sequence and convolution presets do in training: the numbers behind docs/DIAGNOSIS.md.
 
     .venv/bin/python benchmarks/preset_curves.py [--steps 1500] [--every 500] [--data D] [NAME ...]
 

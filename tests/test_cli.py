@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vgtui.cli import main
 from vgtui.config import builtin_names, load_preset
+from vgtui.formatting import fmt
 from vgtui.headless import run_headless
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -119,6 +120,35 @@ def test_print_every_prints_every_boundary_from_the_newest_measured_step():
     assert printed == [0, 4, 8, 12, 16, 20]
     assert "(measured at step 3)" in lines[1]  # step 4: the newest record is step 3's
     assert "(measured at step 12)" not in lines[3]  # step 12 was measured itself
+
+
+def test_run_prints_held_out_loss_accuracy_and_the_gap_from_the_records(tmp_path):
+    from vgtui.jsonl import read_recording
+    from vgtui.records import StepRecord
+
+    out = io.StringIO()
+    path = tmp_path / "run.jsonl"
+    preset = load_preset("relu-he").replace(width=16, eval_every=10, eval_batches=2)
+    assert run_headless(preset, 25, record=path, out=out, print_every=5, table_every=1000) == 0
+    held = {r.step: r for r in read_recording(path).records
+            if isinstance(r, StepRecord) and r.heldout_loss == r.heldout_loss}
+    assert sorted(held) == [0, 10, 20]
+    lines = {int(line.split()[1]): line for line in out.getvalue().splitlines() if line.startswith("step")}
+    for step in (0, 10, 20):
+        r = held[step]
+        assert f"held-out {fmt(r.heldout_loss).strip()} acc {r.heldout_accuracy:6.1%}" in lines[step]
+        assert f"gap {r.heldout_loss - r.loss:+.3g}" in lines[step]
+    assert "(step 10)" in lines[15]  # between evaluations: the newest, with its step
+    final = out.getvalue().split("final (step")[1]
+    r = held[20]
+    assert (f"held-out (step 20): loss {fmt(r.heldout_loss).strip()}, accuracy {r.heldout_accuracy:.1%};"
+            f" generalisation gap {r.heldout_loss - r.loss:+.3g}") in final
+
+
+def test_eval_every_zero_prints_no_held_out():
+    out = io.StringIO()
+    assert run_headless(load_preset("relu-he").replace(width=16, eval_every=0), 6, out=out) == 0
+    assert "held-out" not in out.getvalue()
 
 
 def test_device_defaults_to_auto():

@@ -84,6 +84,13 @@ def test_sigmoid_deep_is_exactly_the_seed_network():
         ("network = 'rnn'\ndata = 'recall'\nforget_bias = 3", "forget_bias", 'cell = "lstm" or "gru"'),
         ("cell = 'lstm'", "cell", 'network = "rnn" only'),
         ("network = 'cnn'\nseq_len = 20", "seq_len", 'network = "rnn" only'),
+        # held-out evaluation
+        ("eval_every = -1", "eval_every", "0..1000000"),
+        ("eval_every = 2.5", "eval_every", "integer"),
+        ("eval_every = true", "eval_every", "integer"),
+        ("eval_batches = 0", "eval_batches", "1..100"),
+        ("eval_batches = 1000", "eval_batches", "1..100"),
+        ("eval_batches = 'all'", "eval_batches", "integer"),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path, text, key, fragment):
@@ -130,6 +137,22 @@ def test_recurrent_and_conv_keys_load(tmp_path):
         ("rnn", "gru", 80, 32, "spectral", 1.5, 2.0)
     assert p.replace(seq_len=10).seq_len == 10  # replace re-validates every key, cross-key rules included
     assert load_preset("cnn-residual").replace(depth=21).depth == 21
+
+
+def test_eval_keys_load_with_defaults(tmp_path):
+    path = tmp_path / "eval.toml"
+    path.write_text("eval_every = 0\neval_batches = 10\n")
+    p = load_preset_file(path)
+    assert (p.eval_every, p.eval_batches) == (0, 10)
+    assert (load_preset("relu-he").eval_every, load_preset("relu-he").eval_batches) == (100, 4)
+
+
+def test_cli_bad_eval_key_is_one_line_exit_2(tmp_path, capsys):
+    path = tmp_path / "bad-eval.toml"
+    path.write_text("eval_batches = 0\n")
+    assert main(["run", "--preset", str(path), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}: eval_batches: " in err and "Traceback" not in err
 
 
 def test_cli_bad_recurrent_key_is_one_line_exit_2(tmp_path, capsys):

@@ -256,3 +256,59 @@ def test_probe_clock_counts_only_what_it_brackets():
     bracket = time.perf_counter() - before
     time.sleep(0.05)  # outside the bracket: not counted
     assert 0.02 <= clock.seconds() <= bracket
+
+
+class CountingClock:
+    """A stand-in for ProbeClock that records how it is driven."""
+
+    def __init__(self):
+        self.starts = self.stops = 0
+        self.running = False
+
+    def start(self):
+        assert not self.running, "the clock was started twice without a stop"
+        self.running = True
+        self.starts += 1
+
+    def stop(self):
+        assert self.running
+        self.running = False
+        self.stops += 1
+
+    def seconds(self):
+        return 0.0
+
+
+@pytest.mark.parametrize("clip", ["none", "norm"])
+def test_the_probe_charges_its_own_work_on_sampled_steps_only(clip):
+    import torch
+
+    from vgtui.models import build_model, make_optimizer
+    from vgtui.probe import Probe
+
+    preset = tiny(clip=clip)
+    built = build_model(preset)
+    model, clock = built.model, CountingClock()
+    optimizer = make_optimizer(model.parameters(), preset)
+    probe = Probe(built.layers, list(model.parameters()), owns_backward=True, clock=clock)
+    data = SyntheticData(0, 16)
+    for step, sampled in enumerate([False, True]):
+        before = clock.starts
+        x, y = data.batch(step)
+        probe.begin(sampled)
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(probe.forward(model, x), y)
+        probe.backward(loss)
+        probe.after_backward()
+        probe.clip(clip, 1.0)
+        probe.count(step, loss)
+        probe.before_step(optimizer)
+        optimizer.step()
+        probe.finish(step, loss, None, optimizer)
+        with probe.timed():
+            records = probe.poll()
+        # unsampled: only the caller's own bracket; sampled: after_backward, before_step, finish,
+        # the caller's, and clip when it only measures (clipping the user asked for is theirs)
+        assert clock.starts - before == (4 + (clip == "none") if sampled else 1)
+        assert clock.starts == clock.stops and not clock.running
+        assert len(records) == int(sampled)

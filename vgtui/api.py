@@ -289,9 +289,7 @@ class _Sink(threading.Thread):
         if isinstance(record, StepRecord):
             if self._diagnoser is not None:
                 try:
-                    from dataclasses import replace
-
-                    record = replace(record, verdicts=self._diagnoser.update(record))
+                    record = self._diagnoser.diagnose(record)
                 except Exception as exc:
                     warnings.warn(f"vgtui: diagnosis disabled ({type(exc).__name__}: {exc})", stacklevel=1)
                     self._diagnoser = None

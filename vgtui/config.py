@@ -95,6 +95,10 @@ class Preset:
     seed: int = 0
     sample_every: int = 1
     detail_every: int = 10  # activation stats, update ratios, histograms: every Nth sampled step
+    # held-out evaluation: every eval_every steps (0 = never), on the first eval_batches batches of
+    # the data set's held-out split; a bounded count keeps its share of wall time small
+    eval_every: int = 100
+    eval_batches: int = 4
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,6 +120,8 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "sample_every": (1, 1_000_000),
     "detail_every": (1, 1_000_000),
     "seq_len": (1, 100_000),
+    "eval_every": (0, 1_000_000),
+    "eval_batches": (1, 100),
 }
 _FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     # key: (low, high, low is exclusive)

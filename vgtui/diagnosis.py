@@ -200,6 +200,38 @@ SUGGESTIONS: dict[str, list[str]] = {
     "vanishing_time": ["lstm", "gru", "rnn-orthogonal"],
     "exploding_time": ["rnn-clipped", "lstm", "gru"],
 }
+#: What a recurrent or convolutional run is pointed to instead (the header's preset names its
+#: network): the MLP presets above do not fit those models. Keys missing here keep SUGGESTIONS.
+_RECURRENT_VANISHING = ["lstm", "gru", "rnn-orthogonal"]
+_RECURRENT_EXPLODING = ["rnn-clipped", "lstm", "gru"]
+NETWORK_SUGGESTIONS: dict[str, dict[str, list[str]]] = {
+    "rnn": {
+        "vanishing_saturating": _RECURRENT_VANISHING,
+        "vanishing_relu": _RECURRENT_VANISHING,
+        "vanishing_deep": _RECURRENT_VANISHING,
+        "exploding": _RECURRENT_EXPLODING,
+        "exploding_deep": _RECURRENT_EXPLODING,
+        "nonfinite": _RECURRENT_EXPLODING,
+        "dead": ["lstm", "gru"],
+        "saturation": _RECURRENT_VANISHING,
+        "plateau": _RECURRENT_VANISHING,
+        "spike": ["rnn-clipped"],
+    },
+    # Deep plain conv stacks degrade; residual blocks with batch norm keep the gradient's scale
+    # (He et al. 2016). cnn-plain is the ReLU fix for cnn-sigmoid's saturation.
+    "cnn": {
+        "vanishing_saturating": ["cnn-residual", "cnn-plain"],
+        "vanishing_relu": ["cnn-residual"],
+        "vanishing_deep": ["cnn-residual"],
+        "exploding": ["cnn-residual"],
+        "exploding_deep": ["cnn-residual"],
+        "nonfinite": ["cnn-residual"],
+        "dead": ["cnn-residual"],
+        "saturation": ["cnn-plain", "cnn-residual"],
+        "plateau": ["cnn-residual"],
+        "spike": ["cnn-residual"],
+    },
+}
 #: Depth (layers measured, output included) from which the 30-layer presets are the better example.
 DEEP_LAYERS = 12
 
@@ -292,6 +324,33 @@ def nonfinite_step(record: StepRecord) -> int | None:
     if record.nonfinite is not None:
         steps.append(int(record.step))
     return min(steps) if steps else None
+
+
+def _merge_through_time(across: list[Verdict], through_time: list[Verdict]) -> list[Verdict]:
+    """One verdict per kind. A recurrent layer's ‖∂L/∂h‖ is its norm over every time step, so when
+    the gradient explodes or vanishes through time the ratio across layers shows the same thing
+    again (rnn-clipped read "exploding" twice). The through-time verdict says where; it keeps the
+    across-layer one's clipping finding and, when clipping holds the run (a warning there), its
+    severity."""
+    by_kind = {v.kind: v for v in across}
+    merged = []
+    for verdict in through_time:
+        other = by_kind.pop(verdict.kind, None)
+        if other is not None:
+            evidence = {**other.evidence, **verdict.evidence,
+                        "across_layers_ratio": other.evidence.get("first_last_ratio")}
+            summary, severity, explanation = verdict.summary, verdict.severity, verdict.explanation
+            clipped = other.evidence.get("clipped_fraction", 0.0)
+            if verdict.kind == "exploding" and other.evidence.get("clip", "none") != "none" and clipped:
+                summary += f"; clipping acts on {clipped:.0%} of steps"
+                explanation += (f" Clipping rescales {clipped:.0%} of steps: it keeps the run finite"
+                                " (Pascanu et al. 2013), but the gradient through time is still that"
+                                " large.")
+                severity = other.severity
+            verdict = dataclasses.replace(verdict, summary=summary, severity=severity, evidence=evidence,
+                                          explanation=explanation)
+        merged.append(verdict)
+    return [v for v in across if v.kind in by_kind] + merged
 
 
 def _builtin_preset_names() -> set[str]:
@@ -444,6 +503,7 @@ class Diagnoser:
         # A preset names its activation; a user's model (vgtui.watch) only has the layer kinds.
         self.activation = self.preset.get("activation") or _main_kind(self.kinds)
         self.task = self.preset.get("task", "classifier")
+        self.network = self.preset.get("network", "mlp")
         self.clip = self.preset.get("clip", "none")
         self.first_nonfinite: dict | None = None
         self.nonfinite_records = 0
@@ -456,6 +516,14 @@ class Diagnoser:
         self.saturating_layers = np.array(
             [i for i, k in enumerate(self.kinds) if k in ("sigmoid", "tanh")], dtype=int)
         self._reset_phase()
+
+    def _fixes(self, key: str) -> list[str]:
+        """The presets verdict ``key`` points to, for this run's kind of network; after an
+        explosion through time, the fixes against it come first (see ``time_burst``)."""
+        fixes = NETWORK_SUGGESTIONS.get(self.network, {}).get(key, SUGGESTIONS[key])
+        if self.time_burst is not None and key in ("vanishing_time", "saturation"):
+            return self._fixes("exploding_time") + fixes
+        return fixes
 
     # -- state ---------------------------------------------------------------------------------
     def _reset_phase(self) -> None:
@@ -504,6 +572,10 @@ class Diagnoser:
         self.time_vanish_crit = _Latch(VANISH_CRITICAL, VANISH_CRITICAL_EXIT, high=False)
         self.time_explode = _Latch(EXPLODE_ENTER, EXPLODE_EXIT, high=True)
         self.time_explode_crit = _Latch(EXPLODE_CRITICAL, EXPLODE_CRITICAL_EXIT, high=True)
+        #: The first record whose gradient grew through time past the critical line: (step, ratio,
+        #: layer). A vanilla RNN whose first steps explode saturates and then passes exactly
+        #: nothing back: the vanishing that follows has that cause, and clipping is its fix.
+        self.time_burst: tuple[int, float, str] | None = None
 
     # -- the entry points ------------------------------------------------------------------------
     def diagnose(self, record: StepRecord) -> StepRecord:
@@ -550,8 +622,7 @@ class Diagnoser:
             return _ordered(verdicts)
 
         if self.count >= MIN_RECORDS:
-            verdicts += self._flow_verdicts(record)
-            verdicts += self._time_verdicts()
+            verdicts += _merge_through_time(self._flow_verdicts(record), self._time_verdicts())
             spike = self._spike_verdict()
             if spike is not None:
                 verdicts.append(spike)
@@ -734,18 +805,22 @@ class Diagnoser:
                               " too small for it: a ReLU passes half the variance, so weights"
                               " need variance 2/fan_in (He et al. 2015) or the gradient shrinks"
                               " every layer, and more so the deeper the net.")
+        if self.network == "cnn":
+            causes.append("A deep plain conv stack multiplies these factors over every layer; residual"
+                          " blocks with batch norm add an identity path that carries the gradient"
+                          " past them (He et al. 2016).")
         if dead_all:
             causes.append("A layer whose units are all inactive passes exactly zero gradient back.")
         causes.append("Early layers then barely change: their updates are tiny relative to their"
                       " weights, and the loss plateaus while the top layers do all the learning.")
         if self.task == "autoencoder":
-            suggest = SUGGESTIONS["vanishing_autoencoder"]
+            suggest = self._fixes("vanishing_autoencoder")
         elif saturating:
-            suggest = SUGGESTIONS["vanishing_saturating"]
+            suggest = self._fixes("vanishing_saturating")
         elif self.n > DEEP_LAYERS:
-            suggest = SUGGESTIONS["vanishing_deep"]
+            suggest = self._fixes("vanishing_deep")
         else:
-            suggest = SUGGESTIONS["vanishing_relu"]
+            suggest = self._fixes("vanishing_relu")
         evidence = {
             "basis": basis,
             "first_last_ratio": float(ratio),
@@ -818,7 +893,7 @@ class Diagnoser:
         if nf is not None:
             evidence.update({"nonfinite_step": nf["step"], "nonfinite_layer": nf["layer"],
                              "nonfinite_direction": nf["direction"]})
-        suggest = SUGGESTIONS["exploding"] if self.n <= DEEP_LAYERS else SUGGESTIONS["exploding_deep"]
+        suggest = self._fixes("exploding") if self.n <= DEEP_LAYERS else self._fixes("exploding_deep")
         return Verdict("exploding", severity, "; ".join(parts), " ".join(causes), evidence,
                        _suggest(self.preset, suggest))
 
@@ -940,7 +1015,7 @@ class Diagnoser:
                         " or a warm-up.")
         evidence = {k: v for k, v in last.items()} | {"spikes": count}
         return Verdict("spike", "warning", summary, explanation, evidence,
-                       _suggest(self.preset, SUGGESTIONS["spike"]))
+                       _suggest(self.preset, self._fixes("spike")))
 
     # -- through time --------------------------------------------------------------------------------
     def _time_stride(self, points: int) -> float:
@@ -964,6 +1039,9 @@ class Diagnoser:
             return
         self.time_fits = fits
         ratios = [f.ratio for f in fits.values() if f.ratio == f.ratio]
+        if self.time_burst is None and ratios and max(ratios) > EXPLODE_CRITICAL:
+            name = max((k for k in fits if fits[k].ratio == fits[k].ratio), key=lambda k: fits[k].ratio)
+            self.time_burst = (int(record.step), float(fits[name].ratio), name)
         if ratios:
             self.time_low.append(min(ratios))
             self.time_high.append(max(ratios))
@@ -1011,7 +1089,18 @@ class Diagnoser:
                 " the gradient on nearly unchanged (Hochreiter & Schmidhuber 1997); an orthogonal"
                 " init of the recurrent weights (singular values 1); shorter sequences."
                 " Clipping does not help: it only scales large gradients down.")
-            suggest = SUGGESTIONS["vanishing_time"]
+            suggest = self._fixes("vanishing_time")
+            burst = self.time_burst
+            if burst is not None:
+                summary += f", after it exploded through time at step {burst[0]}"
+                explanation = (
+                    f"At step {burst[0]} the gradient through time in {burst[2]} grew instead: the"
+                    f" first step got {_fmt(burst[1])}× that of the last. The update it drove made"
+                    " the recurrent weights so large that the units saturate, and a saturated tanh"
+                    " or sigmoid passes (almost) nothing back, so now the gradient through time"
+                    " vanishes. The fix is against the explosion: clipping by norm (Pascanu,"
+                    " Mikolov & Bengio 2013), a recurrent init with spectral radius near 1, or a"
+                    " gated cell. " + explanation.split(" Remedies:")[0])
         else:
             summary = (f"through time in {name}: the gradient grows ×{_fmt(fit.factor)} per step"
                        f" back; the first step gets {_fmt(fit.ratio)}× that of the last")
@@ -1022,7 +1111,7 @@ class Diagnoser:
                 " steps (Pascanu, Mikolov & Bengio 2013). Remedies: gradient clipping by norm,"
                 " an orthogonal init of the recurrent weights (or scaled to a spectral radius"
                 " below 1), a gated cell (LSTM, GRU).")
-            suggest = SUGGESTIONS["exploding_time"]
+            suggest = self._fixes("exploding_time")
         evidence = {
             "through_time": True,
             "layer": name,
@@ -1033,6 +1122,9 @@ class Diagnoser:
             "zero_steps": float(fit.zero_steps),
             "per_step_factors": {k: float(f.factor) for k, f in self.time_fits.items()},
         }
+        if kind == "vanishing" and self.time_burst is not None:
+            evidence["exploded_step"] = self.time_burst[0]
+            evidence["exploded_ratio"] = self.time_burst[1]
         return Verdict(kind, "critical" if critical else "warning", summary, explanation,
                        evidence, _suggest(self.preset, suggest))
 
@@ -1067,7 +1159,7 @@ class Diagnoser:
         if "window_step" in nf:
             evidence["window_step"] = nf["window_step"]
         return Verdict("nonfinite", "critical", summary, explanation, evidence,
-                       _suggest(self.preset, SUGGESTIONS["nonfinite"]))
+                       _suggest(self.preset, self._fixes("nonfinite")))
 
     # -- per-layer unit statistics ------------------------------------------------------------
     def _local_verdicts(self) -> list[Verdict]:
@@ -1135,7 +1227,7 @@ class Diagnoser:
                        f"{value:.0%} of {self.names[worst]}'s units dead"
                        f" (mean {evidence['mean_fraction']:.0%} over rectifying layers)",
                        " ".join(causes), evidence,
-                       _suggest(self.preset, SUGGESTIONS["dead"]))
+                       _suggest(self.preset, self._fixes("dead")))
 
     def _saturation_verdict(self, sat, worst, value, critical) -> Verdict:
         act = self.activation or "the activation"
@@ -1150,7 +1242,7 @@ class Diagnoser:
         return Verdict("saturation", "critical" if critical else "warning",
                        f"{value:.0%} of {self.names[worst]}'s units saturated",
                        explanation, evidence,
-                       _suggest(self.preset, SUGGESTIONS["saturation"]))
+                       _suggest(self.preset, self._fixes("saturation")))
 
     # -- plateau ------------------------------------------------------------------------------
     def _plateau_verdict(self, others: list[Verdict]) -> Verdict | None:
@@ -1181,7 +1273,7 @@ class Diagnoser:
             cause = ("The gradients themselves look healthy: a learning rate too small or too"
                      " large (oscillating), or the limit of what this network can fit (the noise in the"
                      " data included).")
-            suggest = SUGGESTIONS["plateau_autoencoder" if self.task == "autoencoder" else "plateau"]
+            suggest = self._fixes("plateau_autoencoder" if self.task == "autoencoder" else "plateau")
         direction = "below" if improvement > 0 else "above"
         explanation = (f"The median loss of the last {len(losses) - half} records ({_fmt(newer)}) is"
                        f" only {abs(improvement):.1%} {direction} that of the {half} before"

@@ -6,7 +6,9 @@ empty ``layer``; per-layer values use the layer names of the recording's header.
 values are written as ``nan``, ``inf``, ``-inf`` (what pandas, numpy and Python's float() read).
 A metric that does not apply to a layer (saturation of a ReLU layer, dead units of a sigmoid one,
 accuracy of an autoencoder) is NaN on every step: such series are left out. A measured value that
-became NaN (a blow-up) is always written.
+became NaN (a blow-up) is always written. Held-out loss and accuracy (``heldout_loss``,
+``heldout_accuracy``, empty ``layer``) are rows only at the steps that carry an evaluation (every
+``eval_every`` steps); the columns stay the same, so readers of older exports read these too.
 
 TensorBoard (needs the optional ``tensorboard`` package): scalars ``<metric>/<NN>_<layer>`` (the
 index keeps layers in input-to-output order in TensorBoard's alphabetical listing), model-wide
@@ -30,6 +32,8 @@ from .jsonl import iter_records
 from .records import LAYER_METRICS, RunHeader, StepRecord
 
 GLOBAL_METRICS = ("loss", "accuracy", "grad_norm_total", "grad_norm_clipped", "clipped")
+#: Evaluated every ``eval_every`` steps only: rows where a record carries an evaluation.
+HELDOUT_METRICS = ("heldout_loss", "heldout_accuracy")
 #: Metrics that are NaN by design where they do not apply; left out when never measured.
 OPTIONAL_METRICS = frozenset({"accuracy", "saturated", "dead"})
 CSV_COLUMNS = ("step", "layer", "metric", "value")
@@ -94,6 +98,17 @@ def _global_value(record: StepRecord, metric: str) -> float:
     return float(value) if not isinstance(value, bool) else float(int(value))
 
 
+def _heldout(record: StepRecord) -> list[tuple[str, float]]:
+    """(metric, value) of the held-out evaluation this record carries: none where it carries none,
+    the loss always where it does (NaN there is a real one), the accuracy where there is one."""
+    if record.heldout_loss != record.heldout_loss and record.heldout_accuracy != record.heldout_accuracy:
+        return []
+    values = [("heldout_loss", float(record.heldout_loss))]
+    if record.heldout_accuracy == record.heldout_accuracy:
+        values.append(("heldout_accuracy", float(record.heldout_accuracy)))
+    return values
+
+
 def _kept_series(run: _Run) -> tuple[list[str], list[tuple[int, str]]]:
     """Global metrics and (layer index, metric) pairs to export: all but never-measured optional ones."""
     globals_ = [m for m in GLOBAL_METRICS if m not in OPTIONAL_METRICS or (-1, m) in run.seen]
@@ -128,7 +143,9 @@ def export_csv(path: str | Path, out: str | Path) -> tuple[int, list[str]]:
                              for metric in globals_)
             writer.writerows((record.step, names[index], metric, _text(float(record.layers[metric][index])))
                              for index, metric in per_layer)
-            rows += len(globals_) + len(per_layer)
+            heldout = _heldout(record)
+            writer.writerows((record.step, "", metric, _text(value)) for metric, value in heldout)
+            rows += len(globals_) + len(per_layer) + len(heldout)
     return rows, problems
 
 
@@ -191,6 +208,8 @@ def export_tensorboard(path: str | Path, outdir: str | Path) -> int:
             edges = np.asarray(header.hist_edges, dtype=float)
             for metric in globals_:
                 writer.add_scalar(f"global/{metric}", _global_value(record, metric), record.step)
+            for metric, value in _heldout(record):
+                writer.add_scalar(f"global/{metric}", value, record.step)
             for index, metric in per_layer:
                 writer.add_scalar(f"{metric}/{index:02d}_{header.layers[index]}",
                                   float(record.layers[metric][index]), record.step)

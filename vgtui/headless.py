@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
+
 from .channel import Channel
 from .config import Preset
 from .diagnosis import nonfinite_step
@@ -62,17 +64,45 @@ def first_last_ratio(record: StepRecord) -> float:
     return record.first_last_ratio().value
 
 
-def step_line(record: StepRecord, at: int | None = None) -> str:
+def time_ratio(record: StepRecord) -> float | None:
+    """Through time: ‖∂L/∂h_t‖ at the first measured time step over the last, of the recurrent
+    layer where it is smallest (None without recurrent layers). Across layers an RNN is one layer
+    deep and reads healthy; its gradient vanishes along time."""
+    ratios = []
+    for series in record.time_act_grad_norm.values():
+        finite = np.asarray(series, dtype=float)
+        finite = finite[np.isfinite(finite)]
+        if len(finite) >= 2 and finite[-1] > 0:
+            ratios.append(finite[0] / finite[-1])
+    return min(ratios) if ratios else None
+
+
+def heldout_text(heldout: StepRecord | None, at: int | None = None) -> str:
+    """Held-out loss (and accuracy) of the newest evaluation, and the generalisation gap: held-out
+    minus training loss, both at that step's weights. "" before the first evaluation."""
+    if heldout is None:
+        return ""
+    acc = "" if math.isnan(heldout.heldout_accuracy) else f" acc {heldout.heldout_accuracy:6.1%}"
+    gap = heldout.heldout_loss - heldout.loss
+    older = f" (step {heldout.step})" if at is not None and at != heldout.step else ""
+    return f"  held-out {fmt(heldout.heldout_loss).strip()}{acc} gap {gap:+.3g}{older}"
+
+
+def step_line(record: StepRecord, at: int | None = None, heldout: StepRecord | None = None) -> str:
     """One line for ``record``; ``at``: the step this line stands for, when the record (the
-    newest measured one) is older than that."""
+    newest measured one) is older than that; ``heldout``: the newest record that carried a
+    held-out evaluation."""
     acc = "" if math.isnan(record.accuracy) else f"  acc {record.accuracy:6.1%}"
     clip = "  clipped" if record.clipped else ""
     bad = f"  NON-FINITE at {record.nonfinite[0]} ({record.nonfinite[1]})" if record.nonfinite else ""
     phase = "" if record.phase == "train" else f"  [{record.phase}]"
     older = f"  (measured at step {record.step})" if at is not None and at != record.step else ""
+    through_time = time_ratio(record)
+    in_time = "" if through_time is None else f"  in time {fmt(through_time).strip()}"
     return (f"step {record.step if at is None else at:>6}  loss {fmt(record.loss)}{acc}"
             f"  |g| {fmt(record.grad_norm_total)}"
-            f"  first/last |dL/dh| {fmt(first_last_ratio(record))}{clip}{bad}{phase}{older}")
+            f"  first/last |dL/dh| {fmt(first_last_ratio(record))}{in_time}"
+            f"{heldout_text(heldout, record.step)}{clip}{bad}{phase}{older}")
 
 
 class _StepPrinter:
@@ -87,8 +117,11 @@ class _StepPrinter:
         self.next = 0
         self.previous: StepRecord | None = None
         self.printed: StepRecord | None = None
+        self.heldout: StepRecord | None = None  # the newest record carrying a held-out evaluation
 
     def record(self, rec: StepRecord) -> None:
+        if not math.isnan(rec.heldout_loss) or not math.isnan(rec.heldout_accuracy):
+            self.heldout = rec
         while self.next <= rec.step:
             self._line(rec if rec.step == self.next else self.previous, self.next)
         self.previous = rec
@@ -106,7 +139,8 @@ class _StepPrinter:
             print(f"step {at:>6}  (no step measured since step {rec.step}; sampling every"
                   f" {rec.sample_every})", file=self.out)
             return
-        print(step_line(rec, at), file=self.out)
+        print(step_line(rec, at, self.heldout if self.heldout is not None and self.heldout.step <= rec.step
+                                  else None), file=self.out)
         self.printed = rec
 
 
@@ -259,6 +293,8 @@ def run_headless(
                         if first_bad and stop_on_nonfinite and stopped_at is None:
                             stopped_at = bad_step
                             trainer.stop()
+                    elif isinstance(rec, RunEvent) and rec.kind == "notice":
+                        print(f"vgtui: {rec.message}", file=err)  # e.g. no held-out evaluation
                     elif isinstance(rec, RunError):
                         error = rec
                         print(f"vgtui: training failed at step {rec.step}: {rec.message}", file=err)
@@ -280,13 +316,20 @@ def run_headless(
         print(f"\nfinal (step {last.step}):", file=out)
         print(step_line(last), file=out)
         print(layer_table(header, last, last_detail), file=out)
+        if printer.heldout is not None:
+            held = printer.heldout
+            acc = "" if math.isnan(held.heldout_accuracy) else f", accuracy {held.heldout_accuracy:.1%}"
+            print(f"  held-out (step {held.step}): loss {fmt(held.heldout_loss).strip()}{acc};"
+                  f" generalisation gap {held.heldout_loss - held.loss:+.3g}"
+                  f" (held-out minus training loss {fmt(held.loss).strip()})", file=out)
         for verdict in last.verdicts:
             print(f"  [{verdict.severity}] {verdict.kind}: {verdict.summary}", file=out)
             if verdict.suggestions:
                 print(f"      try: {', '.join(verdict.suggestions)}", file=out)
     if last is not None and overhead_budget:
-        share = "not measured yet" if math.isnan(last.probe_overhead) else f"{last.probe_overhead:.1%}"
-        print(f"  probe overhead {share} of wall time (budget {overhead_budget:.0%}), "
+        share = ("not measured (the run ended inside the budget's first window)"
+                 if math.isnan(last.probe_overhead) else f"{last.probe_overhead:.1%} of wall time")
+        print(f"  probe overhead {share}; budget {overhead_budget:.0%}, "
               f"sampling every {last.sample_every} step(s)", file=out)
     if channel.dropped:
         print(f"  ({channel.dropped} records dropped by a slow consumer)", file=out)

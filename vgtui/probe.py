@@ -21,16 +21,18 @@ before clipping -> clipping (global norm before and after) -> optimiser step -> 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch import nn
 
-from .engine import (SATURATION_MARGIN, HostSide, Layout, UpdateMeter, UpdatePlan, WindowMeter, alive_units,
-                     downsample_time, first_tensor, measures_dead, pack, recomputing, saturated_mask,
-                     time_squares, unit_dim, unpack)
+from .engine import (SATURATION_MARGIN, HostSide, Layout, ProbeClock, UpdateMeter, UpdatePlan, WindowMeter,
+                     alive_units, downsample_time, first_tensor, measures_dead, pack, recomputing,
+                     saturated_mask, time_squares, unit_dim, unpack)
 from .layers import LayerSpec
 from .records import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, StepRecord
 
@@ -269,6 +271,20 @@ class HostTransfer:
         return done
 
 
+def _charged(method):
+    """A step method whose work on a sampled step is the probe's own cost: timed by its clock
+    (nothing on unsampled steps, where the method does nothing either)."""
+
+    @functools.wraps(method)
+    def charged(self, *args, **kwargs):
+        if self.clock is None or not self.sampled:
+            return method(self, *args, **kwargs)
+        with self.timed():
+            return method(self, *args, **kwargs)
+
+    return charged
+
+
 class Probe:
     """Measures ``layers`` (input to output) of a model whose trainable parameters are ``params``.
 
@@ -286,13 +302,22 @@ class Probe:
         probe.finish(step, loss, accuracy, optimizer)  # packs and starts the one transfer
         for rec in probe.poll(): ...   # finished measurements, as StepRecords
 
+    With ``clock=`` (the overhead budget's :class:`vgtui.engine.ProbeClock`) the probe charges its
+    own work on sampled steps to it; wrap what is done with the polled records in
+    ``probe.timed()``.
+
     The layout, packing, encodings and update ratios are :mod:`vgtui.engine`'s, shared with
     :func:`vgtui.watch`; this class is the trainer's way of collecting.
     """
 
     def __init__(self, layers: list[LayerSpec], params: list[nn.Parameter], histograms: bool = True,
-                 detail_every: int = DETAIL_EVERY, owns_backward: bool = False, window: bool | None = None):
+                 detail_every: int = DETAIL_EVERY, owns_backward: bool = False, window: bool | None = None,
+                 clock: ProbeClock | None = None):
         self.layers = layers
+        #: The overhead budget's clock: the probe charges its own work to it (see :meth:`timed`),
+        #: so a training loop needs no timing of its own between the calls.
+        self.clock = clock
+        self._timing = False
         self.layout = Layout(layers, list(params))
         #: The caller runs backward through :meth:`backward`, and ``params`` are every trainable
         #: parameter the loss depends on: ∂L/∂h then comes from the same autograd call, not hooks.
@@ -465,6 +490,7 @@ class Probe:
         return [layer.weight.grad if layer.weight.grad is not None else torch.zeros_like(layer.weight)
                 for layer in self.layers]
 
+    @_charged
     def after_backward(self) -> None:
         """Per-layer ‖∂L/∂W‖ (over all of a layer's parameters), ‖∂L/∂h‖ (and per time step for
         recurrent layers) and histograms of |∂L/∂W|, before anything rescales them."""
@@ -548,7 +574,15 @@ class Probe:
 
     def clip(self, kind: str = "none", threshold: float = 1.0) -> None:
         """Clip all gradients (every step, sampled or not) and measure the global norm on sampled
-        ones. Clip-by-norm scales by min(1, threshold / (‖g‖ + 1e-6)), as clip_grad_norm_ does."""
+        ones. Clip-by-norm scales by min(1, threshold / (‖g‖ + 1e-6)), as clip_grad_norm_ does.
+        Clipping the user asked for is their cost; without it, the norm it measures is ours."""
+        if kind == "none" and self.sampled and self.clock is not None:
+            with self.timed():
+                self._clip_grads(kind, threshold)
+        else:
+            self._clip_grads(kind, threshold)
+
+    def _clip_grads(self, kind: str, threshold: float) -> None:
         grads = [p.grad for p in self.params if p.grad is not None]
         self._step_norm = None
         if not grads or (kind == "none" and not self.sampled):
@@ -588,6 +622,7 @@ class Probe:
         self._step_norm = None
         self._window.add(step, loss, norm)
 
+    @_charged
     def before_step(self, optimizer) -> None:
         """Plan the update measurement (detail steps): read SGD's momentum buffers after the step,
         or keep a copy of the weights now (see :class:`vgtui.engine.UpdateMeter`)."""
@@ -595,6 +630,7 @@ class Probe:
         if self.sampled and self.detail:
             self._plan = self._meter.plan(self.layout, optimizer)
 
+    @_charged
     def finish(self, step: int, loss: torch.Tensor, accuracy: torch.Tensor | None, optimizer=None,
                **meta) -> None:
         """Pack this step's measurements into one tensor and start its single device->host copy.
@@ -668,6 +704,22 @@ class Probe:
         """Loss and global gradient norm both finite (host tensors only: this reads values)."""
         total = self._clip[0] if self._clip is not None else None
         return math.isfinite(float(loss.detach())) and (total is None or math.isfinite(float(total)))
+
+    @contextmanager
+    def timed(self):
+        """Charge the enclosed work to the overhead budget's clock (if any); nested uses count
+        once. The probe's step methods charge themselves; a caller wraps what it does with the
+        finished records (``with probe.timed(): ... probe.poll() ...``)."""
+        if self.clock is None or self._timing:
+            yield
+            return
+        self._timing = True
+        self.clock.start()
+        try:
+            yield
+        finally:
+            self.clock.stop()
+            self._timing = False
 
     @property
     def transfers(self) -> int:

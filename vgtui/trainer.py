@@ -2,7 +2,8 @@
 
 Control flows the other way through a command queue (pause, resume, single step, stop, sampling
 interval). The thread checks it between steps, so stop takes at most one step. Anything raised
-inside becomes a RunError record: the consumer decides how to show it.
+inside becomes a RunError record: the consumer decides how to show it. Every ``eval_every`` steps
+the preset's held-out split is evaluated (:class:`HeldOut`) and the next record carries it.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from . import memory
 from .models import Built, build_model, count_params, make_optimizer
 from .channel import Channel
 from .config import Preset
-from .data import DataError, make_data
+from .data import DataError, heldout_batches, make_data
 from .diagnosis import Diagnoser
 from .engine import OverheadBudget, ProbeClock
-from .probe import Probe
+from .probe import HostTransfer, Probe
 from .records import RunError, RunEvent, RunHeader
 
 
@@ -36,6 +37,56 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: CUDA is not available on this machine")
     return device
+
+
+class HeldOut:
+    """Loss and accuracy on a fixed set of held-out batches, in eval mode without gradients.
+
+    The batch count is bounded (``eval_batches``) so that its cost stays a small share of the
+    run. The results stay on the device and come back through their own transfer (no sync on
+    CUDA); :meth:`take` hands the newest landed result to the next record, once.
+    """
+
+    def __init__(self, batches: list, loss_fn, autoencoder: bool, every: int):
+        self.batches = batches
+        self.loss_fn = loss_fn
+        self.autoencoder = autoencoder
+        self.every = every
+        self.seconds = 0.0  # host time spent evaluating (all of it, on the CPU)
+        self._transfer = HostTransfer()
+        self._landed: dict[str, float] = {}
+
+    def due(self, step: int) -> bool:
+        return bool(self.batches) and step % self.every == 0
+
+    def evaluate(self, model: nn.Module) -> None:
+        began = time.perf_counter()
+        training = model.training
+        model.train(False)  # eval mode (batch norm: running statistics, none updated)
+        try:
+            with torch.no_grad():
+                loss_sum = correct = 0
+                count = 0
+                for x, y in self.batches:
+                    out = model(x)
+                    loss_sum = loss_sum + self.loss_fn(out, x if self.autoencoder else y).float() * len(x)
+                    if not self.autoencoder:
+                        correct = correct + (out.argmax(1) == y).sum()
+                    count += len(x)
+                accuracy = (correct / count if not self.autoencoder
+                            else torch.full((), float("nan"), device=loss_sum.device))
+                self._transfer.start(torch.stack([loss_sum / count, accuracy.float()]), None)
+        finally:
+            model.train(training)
+        self.seconds += time.perf_counter() - began
+
+    def take(self) -> dict[str, float]:
+        """``heldout_loss``/``heldout_accuracy`` of the newest evaluation that has landed and not
+        been handed on yet; empty otherwise."""
+        for _, values in self._transfer.poll():
+            self._landed = {"heldout_loss": float(values[0]), "heldout_accuracy": float(values[1])}
+        landed, self._landed = self._landed, {}
+        return landed
 
 
 class Trainer(threading.Thread):
@@ -72,7 +123,7 @@ class Trainer(threading.Thread):
         self._stop_requested = threading.Event()
         self._single_steps = 0
         self._budget: OverheadBudget | None = None
-        self._clock: ProbeClock | None = None
+        self.heldout: HeldOut | None = None
 
     # -- controls (any thread) ------------------------------------------------------------------
     def pause(self) -> None:
@@ -153,15 +204,25 @@ class Trainer(threading.Thread):
             run_id=self.run_id,
             params=count_params(built.model),
         )
+        # The overhead budget's clock: the probe charges its own work to it.
+        clock = ProbeClock(device) if self.overhead_budget else None
         probe = Probe(built.layers, list(built.model.parameters()), detail_every=preset.detail_every,
-                      owns_backward=self._uses_taps(built.model), window=self.window)
+                      owns_backward=self._uses_taps(built.model), window=self.window, clock=clock)
+        missing_heldout = None
+        if preset.eval_every:
+            try:
+                batches = heldout_batches(preset, preset.eval_batches, device, self.data_root, self.download)
+                self.heldout = HeldOut(batches, built.loss_fn, built.task == "autoencoder", preset.eval_every)
+            except DataError as exc:  # no test set beside the training files: train without it
+                missing_heldout = f"no held-out evaluation: {exc}"
         header = dataclasses.replace(header, tied={k: list(v) for k, v in probe.layout.tied.items()})
         self._emit(header)
         self._emit(RunEvent("started", f"{preset.name} on {device}", run_id=self.run_id))
+        if missing_heldout:
+            self._emit(RunEvent("notice", missing_heldout, run_id=self.run_id))
         if self.paused:
             self._emit(RunEvent("paused", step=0, run_id=self.run_id))
         memory.freeze_long_lived()
-        self._clock = clock = ProbeClock(device)
         diagnoser = Diagnoser(header)
         if self.overhead_budget:
             self._budget = OverheadBudget(self.overhead_budget, self.sample_every)
@@ -180,11 +241,7 @@ class Trainer(threading.Thread):
                     if self._single_steps:
                         self._single_steps -= 1
                     more = step_fn()
-                    if probe.pending:
-                        clock.start()
-                        for record in probe.poll():
-                            self._emit(dataclasses.replace(record, verdicts=diagnoser.update(record)))
-                        clock.stop()
+                    self._publish(probe, diagnoser)
                     self.step += 1
                     if self._budget is not None:
                         self.sample_every = self._budget.update(self.sample_every, clock.seconds())
@@ -195,9 +252,25 @@ class Trainer(threading.Thread):
                     if not more:
                         break
         finally:
-            for record in probe.poll(wait=True):
-                self._emit(dataclasses.replace(record, verdicts=diagnoser.update(record)))
+            self._publish(probe, diagnoser, wait=True)
             probe.detach()
+
+    def _publish(self, probe: Probe, diagnoser: Diagnoser, wait: bool = False) -> None:
+        """Emit every finished measurement, diagnosed; the probe's time (its clock runs)."""
+        if not probe.pending:
+            return
+        with probe.timed():
+            for record in probe.poll(wait=wait):
+                self._emit(diagnoser.diagnose(record))
+
+    def _evaluate(self, heldout: HeldOut, model: nn.Module) -> None:
+        """A failing evaluation is reported once and turned off; training goes on."""
+        try:
+            heldout.evaluate(model)
+        except Exception as exc:
+            self.heldout = None
+            self._emit(RunEvent("notice", f"held-out evaluation turned off: {type(exc).__name__}: {exc}",
+                                step=self.step, run_id=self.run_id))
 
     def _meta(self, phase: str) -> dict:
         return {
@@ -207,6 +280,7 @@ class Trainer(threading.Thread):
             "steps_per_sec": self._rate,
             "sample_every": self.sample_every,
             "probe_overhead": self._budget.share if self._budget is not None else float("nan"),
+            **(self.heldout.take() if self.heldout is not None and phase == "train" else {}),
         }
 
     @staticmethod
@@ -241,30 +315,23 @@ class Trainer(threading.Thread):
         def step() -> bool:
             x, y = data.batch(self.step)
             sampled = self.step % self.sample_every == 0
+            heldout = self.heldout
+            if heldout is not None and heldout.due(self.step):
+                probe.begin(False)  # the held-out forward is not measured
+                self._evaluate(heldout, model)  # with the weights this step's training loss is computed at
             probe.begin(sampled)
             optimizer.zero_grad(set_to_none=True)
             out = probe.forward(model, x) if taps else model(x)
             loss = built.loss_fn(out, x if autoencoder else y)
             probe.backward(loss)
-            clock = self._clock
-            if sampled:  # clipping the user asked for is theirs; the norm it measures is ours
-                clock.start()
             probe.after_backward()
-            if sampled and preset.clip != "none":
-                clock.stop()
             probe.clip(preset.clip, preset.clip_threshold)
-            if sampled and preset.clip != "none":
-                clock.start()
+            probe.count(self.step, loss)
             probe.before_step(optimizer)
-            if sampled:
-                clock.stop()
-            probe.count(self.step, loss)  # the step window (its cost is not the budget's: see Probe)
             optimizer.step()
             if sampled:
-                clock.start()
                 accuracy = None if autoencoder else (out.detach().argmax(1) == y).float().mean()
                 probe.finish(self.step, loss, accuracy, optimizer, **self._meta("train"))
-                clock.stop()
             return True
 
         return step
