@@ -127,3 +127,32 @@ def test_rnn_clipped_reads_exploding_once_through_time_with_its_clipping():
     assert verdict.severity == "warning"  # clipping keeps it finite
     assert verdict.evidence["across_layers_ratio"] > 1e3
     assert set(verdict.suggestions) <= RECURRENT
+
+
+def _time_run(kind: str, ratio: float, records: int = 12):
+    """Records whose only layer carries a through-time series growing ``ratio``x from last to first."""
+    import numpy as np
+
+    from vgtui.diagnosis import Diagnoser
+    from vgtui.records import LAYER_METRICS, RunHeader, StepRecord
+
+    header = RunHeader(preset={"name": "t"}, layers=["rnn", "head"], layer_kinds=[kind, "linear"], device="cpu")
+    diagnoser = Diagnoser(header)
+    series = np.geomspace(ratio, 1.0, 40)
+    verdicts = []
+    for step in range(records):
+        layers = {m: np.array([1.0, 1.0]) for m in LAYER_METRICS}
+        record = StepRecord(step, 1.0 - step * 0.01, 0.5, 1.0, 1.0, False, layers, None,
+                            time_act_grad_norm={"rnn": series})
+        verdicts = diagnoser.update(record)
+    return [v for v in verdicts if v.evidence.get("through_time")]
+
+
+def test_a_gated_cell_carrying_more_gradient_to_early_steps_is_not_exploding():
+    """The lstm preset measures 30-300x first/last through time while it learns the recall task:
+    a gated cell's long memory, not an explosion. A vanilla cell growing as much is exploding."""
+    assert _time_run("lstm", 300.0) == []
+    assert _time_run("gru", 300.0) == []
+    assert [v.kind for v in _time_run("tanh", 300.0)] == ["exploding"]
+    # a gated cell's real explosion is still caught
+    assert [v.kind for v in _time_run("lstm", 1e7)] == ["exploding"]

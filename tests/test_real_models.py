@@ -225,7 +225,7 @@ def test_recurrent_modules_cover_every_weight_and_every_time_step(cls, batch_fir
     keys = ["rnn"] if layers == 1 else [f"rnn.l{k}" for k in range(layers)]
     assert sorted(record.time_act_grad_norm) == keys
     np.testing.assert_allclose(record.time_act_grad_norm[keys[-1]][-1], expected[-1], rtol=RTOL)
-    assert header.layer_kinds[0] == ("tanh" if cls is nn.RNN else "linear")
+    assert header.layer_kinds[0] == {nn.RNN: "tanh", nn.LSTM: "lstm", nn.GRU: "gru"}[cls]
 
 
 class Unrolled(nn.Module):

@@ -140,6 +140,10 @@ def _spec(name: str, module: nn.Module) -> LayerSpec:
         time_dim = 1 if module.batch_first else 0
     if isinstance(module, (nn.RNN, nn.RNNCell)):
         kind = "tanh" if module.nonlinearity == "tanh" else "relu"
+    elif isinstance(module, (nn.LSTM, nn.LSTMCell)):
+        kind = "lstm"  # gated: the diagnosis judges its growth through time differently
+    elif isinstance(module, (nn.GRU, nn.GRUCell)):
+        kind = "gru"
     return LayerSpec(_clean(name) or type(module).__name__, module, weight, act_kind=kind,
                      time_dim=time_dim, params=tuple(params))
 
