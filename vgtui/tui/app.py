@@ -28,14 +28,16 @@ from ..formatting import fmt
 from ..records import RunError
 from . import render as R
 from .sources import FollowSource, ReplaySource, Source
+from . import rows as rowplan
 from .state import RunState
-from .widgets import Activations, Heatmap, Histogram, LayerRows, LossPlot
+from .widgets import Activations, Heatmap, Histogram, LayerRows, LossPlot, ThroughTime
 
 POLL_HZ = 5.0
 PLOT_HZ = 0.5
 DIAGNOSIS_REFRESH_S = 3.0
-VIEWS = ("dash", "heatmap", "hist", "acts")
-VIEW_NAMES = {"dash": "dashboard", "heatmap": "heatmap", "hist": "histogram", "acts": "activations"}
+VIEWS = ("dash", "heatmap", "hist", "acts", "time")
+VIEW_NAMES = {"dash": "dashboard", "heatmap": "heatmap", "hist": "histogram", "acts": "activations",
+              "time": "through time"}
 METRIC_MODES = ("both", "h", "W")
 SAMPLING_STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 MIN_W, MIN_H = 40, 12
@@ -47,7 +49,11 @@ HELP_KEYS = [
     ("p", "preset picker (ctrl+p: command palette)"),
     ("p / P", "compare: a new preset for the right / left run"),
     ("1 … 9", "quick presets, listed below"),
-    ("v", "cycle views: dashboard, heatmap, histogram, activations"),
+    ("v", "cycle views: dashboard, heatmap, histograms, activations (through time: RNNs)"),
+    ("b", "layers / blocks (deep models open as blocks), in every view"),
+    ("enter e", "open / close the selected block in place"),
+    ("s", "loss chart: smoothed (EMA, raw faint) / raw"),
+    ("!", "live: pause at the first non-finite step on / off"),
     ("g", "show ‖∂L/∂h‖ and ‖∂L/∂W‖ / only ‖∂L/∂h‖ / only ‖∂L/∂W‖"),
     ("↑ ↓", "select a layer (histogram, highlighted row)"),
     ("+ -", "sample every more / fewer steps"),
@@ -287,11 +293,16 @@ class Dashboard(Monitor):
         Binding("up,k", "select(-1)", "layer", show=False),
         Binding("down,j", "select(1)", "layer", show=False),
         Binding("x", "hide_errors", "hide errors", show=False),
+        Binding("b", "toggle_blocks", "blocks", show=False),
+        Binding("enter,e", "expand", "open block", show=False),
+        Binding("s", "toggle_smooth", "smooth", show=False),
+        Binding("exclamation_mark", "toggle_break", "break at NaN", show=False),
         *[Binding(str(i), f"quick({i})", f"preset {i}", show=False) for i in range(1, 10)],
     ]
 
     DEFAULT_CSS = """
     Dashboard #status { height: auto; max-height: 2; background: $panel; padding: 0 1; }
+    Dashboard #selected { height: 1; padding: 0 1; }
     Dashboard #errors { height: auto; max-height: 8; border: round $error; padding: 0 1;
         display: none; }
     Dashboard #errors.shown { display: block; }
@@ -303,11 +314,14 @@ class Dashboard(Monitor):
     Dashboard #diagnosis { height: auto; max-height: 12; border-top: solid $primary; padding: 0 1; }
     """
 
-    def __init__(self, source: Source, poll_hz: float = POLL_HZ):
+    def __init__(self, source: Source, poll_hz: float = POLL_HZ, break_on_nonfinite: bool = True):
         super().__init__(poll_hz)
         self.source = source
         self.state = RunState()
         self.view = "dash"
+        self.smooth = True
+        self.break_on_nonfinite = break_on_nonfinite
+        self._broke_for: tuple | None = None
         self.errors_hidden_at = -1
         self.position = -1  # replay cursor (index into the recording's steps)
         self.playing = False
@@ -319,6 +333,7 @@ class Dashboard(Monitor):
     # -- layout ---------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Static(id="status")
+        yield Static(id="selected")
         yield Static(id="errors")
         with ContentSwitcher(initial="dash", id="views"):
             with Vertical(id="dash"):
@@ -328,6 +343,7 @@ class Dashboard(Monitor):
             yield Heatmap(self, id="heatmap", classes="view")
             yield Histogram(self, id="hist", classes="view")
             yield Activations(self, id="acts", classes="view")
+            yield ThroughTime(self, id="time", classes="view")
         yield Static(id="diagnosis")
         yield self.too_small_message()
         yield Footer(compact=True, show_command_palette=False)
@@ -364,6 +380,8 @@ class Dashboard(Monitor):
             return
         records = self.source.poll()
         changed = self.state.feed(records) if records else False
+        if changed:
+            self.break_if_nonfinite()
         self.update_all(changed)
         if changed:
             self.frame_times.append(time.perf_counter() - t0)
@@ -372,9 +390,25 @@ class Dashboard(Monitor):
                 self.froze_long_lived = True
                 memory.freeze_long_lived()
 
+    def break_if_nonfinite(self) -> None:
+        """Live: pause the run the first time a non-finite value shows up, so that the moment
+        worth inspecting stays on screen (``!`` or ``make_app(break_on_nonfinite=False)`` off)."""
+        nonfinite = self.state.nonfinite
+        if (nonfinite is None or not self.break_on_nonfinite or not self.source.live
+                or self._broke_for == (self.state.run_id, nonfinite) or self.state.paused):
+            return
+        self._broke_for = (self.state.run_id, nonfinite)
+        self.source.pause()
+        step, layer, where = nonfinite
+        self.notify(f"paused at the first non-finite step {step}: {layer} ({where} pass). "
+                    "space resumes; ! stops pausing", title="non-finite", severity="warning", timeout=8)
+
     def update_all(self, changed: bool = True, force: bool = False) -> None:
+        if self.state.header is not None and self._planned_for is not self.state.header:
+            self.plan_rows()
         with self.app.batch_update():
             self.update_status()
+            self.update_selected()
             self.update_errors()
             self.update_diagnosis()  # keyed on the verdicts; throttled while they only tick
             if changed or force:
@@ -382,7 +416,7 @@ class Dashboard(Monitor):
                 if self.view == "dash":
                     rows = self.query_one(LayerRows)
                     if rows.changed():
-                        rows.refresh(layout=rows.size.height != self.state.n_layers + 2)
+                        rows.refresh(layout=rows.size.height != rows.wanted_height())
                     self.replot(force=force)
                 elif view is not None and view.changed():
                     view.refresh()
@@ -393,7 +427,7 @@ class Dashboard(Monitor):
         if plot.plotted_for == key:
             return
         if force or not self.source.live or self.plot_due():
-            plot.replot([("", self.state)])
+            plot.replot([("", self.state)], smooth=self.smooth)
             plot.plotted_for = key
 
     def _status_text(self) -> Text:
@@ -446,7 +480,7 @@ class Dashboard(Monitor):
         fields.append((device, ""))
         if last is not None:
             fields.append((last.phase, "bold" if last.phase != "train" else ""))
-        fields.append((VIEW_NAMES[self.view], "dim"))
+        fields.append((VIEW_NAMES[self.view] + (" · blocks" if self.by_block else ""), "dim"))
         width = max(20, (self.size.width or 80) - 2)
         return wrap_fields([mode] + fields, width)
 
@@ -461,9 +495,70 @@ class Dashboard(Monitor):
             self.query_one("#status", Static).update(text, layout=relayout)
 
     def resized(self) -> None:
+        self.row_lines = self._row_lines()
         self.update_status()
+        self.update_selected()
         self._diag_key = None
         self.update_diagnosis()
+
+    # -- layers or blocks -----------------------------------------------------------------------
+    _planned_for = None
+    by_block = False
+    expanded: frozenset = frozenset()
+    row_lines = 1
+
+    def plan_rows(self) -> None:
+        """A new run's names: deep models with repeated containers open as blocks."""
+        self._planned_for = self.state.header
+        names = self.state.layer_names
+        self.by_block = len(names) > rowplan.BLOCKS_FROM and rowplan.has_blocks(names)
+        self.expanded = frozenset()
+        self.row_lines = self._row_lines()
+        if self.view == "time" and not self.state.time_layers:
+            self.show_view("dash")
+
+    @property
+    def rows(self) -> list[rowplan.Row]:
+        return self.state.plan(self.by_block, self.expanded)
+
+    def _row_lines(self) -> int:
+        """Text lines per layer row on the dashboard: a shallow net's bars get taller, so its
+        per-layer picture takes the room a deep one's rows would (up to 3 lines)."""
+        n = len(self.rows) if self.state.header else 0
+        if not n:
+            return 1
+        room = int((self.size.height or 24) * 0.6) - 3
+        return max(1, min(3, room // n))
+
+    def update_selected(self) -> None:
+        """The selected layer's (or block's) full name, always on screen, and the names' shared
+        prefix, dropped from every label."""
+        text = Text(no_wrap=True, overflow="ellipsis")
+        names = self.state.layer_names
+        if names:
+            rows = self.rows
+            layer = max(0, min(self.selected, len(names) - 1))
+            row = rows[rowplan.row_of(rows, layer)]
+            if row.block:
+                text.append(f"▸ {row.label}", style="bold")
+                text.append(f"  block of {row.last - row.first + 1} layers "
+                            f"({row.first + 1}–{row.last + 1} of {len(names)})")
+            else:
+                text.append(f"▸ {names[layer]}", style="bold")
+                text.append(f"  layer {layer + 1}/{len(names)}")
+                kinds = self.state.header.layer_kinds
+                if layer < len(kinds) and kinds[layer] not in ("linear", "?"):
+                    text.append(f" · {kinds[layer]}")
+                tied = self.state.header.tied.get(names[layer])
+                if tied:
+                    text.append(f" · ⇄ tied to {', '.join(tied)}")
+            prefix = self.state.prefix
+            if prefix:
+                text.append(f"  · labels drop “{prefix}”", style="dim")
+        key = (text.plain, len(text.spans))
+        if key != getattr(self, "_selected_key", None):
+            self._selected_key = key
+            self.query_one("#selected", Static).update(text)
 
     def _error_lines(self) -> list[tuple[str, str]]:
         st, src = self.state, self.source
@@ -583,6 +678,7 @@ class Dashboard(Monitor):
         self.source.restart()
 
     def _begin_run(self) -> None:
+        self._broke_for = None
         self.state = RunState(self.state.maxlen)
         self.selected = min(self.selected, 0)
         self.errors_hidden_at = -1
@@ -618,25 +714,88 @@ class Dashboard(Monitor):
         if 1 <= index <= len(names):
             self.switch_to(names[index - 1])
 
+    def views(self) -> tuple[str, ...]:
+        """The through-time view is there only for a run with recurrent layers."""
+        return VIEWS if self.state.time_layers else VIEWS[:-1]
+
     def action_cycle_view(self) -> None:
-        self.view = VIEWS[(VIEWS.index(self.view) + 1) % len(VIEWS)]
+        views = self.views()
+        index = views.index(self.view) if self.view in views else -1
+        self.show_view(views[(index + 1) % len(views)])
+
+    def show_view(self, view: str) -> None:
+        self.view = view
         self.query_one(ContentSwitcher).current = self.view
         self._plot_at = 0.0
         self.update_all(force=True)
+
+    def action_toggle_blocks(self) -> None:
+        if not rowplan.has_blocks(self.state.layer_names):
+            self.notify("this model has no repeated blocks", timeout=3)
+            return
+        self.by_block = not self.by_block
+        self.expanded = frozenset()
+        self.row_lines = self._row_lines()
+        self.update_all(force=True)
+        self.scroll_to_selected()
+
+    def action_expand(self) -> None:
+        """Open the selected block in place (or close the block the selected layer is in)."""
+        if not self.by_block or not self.state.header:
+            return
+        rows = self.rows
+        row = rows[rowplan.row_of(rows, max(0, self.selected))]
+        if row.block:
+            self.expanded = self.expanded | {row.label}
+            self.selected = row.first
+        else:
+            owner = next((r for r in rowplan.blocks(self.state.layer_names)
+                          if r.block and r.first <= self.selected <= r.last), None)
+            if owner is None:
+                return
+            self.expanded = self.expanded - {owner.label}
+            self.selected = owner.last
+        self.row_lines = self._row_lines()
+        self.update_all(force=True)
+        self.scroll_to_selected()
+
+    def action_toggle_smooth(self) -> None:
+        self.smooth = not self.smooth
+        self.query_one(LossPlot).plotted_for = None
+        self.replot(force=True)
+
+    def action_toggle_break(self) -> None:
+        self.break_on_nonfinite = not self.break_on_nonfinite
+        self.notify("pausing at the first non-finite step: " + ("on" if self.break_on_nonfinite else "off"),
+                    timeout=3)
 
     def action_cycle_metric(self) -> None:
         self.metric_mode = METRIC_MODES[(METRIC_MODES.index(self.metric_mode) + 1) % len(METRIC_MODES)]
         self.update_all(force=True)
 
     def action_select(self, delta: int) -> None:
+        """Move by rows (a block is one row); the selection is a layer, kept across views. In
+        the through-time view, move among the recurrent layers."""
         n = self.state.n_layers
         if not n:
             return
-        self.selected = max(0, min(n - 1, self.selected + delta))
+        if self.view == "time" and self.state.time_layers:
+            names = self.state.layer_names
+            recurrent = [names.index(x) for x in self.state.time_layers]
+            at = recurrent.index(self.selected) if self.selected in recurrent else 0
+            self.selected = recurrent[max(0, min(len(recurrent) - 1, at + delta))]
+        else:
+            rows = self.rows
+            r = max(0, min(len(rows) - 1, rowplan.row_of(rows, max(0, self.selected)) + delta))
+            self.selected = rows[r].last if rows[r].block else rows[r].first
         self.update_all(force=True)
-        if self.view == "dash":
-            self.rows_scroll.scroll_to(y=max(0, self.selected + 1 - self.rows_scroll.size.height // 2),
-                                       animate=False)
+        self.scroll_to_selected()
+
+    def scroll_to_selected(self) -> None:
+        if self.view == "dash" and self.state.header:
+            r = rowplan.row_of(self.rows, max(0, self.selected))
+            y = 1 + r * self.row_lines
+            self.rows_scroll.scroll_to(y=max(0, y - self.rows_scroll.size.height // 2), animate=False)
 
     def action_sampling(self, direction: int) -> None:
         if not self.source.live:
@@ -713,6 +872,7 @@ class Compare(Monitor):
         Binding("v", "cycle_view", "view"),
         Binding("g", "cycle_metric", "h/W"),
         Binding("q", "quit", "quit"),
+        Binding("b", "toggle_blocks", "blocks", show=False),
         Binding("up,k", "select(-1)", "layer", show=False),
         Binding("down,j", "select(1)", "layer", show=False),
     ]
@@ -734,6 +894,7 @@ class Compare(Monitor):
     """
 
     metric_mode = "h"
+    by_block = False
 
     class _Side:
         def __init__(self, owner: "Compare", source: Source):
@@ -753,6 +914,13 @@ class Compare(Monitor):
         @property
         def mono(self):
             return self.owner.mono
+
+        @property
+        def by_block(self):
+            return self.owner.by_block and rowplan.has_blocks(self.state.layer_names)
+
+        expanded = frozenset()
+        row_lines = 1
 
     def __init__(self, a: Source, b: Source, poll_hz: float = POLL_HZ):
         super().__init__(poll_hz)
@@ -935,9 +1103,14 @@ class Compare(Monitor):
         self.metric_mode = "W" if self.metric_mode == "h" else "h"
         self.refresh_all(force=True)
 
+    def action_toggle_blocks(self) -> None:
+        self.by_block = not self.by_block
+        self.refresh_all(force=True)
+
     def action_cycle_view(self) -> None:
         """Both columns switch together: the same view of two runs, side by side."""
-        self.view = VIEWS[(VIEWS.index(self.view) + 1) % len(VIEWS)]
+        views = VIEWS[:-1]  # through time: on the dashboard of a recurrent run
+        self.view = views[(views.index(self.view) + 1) % len(views)]
         self.set_class(self.view != "dash", "views")
         for i, switcher in enumerate(self.query(ContentSwitcher)):
             switcher.current = f"{self.view}{i}"
@@ -970,10 +1143,11 @@ class VgtuiApp(App):
     ENABLE_COMMAND_PALETTE = True
 
     def __init__(self, source: Source | None = None, *, compare: tuple[Source, Source] | None = None,
-                 mono: bool = False, poll_hz: float = POLL_HZ):
+                 mono: bool = False, poll_hz: float = POLL_HZ, break_on_nonfinite: bool = True):
         self.mono = bool(mono or "NO_COLOR" in os.environ)
         super().__init__()
         self.source = source
+        self.break_on_nonfinite = break_on_nonfinite
         self.compare = compare
         self.poll_hz = poll_hz
         self.theme = "textual-dark"
@@ -981,7 +1155,7 @@ class VgtuiApp(App):
     def get_default_screen(self) -> Screen:
         if self.compare is not None:
             return Compare(*self.compare, poll_hz=self.poll_hz)
-        return Dashboard(self.source, poll_hz=self.poll_hz)
+        return Dashboard(self.source, poll_hz=self.poll_hz, break_on_nonfinite=self.break_on_nonfinite)
 
     def show_help(self) -> None:
         """Push the help screen, built once and kept (installed). With 200 layers on a paused
@@ -1007,8 +1181,10 @@ class VgtuiApp(App):
 
 
 def make_app(source: Source | None = None, *, compare: tuple[Source, Source] | None = None,
-             mono: bool = False, poll_hz: float = POLL_HZ) -> VgtuiApp:
-    """The one factory behind the CLI, the Pilot tests and the snapshot tests."""
+             mono: bool = False, poll_hz: float = POLL_HZ, break_on_nonfinite: bool = True) -> VgtuiApp:
+    """The one factory behind the CLI, the Pilot tests and the snapshot tests.
+    ``break_on_nonfinite``: a live run pauses at its first non-finite step (``--no-break``)."""
     if source is None and compare is None:
         raise ValueError("make_app needs a source or a pair to compare")
-    return VgtuiApp(source, compare=compare, mono=mono, poll_hz=poll_hz)
+    return VgtuiApp(source, compare=compare, mono=mono, poll_hz=poll_hz,
+                    break_on_nonfinite=break_on_nonfinite)
