@@ -115,6 +115,15 @@ def bin_columns(matrix: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
+def stretch(matrix: np.ndarray, width: int) -> np.ndarray:
+    """(rows, T) with T < ``width`` -> (rows, width): each column repeated as evenly as it goes,
+    so that a short history still spans the plot (the time ticks use the same mapping)."""
+    t = matrix.shape[-1]
+    if t == 0 or t >= width:
+        return matrix
+    return np.take(matrix, np.arange(width) * t // width, axis=-1)
+
+
 def bin_rows(matrix: np.ndarray, rows: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """(L, T) -> (<=rows, T) grouping adjacent layers (min of the group: the weakest gradient
     in the group is what matters for vanishing; nan wins). Returns the groups' (first, last)."""
@@ -213,7 +222,8 @@ def _value_text(text: Text, value: float, measured: bool, width: int, mono: bool
                 style: str | Style | None = None) -> None:
     """A number in a readable text colour; non-finite and not measured each say so."""
     if not measured:
-        text.append(f"{'· not meas.':>{width}}"[:width], style="dim")
+        words = "· not measured" if width >= 14 else "not meas." if width >= 9 else NOT_MEASURED
+        text.append(words.rjust(width)[-width:], style="dim")
     elif not math.isfinite(value):
         text.append(f"{NOT_FINITE} {fmt(value, 0).strip()}".rjust(width)[:width],
                     style="bold reverse" if mono else _BAD_STYLE)
@@ -264,6 +274,8 @@ def layer_rows(state: RunState, width: int, metrics: list[str], selected: int, m
         logged, measured = state.row_log_matrix(metric, ctx.rows, spark_w)
         values, _ = state.row_matrix(metric, ctx.rows, 1)
         lo, hi = scale_of(logged)
+        # a short history spans the whole sparkline (the newest value stays at the right end)
+        logged, measured = stretch(logged, spark_w), stretch(measured, spark_w)
         columns.append((metric, logged, measured, values, lo, hi))
     what = "block" if ctx.by_block else "layer"
     text.append(f"{what:<{name_w}} ", style="bold")
@@ -357,9 +369,7 @@ def heatmap(state: RunState, width: int, height: int, metric: str, mono: bool,
     per_line = 1 if (n_rows <= plot_h or mono) else 2
     cols = bin_columns(np.where(measured, logged, -np.inf if False else logged), plot_w)
     seen = _bin_mask(measured, plot_w)
-    if 0 < cols.shape[1] < plot_w:  # few steps: widen each step's cell
-        rep = max(1, min(8, plot_w // cols.shape[1]))
-        cols, seen = np.repeat(cols, rep, axis=1), np.repeat(seen, rep, axis=1)
+    cols, seen = stretch(cols, plot_w), stretch(seen, plot_w)  # few steps: wider cells
     used_w = cols.shape[1]
     cells, groups = bin_rows(cols, plot_h * per_line)
     seen_rows = np.stack([seen[a:b + 1].any(axis=0) for a, b in groups]) if groups else seen
@@ -380,18 +390,22 @@ def heatmap(state: RunState, width: int, height: int, metric: str, mono: bool,
     if per_line == 1:
         n_levels = len(SHADES) - 1 if mono else len(RAMP)
         lv = _levels(cells, lo, hi, n_levels)
+        tall = max(1, min(4, plot_h // max(1, n_cells)))  # few rows: each gets more lines
         for r in range(n_cells):
             label, style = label_for(r, r)
-            text.append(f"{label:<{label_w}}", style=style)
-            text.append(" ")
             if mono:
-                text.append("".join(NOT_MEASURED if not seen_rows[r, j] else "!" if v < 0 else SHADES[v + 1]
-                                    for j, v in enumerate(lv[r].tolist())))
-            else:
-                _append_runs(text, [(NOT_MEASURED, _UNMEASURED_STYLE) if not seen_rows[r, j]
-                                    else ("█", _BAD_STYLE if v < 0 else _STYLES[v])
-                                    for j, v in enumerate(lv[r].tolist())])
-            text.append("\n")
+                line = "".join(NOT_MEASURED if not seen_rows[r, j] else "!" if v < 0 else SHADES[v + 1]
+                               for j, v in enumerate(lv[r].tolist()))
+            for k in range(tall):
+                text.append(f"{label if k == 0 else '':<{label_w}}", style=style if k == 0 else "")
+                text.append(" ")
+                if mono:
+                    text.append(line)
+                else:
+                    _append_runs(text, [((NOT_MEASURED if k == 0 else " "), _UNMEASURED_STYLE)
+                                        if not seen_rows[r, j] else ("█", _BAD_STYLE if v < 0 else _STYLES[v])
+                                        for j, v in enumerate(lv[r].tolist())])
+                text.append("\n")
     else:
         lv = _levels(cells, lo, hi, len(RAMP))
         lv = np.where(seen_rows, lv, -2)
@@ -487,22 +501,30 @@ def histogram(state: RunState, layer: int, width: int, height: int, mono: bool,
     body_h = max(1, height - 4)
     mids = (edges[:-1] + edges[1:]) / 2 if len(edges) == bins + 1 else np.arange(bins, dtype=float)
     bin_styles = [None if mono else _STYLES[level(float(m), HIST_LO, HIST_HI, len(RAMP))] for m in mids]
-    for r in ctx.window(body_h):
-        text.append(f"{ctx.label(r, label_w):<{label_w}}", style=ctx.label_style(r))
-        text.append(" ")
+    # with room to spare each one is a small bar chart (a ridge line), else one shaded line
+    lines = max(1, min(6, body_h // max(1, len(ctx.rows))))
+    for r in ctx.window(body_h // lines):
         row = per_row[r]
         peak = row.max()
-        if peak <= 0:
-            text.append(f"{NOT_MEASURED} not measured", style="dim")
-        else:
-            shares = row / peak
-            cells = []
-            for b in range(bins):
-                v = shares[b]
-                ch = " " if v <= 0 else _DENSITY[1] if v < 0.05 else _DENSITY[min(5, 2 + int(v * 4))]
-                cells.append((ch * bar_w, bin_styles[b] if ch.strip() else None))
-            _append_runs(text, cells)
-        text.append("\n")
+        for line in range(lines):
+            label = ctx.label(r, label_w) if line == lines - 1 else ""
+            text.append(f"{label:<{label_w}}", style=ctx.label_style(r) if label else "")
+            text.append(" ")
+            if peak <= 0:
+                if line == lines - 1:
+                    text.append(f"{NOT_MEASURED} not measured", style="dim")
+            elif lines == 1:
+                cells = []
+                for b, v in enumerate((row / peak).tolist()):
+                    ch = " " if v <= 0 else _DENSITY[1] if v < 0.05 else _DENSITY[min(5, 2 + int(v * 4))]
+                    cells.append((ch * bar_w, bin_styles[b] if ch.strip() else None))
+                _append_runs(text, cells)
+            else:
+                levels = [-1 if v <= 0 else int(v * (8 * lines - 1)) for v in (row / peak).tolist()]
+                body = _bars([max(0, v) for v in levels], lines, line)
+                cells = [((" " if levels[b] < 0 else body[b]) * bar_w, bin_styles[b]) for b in range(bins)]
+                _append_runs(text, cells)
+            text.append("\n")
     axis = [" "] * (bins * bar_w)
     step = max(1, int(math.ceil(5 / bar_w)))
     for b in range(0, bins + 1, step):
@@ -648,10 +670,7 @@ def through_time(state: RunState, width: int, height: int, selected: int, mono: 
                      f"t = 0…{T - 1} (first input left)"], width) + "\n", style="bold")
 
     def columns(v: np.ndarray) -> np.ndarray:
-        binned = bin_columns(v[None, :], plot_w)[0]
-        if 0 < len(binned) < plot_w:
-            binned = np.repeat(binned, max(1, plot_w // len(binned)))
-        return binned
+        return stretch(bin_columns(v[None, :], plot_w), plot_w)[0]
 
     for n in names:
         style = "reverse bold" if n == chosen else ""
