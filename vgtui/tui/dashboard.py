@@ -24,11 +24,11 @@ from . import render as R
 from . import rows as rowplan
 from .capabilities import Controls
 from .modals import PresetPicker
-from .monitor import (DIAGNOSIS_REFRESH_S, METRIC_MODES, POLL_HZ, SAMPLING_STEPS, VIEW_NAMES, VIEWS,
-                      Monitor, RowsScroll, quick_presets, stylesheet, wrap_fields)
+from .monitor import (DIAGNOSIS_REFRESH_S, DRAW_HZ, METRIC_MODES, POLL_HZ, SAMPLING_STEPS, STATUS_HZ,
+                      VIEW_NAMES, VIEWS, Monitor, RowsScroll, quick_presets, stylesheet, wrap_fields)
 from .sources import Source
 from .state import RunState
-from .widgets import Activations, Heatmap, Histogram, LayerRows, LossPlot, ThroughTime
+from .widgets import Activations, Heatmap, Histogram, LayerRows, LossPlot, TextLines, ThroughTime
 
 
 class Dashboard(Monitor):
@@ -78,13 +78,15 @@ class Dashboard(Monitor):
         self.controls = Controls(source)
         self.cursor = self.controls.cursor  # a replay's position and play state (None otherwise)
         self._status_key = None
+        self._status_at = 0.0
+        self._diag_lines = -1
         self._diag_key = None
         self._diag_at = 0.0
         self._errors_key = None
 
     # -- layout ---------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
-        yield Static(id="status")
+        yield TextLines(id="status")
         yield Static(id="selected")
         yield Static(id="errors")
         with ContentSwitcher(initial="dash", id="views"):
@@ -162,15 +164,33 @@ class Dashboard(Monitor):
             self.update_selected()
             self.update_errors()
             self.update_diagnosis()  # keyed on the verdicts; throttled while they only tick
-            if changed or force:
+            if changed:
+                self._draw_pending = True
+            if force or (self._draw_pending and self.draw_due()):
+                self._draw_pending = False
                 view = self.query_one(f"#{self.view}") if self.view != "dash" else None
                 if self.view == "dash":
                     rows = self.query_one(LayerRows)
                     if rows.changed():
-                        rows.refresh(layout=rows.size.height != rows.wanted_height())
+                        rows.redraw(layout=rows.size.height != rows.wanted_height())
                     self.replot(force=force)
                 elif view is not None and view.changed():
-                    view.refresh()
+                    view.redraw()
+
+    _draw_pending = False
+    _drawn_at = 0.0
+
+    def draw_due(self) -> bool:
+        """Live, the views redraw at most DRAW_HZ times a second (records still arrive at every
+        poll): a scrolling picture changes every cell on every step, and every redrawn line costs
+        bytes on the wire (SSH). A replay redraws at once."""
+        if not self.controls.trains:
+            return True
+        now = time.monotonic()
+        if now - self._drawn_at >= 1.0 / DRAW_HZ:
+            self._drawn_at = now
+            return True
+        return False
 
     def replot(self, force: bool = False) -> None:
         plot = self.query_one(LossPlot)
@@ -240,11 +260,17 @@ class Dashboard(Monitor):
         text = self._status_text()
         key = (text.plain, len(text.spans))
         if key != self._status_key:
-            # the text is wrapped here (no_wrap): a layout pass only when its line count changes
-            lines = text.plain.count("\n")
-            relayout = self._status_key is None or self._status_key[0].count("\n") != lines
+            # while training, the step counter and steps/s tick on every poll: once a second is
+            # enough for them; anything else (paused, failed, a new field) shows at once
+            now = time.monotonic()
+            ticking = (self.controls.trains and self._status_key is not None
+                       and _shape(key[0]) == _shape(self._status_key[0]))
+            if ticking and now - self._status_at < 1.0 / STATUS_HZ:
+                return
+            self._status_at = now
+            # wrapped here by whole fields; only the changed characters reach the terminal
             self._status_key = key
-            self.query_one("#status", Static).update(text, layout=relayout)
+            self.query_one("#status", TextLines).set(text)
 
     def resized(self) -> None:
         self.row_lines = self._row_lines()
@@ -275,12 +301,12 @@ class Dashboard(Monitor):
 
     def _row_lines(self) -> int:
         """Text lines per layer row on the dashboard: a shallow net's bars get taller, so its
-        per-layer picture takes the room a deep one's rows would (up to 3 lines)."""
+        per-layer picture takes the room a deep one's rows would (up to 5 lines; the loss chart keeps the rest)."""
         n = len(self.rows) if self.state.header else 0
         if not n:
             return 1
-        room = int((self.size.height or 24) * 0.6) - 3
-        return max(1, min(3, room // n))
+        room = int((self.size.height or 24) * 0.7) - 3
+        return max(1, min(5, room // n))
 
     def update_selected(self) -> None:
         """The selected layer's (or block's) full name, always on screen, and the names' shared
@@ -293,11 +319,11 @@ class Dashboard(Monitor):
             row = rows[rowplan.row_of(rows, layer)]
             if row.block:
                 text.append(f"▸ {row.label}", style="bold")
-                text.append(f"  block of {row.last - row.first + 1} layers "
+                text.append(f" · block of {row.last - row.first + 1} layers "
                             f"({row.first + 1}–{row.last + 1} of {len(names)})")
             else:
                 text.append(f"▸ {names[layer]}", style="bold")
-                text.append(f"  layer {layer + 1}/{len(names)}")
+                text.append(f" · layer {layer + 1}/{len(names)}")
                 kinds = self.state.header.layer_kinds
                 if layer < len(kinds) and kinds[layer] not in ("linear", "?"):
                     text.append(f" · {kinds[layer]}")
@@ -306,7 +332,7 @@ class Dashboard(Monitor):
                     text.append(f" · ⇄ tied to {', '.join(tied)}")
             prefix = self.state.prefix
             if prefix:
-                text.append(f"  · labels drop “{prefix}”", style="dim")
+                text.append(f" · labels drop “{prefix}”", style="dim")
         key = (text.plain, len(text.spans))
         if key != getattr(self, "_selected_key", None):
             self._selected_key = key
@@ -373,8 +399,12 @@ class Dashboard(Monitor):
         waiting = "waiting for the first step" if last is None else "the diagnosis needs more steps"
         limit = 1 if self.size.height < 30 else 3
         keys = {name: i + 1 for i, name in enumerate(quick_presets())} if self.controls.trains else None
-        self.query_one("#diagnosis", Static).update(
-            R.verdicts_text(verdicts, self.mono, limit, waiting, keys=keys))
+        text = R.verdicts_text(verdicts, self.mono, limit, waiting, keys=keys)
+        panel = self.query_one("#diagnosis", Static)
+        # a layout pass (which repaints what it moves) only when the panel's line count changes
+        lines = text.plain.count("\n")
+        panel.update(text, layout=lines != self._diag_lines)
+        self._diag_lines = lines
 
     # -- actions --------------------------------------------------------------------------------
     def check_action(self, action: str, parameters) -> bool | None:
@@ -593,3 +623,8 @@ class Dashboard(Monitor):
 
     def action_quit(self) -> None:
         self.app.exit()
+
+
+def _shape(text: str) -> str:
+    """A status line with its digits blanked: equal shapes differ only in ticking numbers."""
+    return "".join("#" if c.isdigit() else c for c in text)

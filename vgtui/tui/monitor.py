@@ -12,7 +12,9 @@ from textual.screen import Screen
 from textual.widgets import Static
 
 POLL_HZ = 5.0
-PLOT_HZ = 0.5
+PLOT_HZ = 0.25  # live loss chart: replots per second at most (a replot rewrites every cell of it)
+DRAW_HZ = 1.0  # live views: redraws per second at most (see Dashboard.draw_due)
+STATUS_HZ = 1.0  # live status line: how often its ticking numbers are rewritten
 DIAGNOSIS_REFRESH_S = 3.0
 VIEWS = ("dash", "heatmap", "hist", "acts", "time")
 VIEW_NAMES = {"dash": "dashboard", "heatmap": "heatmap", "hist": "histogram", "acts": "activations",

@@ -257,70 +257,74 @@ def first_last_line(state: RunState, width: int) -> Text:
 
 def layer_rows(state: RunState, width: int, metrics: list[str], selected: int, mono: bool,
                ctx: Ctx | None = None, lines: int = 1) -> Text:
-    """One row per layer or block (input at top): name, a sparkline of log10 norm over the newest
-    steps (one shared scale per metric, so a vanishing gradient sits visibly lower; ``lines``
-    text lines tall when the terminal has room), the current value in a plain text colour."""
+    """One row per layer or block (input at top): name, the current values in a plain text
+    colour, then per metric a sparkline of log10 norm over the kept history (one shared scale per
+    metric, so a vanishing gradient sits visibly lower; ``lines`` text lines tall when the
+    terminal has room). Numbers come first: they change at every step, and a terminal update
+    carries each changed line from its start to its last change."""
     text = Text(no_wrap=True, overflow="crop")
     if not state.layer_names:
         text.append("waiting for the first record…", style="dim")
         return text
     ctx = ctx or Ctx(state, selected=selected, mono=mono)
     lines = max(1, lines)
-    name_w = ctx.label_width(width, 0.34 if len(metrics) > 1 else 0.4)
-    col_w = max(14, (width - name_w - 1) // len(metrics))
-    spark_w = max(1, col_w - 11)
+    name_w = ctx.label_width(width, 0.3 if len(metrics) > 1 else 0.4)
+    fixed = name_w + 1 + 10 * len(metrics)
+    spark_w = max(1, (width - fixed) // len(metrics) - 1)
     columns = []
     for metric in metrics:
-        logged, measured = state.row_log_matrix(metric, ctx.rows, spark_w)
-        values, _ = state.row_matrix(metric, ctx.rows, 1)
-        lo, hi = scale_of(logged)
-        # a short history spans the whole sparkline (the newest value stays at the right end)
+        # the whole kept history in spark_w columns (mean of each column's steps, a non-finite
+        # value kept): a new step moves a column's mean a little, so the glyphs mostly stay put
+        # and a redraw sends little more than the numbers; a short history is stretched instead
+        logged, measured = state.row_log_matrix(metric, ctx.rows)
+        logged, measured = bin_columns(logged, spark_w), _bin_mask(measured, spark_w)
         logged, measured = stretch(logged, spark_w), stretch(measured, spark_w)
-        columns.append((metric, logged, measured, values, lo, hi))
+        values, now_measured = state.row_matrix(metric, ctx.rows, 1)
+        lo, hi = scale_of(logged)
+        columns.append((metric, logged, measured, values, now_measured, lo, hi))
     what = "block" if ctx.by_block else "layer"
     text.append(f"{what:<{name_w}} ", style="bold")
-    for metric, _, _, _, lo, hi in columns:
-        title = f"log10{METRIC_TITLES.get(metric, metric)} {exp_label(lo)}…{exp_label(hi)}"
-        text.append(f"{title[:col_w - 1]:<{col_w - 1}} ", style="bold")
+    for metric, *_ in columns:
+        text.append(f"{METRIC_TITLES.get(metric, metric):>9} ", style="bold")
+    for metric, _, _, _, _, lo, hi in columns:
+        name = METRIC_TITLES.get(metric, metric) if len(columns) > 1 else ""
+        title = fit([name, f"{exp_label(lo)}…{exp_label(hi)}", "log scale"], spark_w, sep=" ")
+        text.append(f"{title:<{spark_w}} ", style="bold")
     text.append("\n")
-    n = len(ctx.rows)
     levels_per = len(SPARK) * lines
-    for r in range(n):
+    for r in range(len(ctx.rows)):
         for line in range(lines):
-            label = ctx.label(r, name_w) if line == lines - 1 or lines == 1 else ""
-            if lines > 1 and line == 0 and r == ctx.selected_row:
-                label = ""
+            last_line = line == lines - 1
+            label = ctx.label(r, name_w) if last_line else ""
             text.append(f"{label:<{name_w}}", style=ctx.label_style(r) if label else "")
             text.append(" ")
-            for metric, logged, measured, values, lo, hi in columns:
+            for metric, logged, measured, values, now_measured, lo, hi in columns:
+                if last_line:
+                    current = float(values[r, -1]) if values.shape[1] else float("nan")
+                    was_measured = bool(now_measured[r, -1]) if now_measured.shape[1] else True
+                    _value_text(text, current, was_measured, 9, mono,
+                                "bold" if r == ctx.selected_row else None)
+                    text.append(" ")
+                else:
+                    text.append(" " * 10)
+            for metric, logged, measured, values, now_measured, lo, hi in columns:
                 row = logged[r] if logged.shape[1] else np.zeros(0)
                 seen = measured[r] if measured.shape[1] else np.zeros(0, dtype=bool)
                 levels = _levels(row, lo, hi, levels_per).tolist() if row.size else []
-                finite = row[np.isfinite(row)]
+                finite = row[np.isfinite(row)]  # one colour per row: its newest column's
                 colour = level(float(finite[-1]), lo, hi, len(RAMP)) if finite.size else 0
                 bar_style = None if mono else _STYLES[colour]
-                pad = spark_w - len(levels)
-                if pad > 0:
-                    text.append(" " * pad)
                 cells = []
                 body = _bars([max(0, lv) for lv in levels], lines, line)
                 for j, lv in enumerate(levels):
                     if not seen[j]:
-                        cells.append((NOT_MEASURED if line == lines - 1 else " ", _UNMEASURED_STYLE))
+                        cells.append((NOT_MEASURED if last_line else " ", _UNMEASURED_STYLE))
                     elif lv < 0:
-                        cells.append((NOT_FINITE if line == lines - 1 else " ", _BAD_STYLE))
+                        cells.append((NOT_FINITE if last_line else " ", _BAD_STYLE))
                     else:
                         cells.append((body[j], bar_style))
                 _append_runs(text, cells)
-                text.append(" ")
-                if line == lines - 1:
-                    current = float(values[r, -1]) if values.shape[1] else float("nan")
-                    was_measured = bool(seen[-1]) if seen.size else True
-                    _value_text(text, current, was_measured, 9, mono,
-                                "bold" if r == ctx.selected_row else None)
-                else:
-                    text.append(" " * 9)
-                text.append(" " * (col_w - spark_w - 10))
+                text.append(" " * (spark_w - len(levels) + 1))
             text.append("\n")
     text.append_text(first_last_line(state, width))
     return text

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from rich.text import Text
+from textual.geometry import Region
 from textual.strip import Strip
 from textual.widget import Widget
 from textual_plotext import PlotextPlot
@@ -78,6 +79,89 @@ class View(Widget):
     def changed(self) -> bool:
         key = (self.state.version, id(self.state), self.size.width, self.size.height, self.options())
         return key != self._key
+
+    def redraw(self, layout: bool = False) -> None:
+        """Refresh only the lines whose text changed since the last drawing: the terminal is sent
+        those lines alone (a steady picture costs next to nothing over SSH)."""
+        before = self._rows if self._rows_of is self._text else None
+        if layout or before is None or not self.size.width:
+            self.refresh(layout=layout)
+            return
+        text = self.render()
+        after = text.split("\n", allow_blank=True)
+        self._rows_of, self._rows, self._strips = text, after, {}
+        regions = changed_regions(before, after, self.size.width)
+        if regions:
+            self.refresh(*regions)
+
+
+def changed_regions(before: list[Text], after: list[Text], width: int) -> list[Region]:
+    """The regions of a redrawn text that differ from what is on screen: per line, from its first
+    to its last changed character when only characters changed, the whole line when its styles
+    or length changed. One region per line: Textual sends each region of a line from the start
+    of the widget's segment on that line, so several would send the line's start several times."""
+    regions = []
+    for y in range(max(len(before), len(after))):
+        if y >= len(before) or y >= len(after):
+            regions.append(Region(0, y, width, 1))
+            continue
+        old, new = before[y], after[y]
+        if old == new:
+            continue
+        span = _changed_span(old, new)
+        regions.append(Region(0, y, width, 1) if span is None else Region(span[0], y, span[1] - span[0], 1))
+    return regions
+
+
+def _changed_span(old: Text, new: Text) -> tuple[int, int] | None:
+    """[start, end) columns where two one-line texts differ, when only characters changed (same
+    length, same styles); None when the styles differ."""
+    a, b = old.plain, new.plain
+    if len(a) != len(b) or old.spans != new.spans:
+        return None
+    start = next((i for i in range(len(a)) if a[i] != b[i]), None)
+    if start is None:
+        return None
+    end = next(i for i in range(len(a), 0, -1) if a[i - 1] != b[i - 1])
+    return start, end
+
+
+class TextLines(Widget):
+    """A few lines of text (the status bar) that send the terminal only what changed."""
+
+    DEFAULT_CSS = """
+    TextLines { height: auto; }
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None):
+        super().__init__(id=id, classes=classes)
+        self._lines: list[Text] = []
+        self._strips: dict[int, Strip] = {}
+
+    def set(self, text: Text) -> None:
+        lines = text.split("\n", allow_blank=True)
+        before, self._lines, self._strips = self._lines, lines, {}
+        if len(lines) != len(before) or not self.size.width:
+            self.refresh(layout=True)
+        else:
+            regions = changed_regions(before, lines, self.size.width)
+            if regions:
+                self.refresh(*regions)
+
+    def get_content_height(self, container, viewport, width: int) -> int:
+        return max(1, len(self._lines))
+
+    def render_line(self, y: int) -> Strip:
+        strip = self._strips.get(y)
+        if strip is None:
+            width, style = self.size.width, self.rich_style
+            if y < len(self._lines):
+                segments = list(self._lines[y].render(self.app.console))
+                strip = Strip(segments).crop_extend(0, width, style).apply_style(style)
+            else:
+                strip = Strip.blank(width, style)
+            self._strips[y] = strip
+        return strip
 
 
 class LayerRows(View):
