@@ -6,8 +6,8 @@ pays for them: the app runs in a tmux pane and ``tmux pipe-pane -o`` copies ever
 
 For each size: start ``python -m vgtui --preset P`` in a detached tmux session of that size, wait
 ``--warmup`` seconds, pipe the pane's output to a file for ``--seconds``, report KB/s (1 KB = 1000
-bytes). ``--tree DIR`` runs another checkout's vgtui (e.g. ``git archive REV | tar -x -C DIR``)
-with this environment, for an A/B; rounds interleave the trees. Any other program can be
+bytes). ``--tree DIR`` runs another checkout's vgtui from DIR (e.g. ``git archive REV vgtui |
+tar -x -C DIR``) with this environment, for an A/B; rounds interleave the trees. Any other program can be
 measured the same way with ``--command`` (e.g. ``--command btop``).
 
 Why benchmarks/tui_bench.py reports less: it counts bytes from the first to the last record of a
@@ -35,13 +35,14 @@ def tmux(*args: str) -> str:
     return subprocess.run(["tmux", "-L", SOCKET, *args], check=True, capture_output=True, text=True).stdout
 
 
-def measure(command: str, size: tuple[int, int], warmup: float, seconds: float, env: dict) -> float:
+def measure(command: str, size: tuple[int, int], warmup: float, seconds: float, env: dict,
+            cwd: str = ROOT) -> float:
     cols, rows = size
     out = tempfile.mktemp(suffix=".bytes")
     session = f"wire{os.getpid()}"
     exports = " ".join(f"{k}={v}" for k, v in env.items())
     tmux("new-session", "-d", "-s", session, "-x", str(cols), "-y", str(rows),
-         f"cd {ROOT} && env {exports} {command}")
+         f"cd {cwd} && env {exports} {command}")
     try:
         time.sleep(warmup)
         tmux("pipe-pane", "-o", "-t", session, f"cat >> {out}")
@@ -66,6 +67,9 @@ def main() -> None:
     parser.add_argument("--tree", action="append", default=[],
                         help="another checkout to A/B against (repeatable); '.' is this one")
     parser.add_argument("--command", default=None, help="measure this command instead of vgtui")
+    parser.add_argument("--term", default="xterm-256color:truecolor",
+                        help="TERM:COLORTERM of the pane (default a 24-bit terminal; "
+                             "'tmux-256color:' for tmux's own, 256 colours)")
     args = parser.parse_args()
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     trees = args.tree or ["."]
@@ -74,15 +78,15 @@ def main() -> None:
         for size in sizes:
             for tree in trees:
                 # a 24-bit terminal (what SSH users of a modern terminal have): the longest escapes
-                env = {"OMP_NUM_THREADS": "1", "TERM": "xterm-256color", "COLORTERM": "truecolor"}
+                term, colorterm = (args.term.split(":") + [""])[:2]
+                env = {"OMP_NUM_THREADS": "1", "TERM": term, "COLORTERM": colorterm}
+                cwd = ROOT if tree == "." else os.path.abspath(tree)  # `-m vgtui` imports from cwd
                 if args.command:
                     command, label = args.command, args.command
                 else:
-                    if tree != ".":
-                        env["PYTHONPATH"] = os.path.abspath(tree)
                     command = f"{sys.executable} -m vgtui --preset {args.preset}"
                     label = f"vgtui@{tree}"
-                kbs = measure(command, size, args.warmup, args.seconds, env)
+                kbs = measure(command, size, args.warmup, args.seconds, env, cwd)
                 key = f"{label} {size[0]}x{size[1]}"
                 results.setdefault(key, []).append(kbs)
                 print(json.dumps({"what": key, "kb_per_s": round(kbs, 2)}), flush=True)

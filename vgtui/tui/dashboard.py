@@ -133,8 +133,8 @@ class Dashboard(Monitor):
             return
         records = self.source.poll()
         changed = self.state.feed(records) if records else False
-        if changed:
-            self.break_if_nonfinite()
+        if changed and self.break_if_nonfinite():
+            self.state.feed(self.source.poll())  # the "paused" answer, if it is already there
         self.update_all(changed)
         if changed:
             self.frame_times.append(time.perf_counter() - t0)
@@ -143,18 +143,19 @@ class Dashboard(Monitor):
                 self.froze_long_lived = True
                 memory.freeze_long_lived()
 
-    def break_if_nonfinite(self) -> None:
+    def break_if_nonfinite(self) -> bool:
         """Live: pause the run the first time a non-finite value shows up, so that the moment
         worth inspecting stays on screen (``!`` or ``make_app(break_on_nonfinite=False)`` off)."""
         nonfinite = self.state.nonfinite
         if (nonfinite is None or not self.break_on_nonfinite or not self.controls.trains
                 or self._broke_for == (self.state.run_id, nonfinite) or self.state.paused):
-            return
+            return False
         self._broke_for = (self.state.run_id, nonfinite)
         self.source.pause()
         step, layer, where = nonfinite
         self.notify(f"paused at the first non-finite step {step}: {layer} ({where} pass). "
                     "space resumes; ! stops pausing", title="non-finite", severity="warning", timeout=8)
+        return True
 
     def update_all(self, changed: bool = True, force: bool = False) -> None:
         if self.state.header is not None and self._planned_for is not self.state.header:

@@ -21,13 +21,13 @@ HELP_KEYS = [
     ("p", "preset picker (ctrl+p: command palette)"),
     ("p / P", "compare: a new preset for the right / left run"),
     ("1 … 9", "quick presets, listed below"),
-    ("v", "cycle views: dashboard, heatmap, histograms, activations (through time: RNNs)"),
-    ("b", "layers / blocks (deep models open as blocks), in every view"),
+    ("v", "next view: dashboard, heatmap, histograms, activations, time*"),
+    ("b", "layers / blocks, in every view"),
     ("enter e", "open / close the selected block in place"),
     ("s", "loss chart: smoothed (EMA, raw faint) / raw"),
     ("!", "live: pause at the first non-finite step on / off"),
     ("g", "show ‖∂L/∂h‖ and ‖∂L/∂W‖ / only ‖∂L/∂h‖ / only ‖∂L/∂W‖"),
-    ("↑ ↓", "select a layer (histogram, highlighted row)"),
+    ("↑ ↓", "select a layer or block (kept across views)"),
     ("+ -", "sample every more / fewer steps"),
     ("← →", "replay: one step backward / forward"),
     ("home end", "replay: first / last step"),
@@ -75,7 +75,8 @@ class HelpScreen(ModalScreen):
             text.append("█", style=colour)
         text.append(" huge, ", style="dim")
         text.append("✗", style=R.BAD_COLOUR)
-        text.append(" nan/inf; input layer at the top", style="dim")
+        text.append(" not finite, · not measured; input layer at the top; "
+                    "*through time: runs with recurrent layers", style="dim")
         return text
 
 
