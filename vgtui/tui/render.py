@@ -342,14 +342,16 @@ def _time_axis(steps: list[int], cols: int, offset: int) -> str:
     if not steps or cols <= 0:
         return ""
     n = len(steps)
-    at = offset
+    at, previous = offset, None
     while at < offset + cols:
         j = at - offset
         step = steps[min(n - 1, int(j * n / cols))]
         label = f"╵{step}"
         if at + len(label) > offset + cols:
             break
-        axis[at:at + len(label)] = list(label)
+        if step != previous:  # a stretched short history repeats steps across columns
+            axis[at:at + len(label)] = list(label)
+            previous = step
         at += max(len(label) + 3, cols // 6)
     return "".join(axis).rstrip()
 
@@ -571,13 +573,13 @@ def activations(state: RunState, width: int, selected: int, mono: bool, height: 
         return text
     ctx = ctx or Ctx(state, selected=selected, mono=mono)
     name_w = ctx.label_width(width, 0.25)
-    fixed = name_w + 8 + 9 + 9 + 7 + 7 + 2
+    fixed = name_w + 8 + 10 + 10 + 7 + 7 + 2
     if width < fixed:
         name_w = max(5, name_w - (fixed - width))
-        fixed = name_w + 8 + 9 + 9 + 7 + 7 + 2
+        fixed = name_w + 8 + 10 + 10 + 7 + 7 + 2
     room = max(0, width - fixed)
     strip_w = room // 2 - 1 if room >= 14 else 0
-    text.append(f"{'block' if ctx.by_block else 'layer':<{name_w}} {'kind':<7} {'mean':>8} {'std':>8} "
+    text.append(f"{'block' if ctx.by_block else 'layer':<{name_w}} {'kind':<7} {'mean':>9} {'std':>9} "
                 f"{'sat%':>6} {'dead%':>6}  ", style="bold")
     if strip_w:
         text.append(f"{'mean over time (its range)'[:strip_w]:<{strip_w}} ", style="bold")
@@ -585,8 +587,8 @@ def activations(state: RunState, width: int, selected: int, mono: bool, height: 
     text.append("\n")
     rows = ctx.rows
     now = {m: state.row_matrix(m, rows, 1, detail=True) for m in ("act_mean", "act_std", "saturated", "dead")}
-    hist = {m: state.row_matrix(m, rows, strip_w, detail=True)[0] for m in ("act_mean", "saturated", "dead")} \
-        if strip_w else {}
+    hist = {m: stretch(state.row_matrix(m, rows, strip_w, detail=True)[0], strip_w)
+            for m in ("act_mean", "saturated", "dead")} if strip_w else {}
     kinds = state.header.layer_kinds if state.header else ["?"] * state.n_layers
     body = len(rows) if height <= 1 else max(1, height - 2)
     for r in ctx.window(body):
@@ -597,7 +599,7 @@ def activations(state: RunState, width: int, selected: int, mono: bool, height: 
         for metric in ("act_mean", "act_std"):
             values, seen = now[metric]
             _value_text(text, float(values[r, -1]) if values.shape[1] else float("nan"),
-                        bool(seen[r, -1]) if seen.shape[1] else True, 8, mono)
+                        bool(seen[r, -1]) if seen.shape[1] else True, 9, mono)
             text.append(" ")
         sat = float(now["saturated"][0][r, -1]) if now["saturated"][0].shape[1] else float("nan")
         dead = float(now["dead"][0][r, -1]) if now["dead"][0].shape[1] else float("nan")
