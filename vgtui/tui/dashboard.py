@@ -306,7 +306,11 @@ class Dashboard(Monitor):
         n = len(self.rows) if self.state.header else 0
         if not n:
             return 1
-        room = int((self.size.height or 24) * 0.7) - 3
+        height = self.size.height or 24
+        # what the views get: less the status bar, the selected line, the footer and the
+        # diagnosis (one verdict below 30 lines, up to three above)
+        views = height - 4 - (3 if height < 30 else 8)
+        room = int(views * 0.75) - 2  # the rows' share (CSS max-height), less header and ratio
         return max(1, min(5, room // n))
 
     def update_selected(self) -> None:
