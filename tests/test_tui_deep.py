@@ -170,3 +170,24 @@ async def test_smoothing_toggles():
         await pilot.press("s")
         await pilot.pause(0.1)
         assert "(EMA)" not in screen_text(app)
+
+
+@sync
+async def test_loss_chart_draws_the_band_between_samples_and_held_out_loss():
+    from vgtui.records import RunHeader, StepWindow
+
+    recs = []
+    for r in records("sigmoid-deep"):
+        if isinstance(r, StepRecord):
+            window = StepWindow(steps=5, first_step=r.step - 4, loss_min=r.loss * 0.9, loss_max=r.loss * 1.2,
+                                loss_mean=r.loss, loss_last=r.loss, loss_max_step=r.step - 2,
+                                grad_norm_min=1.0, grad_norm_max=2.0, grad_norm_mean=1.5,
+                                grad_norm_last=1.5, grad_norm_max_step=r.step)
+            r = dataclasses.replace(r, window=window,
+                                    heldout_loss=r.loss * 1.1 if r.step % 10 == 0 else float("nan"))
+        recs.append(r)
+    assert isinstance(recs[0], RunHeader)
+    app = make_app(ReplaySource(records=recs))
+    async with app.run_test(size=(120, 40)):
+        text = screen_text(app)
+        assert "max between samples" in text and "held-out" in text
