@@ -3,18 +3,17 @@ a writer thread appends to. No wall-clock thresholds: waits only bound how long 
 
 from __future__ import annotations
 
-import asyncio
 import threading
-import time
 
 import pytest
 
 from vgtui.config import load_preset
 from vgtui.jsonl import JsonlWriter
 from vgtui.records import RunHeader, StepRecord
-from vgtui.tui.app import Dashboard, make_app
+from vgtui.tui.app import make_app
 from vgtui.tui.sources import FollowSource, LiveSource
 
+from tui_helpers import dashboard, sync, wait_for
 from tui_snapshot_app import records, screen_text
 
 SIZE = (100, 30)
@@ -26,30 +25,6 @@ def tiny(name: str = "shallow"):
 
 def trainer_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("vgtui-trainer") and t.is_alive()]
-
-
-async def wait_for(pilot, predicate, timeout: float = 60.0) -> None:
-    """Poll the app until ``predicate()`` holds (the timeout only bounds a failing test)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await pilot.pause(0.05)
-
-
-def sync(coro_fn):
-    """Run an async test without an async pytest plugin."""
-    import functools
-
-    @functools.wraps(coro_fn)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(coro_fn(*args, **kwargs))
-
-    return wrapper
-
-
-def dashboard(app) -> Dashboard:
-    return next(s for s in app.screen_stack if isinstance(s, Dashboard))
 
 
 @pytest.fixture(autouse=True)

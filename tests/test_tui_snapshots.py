@@ -1,5 +1,6 @@
-"""Snapshots of every screen and view at 80×24 and 120×40, fed from the fixed recordings in
-tests/data (no training thread, no clock, pinned theme). Update with
+"""Snapshots of every screen and view at 80×24, 120×40 (and every view at 200×60), fed from the
+fixed recordings in tests/data (no training thread, no clock, pinned theme): two MLP presets, a
+24-block GPT-2 and a resnet18 recorded with vgtui.watch, a tanh RNN for the through-time view. Update with
 `pytest tests/test_tui_snapshots.py --snapshot-update` and review the report before committing."""
 
 from __future__ import annotations
@@ -16,27 +17,44 @@ from tui_snapshot_app import (
 )
 
 SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
+ALL_SIZES = SIZES + [pytest.param((200, 60), id="200x60")]
+VIEWS = {"dashboard": [], "heatmap": ["v"], "histogram": ["v", "v"], "activations": ["v", "v", "v"]}
+
+
+@pytest.mark.parametrize("size", ALL_SIZES)
+@pytest.mark.parametrize("view", list(VIEWS))
+@pytest.mark.parametrize("name", ["sigmoid-deep", "relu-30-xavier", "gpt24", "resnet18"])
+def test_view(snap_compare, name, view, size):
+    """Every view of every model at every size; the third row (or block) selected."""
+    assert snap_compare(scripted_app(name), press=["down", "down"] + VIEWS[view], terminal_size=size)
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("name", ["sigmoid-deep", "relu-he", "exploding"])
+@pytest.mark.parametrize("name", ["relu-he", "exploding"])
 def test_dashboard(snap_compare, name, size):
     assert snap_compare(scripted_app(name), terminal_size=size)
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_heatmap_30_layers(snap_compare, size):
-    assert snap_compare(scripted_app("relu-30-xavier"), press=["v"], terminal_size=size)
+def test_through_time(snap_compare, size):
+    assert snap_compare(scripted_app("rnn"), press=["v", "v", "v", "v"], terminal_size=size)
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_histogram(snap_compare, size):
-    assert snap_compare(scripted_app("sigmoid-deep"), press=["v", "v", "down"], terminal_size=size)
+def test_gpt_layers_with_a_block_open(snap_compare):
+    """b twice is blocks again; enter opens h.0 in place (its six layers, indented)."""
+    assert snap_compare(scripted_app("gpt24"), press=["down", "down", "enter"], terminal_size=(120, 40))
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_activations(snap_compare, size):
-    assert snap_compare(scripted_app("relu-30-xavier"), press=["v", "v", "v"], terminal_size=size)
+def test_gpt_every_layer_heatmap(snap_compare):
+    """148 layers in 36 rows: two per row (half blocks), each row labelled."""
+    assert snap_compare(scripted_app("gpt24"), press=["b", "v"], terminal_size=(120, 40))
+
+
+def test_light_theme(snap_compare):
+    async def light(pilot):
+        pilot.app.theme = "textual-light"
+
+    assert snap_compare(scripted_app("sigmoid-deep"), run_before=light, terminal_size=(120, 40))
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -98,6 +116,10 @@ def test_mono(snap_compare):
 
 def test_mono_heatmap(snap_compare):
     assert snap_compare(scripted_app("relu-30-xavier", mono=True), press=["v"], terminal_size=(80, 24))
+
+
+def test_mono_gpt_histograms(snap_compare):
+    assert snap_compare(scripted_app("gpt24", mono=True), press=["v", "v"], terminal_size=(120, 40))
 
 
 def test_too_small(snap_compare):

@@ -3,8 +3,6 @@ renderers, and that textual stays out of the core import path."""
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 import subprocess
 import sys
@@ -13,33 +11,12 @@ import numpy as np
 
 from vgtui.records import StepRecord
 from vgtui.tui import render as R
-from vgtui.tui.app import Dashboard, make_app
+from vgtui.tui.app import make_app
 from vgtui.tui.sources import ReplaySource
 from vgtui.tui.state import RunState
 
+from tui_helpers import dashboard, sync, wait_for
 from tui_snapshot_app import recording, records, scripted_app, screen_text, training_error
-
-
-def sync(coro_fn):
-    @functools.wraps(coro_fn)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(coro_fn(*args, **kwargs))
-
-    return wrapper
-
-
-async def wait_for(pilot, predicate, timeout: float = 30.0) -> None:
-    """Let the poll timer run until ``predicate()`` holds (the timeout only bounds a failure)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await pilot.pause(0.05)
-
-
-def dashboard(app) -> Dashboard:
-    return next(s for s in app.screen_stack if isinstance(s, Dashboard))
 
 
 @sync
@@ -68,9 +45,9 @@ async def test_replay_seeking():
         footer = screen_text(app).splitlines()[-1]
         assert "play" in footer and "pause" not in footer  # space plays a replay
         await pilot.press("space")  # at the end: plays from the start
-        assert dash.playing and dash.position < last  # restarted from the first step
+        assert dash.cursor.playing and dash.position < last  # restarted from the first step
         await pilot.press("space")
-        assert not dash.playing
+        assert not dash.cursor.playing
         await pilot.press("r")  # not available in replay: the app says so and carries on
         await pilot.press("q")
 

@@ -27,14 +27,16 @@ def _run(app, sources) -> int:
 
 def run_live(preset, *, device: str = "cpu", mono: bool = False, paused: bool = False,
              data_root: Path | None = None, download: bool = False,
-             overhead_budget: float | None = None) -> int:
+             overhead_budget: float | None = None, break_on_nonfinite: bool = True) -> int:
+    """``break_on_nonfinite``: pause at the first non-finite step (the CLI's ``--no-break`` turns
+    it off)."""
     _prepare(mono)
     from .app import make_app
     from .sources import LiveSource
 
     source = LiveSource(preset, device=device, paused=paused, data_root=data_root, download=download,
                         overhead_budget=overhead_budget)
-    return _run(make_app(source, mono=mono), [source])
+    return _run(make_app(source, mono=mono, break_on_nonfinite=break_on_nonfinite), [source])
 
 
 def run_replay(path, follow: bool = False, mono: bool = False) -> int:

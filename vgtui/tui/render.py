@@ -12,12 +12,15 @@ from rich.style import Style
 from rich.text import Text
 
 from ..formatting import fmt
+from ..diagnosis import EXPLODE_ENTER, VANISH_ENTER
 from ..records import SEVERITY_ORDER, Verdict
+from . import rows as rowplan
 from .state import RunState
 
-# "turbo"-like ramp: vanishing = cold, exploding = hot
-RAMP = ["#30123b", "#4145ab", "#4675ed", "#39a2fc", "#1bcfd4", "#24eca6", "#61fc6c", "#a4fc3b",
-        "#d1e834", "#f3c63a", "#fe9b2d", "#f36315", "#d93806", "#b11901", "#7a0402"]
+# "turbo"-like ramp: vanishing = cold, exploding = hot (its near-black ends left out: a bar or a
+# cell must stay visible on a dark background). Numbers never take these colours.
+RAMP = ["#4145ab", "#4675ed", "#39a2fc", "#1bcfd4", "#24eca6", "#61fc6c", "#a4fc3b",
+        "#d1e834", "#f3c63a", "#fe9b2d", "#f36315", "#d93806", "#b11901"]
 BAD_COLOUR = "#ff00ff"
 SPARK = "▁▂▃▄▅▆▇█"
 SHADES = " ░▒▓█"
@@ -112,6 +115,15 @@ def bin_columns(matrix: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
+def stretch(matrix: np.ndarray, width: int) -> np.ndarray:
+    """(rows, T) with T < ``width`` -> (rows, width): each column repeated as evenly as it goes,
+    so that a short history still spans the plot (the time ticks use the same mapping)."""
+    t = matrix.shape[-1]
+    if t == 0 or t >= width:
+        return matrix
+    return np.take(matrix, np.arange(width) * t // width, axis=-1)
+
+
 def bin_rows(matrix: np.ndarray, rows: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """(L, T) -> (<=rows, T) grouping adjacent layers (min of the group: the weakest gradient
     in the group is what matters for vanishing; nan wins). Returns the groups' (first, last)."""
@@ -143,193 +155,384 @@ def _append_runs(text: Text, cells: list[tuple[str, Style | None]]) -> None:
         text.append("".join(run), style=style)
 
 
-# -- per-layer sparkline rows ------------------------------------------------------------------
+# -- shared by the per-layer views ----------------------------------------------------------------
 
-def layer_rows(state: RunState, width: int, metrics: list[str], selected: int, mono: bool) -> Text:
-    """One row per layer (input at top): name, a sparkline of log10 norm over the newest steps
-    (one shared scale per metric, so a vanishing gradient sits visibly lower), the current value."""
+NOT_MEASURED = "·"  # a cell or value that was not measured (not the same as non-finite: ✗)
+NOT_FINITE = "✗"
+_UNMEASURED_STYLE = Style(color="#808080", dim=True)
+
+
+class Ctx:
+    """What a per-layer view draws: the rows (layers or blocks), which layer is selected, which
+    blocks are open, monochrome or not. Built by the owner; renderers only read it."""
+
+    def __init__(self, state: RunState, by_block: bool = False, expanded: frozenset = frozenset(),
+                 selected: int = 0, mono: bool = False):
+        self.state = state
+        self.by_block = by_block
+        self.expanded = expanded
+        self.rows = state.plan(by_block, expanded)
+        self.prefix = state.prefix
+        self.selected_layer = max(-1, min(selected, max(0, state.n_layers - 1)))
+        self.selected_row = rowplan.row_of(self.rows, self.selected_layer) \
+            if self.rows and self.selected_layer >= 0 else -1
+        self.mono = mono
+        self.tied = state.header.tied if state.header else {}
+
+    def label(self, r: int, width: int) -> str:
+        row = self.rows[r]
+        tied = (not row.block) and row.label in self.tied
+        text = rowplan.row_label(row, self.prefix, width - (2 if tied else 0), self.expanded)
+        return text + " ⇄" if tied else text
+
+    def label_width(self, width: int, share: float = 0.3) -> int:
+        tied = 2 if self.tied else 0
+        return rowplan.label_width(self.rows, width, self.prefix, share) + tied
+
+    def label_style(self, r: int) -> str:
+        if r == self.selected_row:
+            return "reverse bold"
+        return "bold" if self.rows[r].block else ""
+
+    def window(self, height: int) -> range:
+        """The rows that fit in ``height`` lines, following the selection."""
+        n = len(self.rows)
+        if n <= height:
+            return range(n)
+        first = max(0, min(n - height, self.selected_row - height // 2))
+        return range(first, first + height)
+
+
+def ratio_verdict(ratio: float) -> str:
+    """The diagnosis's words for a first/last ‖∂L/∂h‖ ratio, on the diagnosis's own thresholds
+    (so this line never says healthy beside a vanishing verdict)."""
+    if not math.isfinite(ratio):
+        return "(not finite or not measured)"
+    if ratio < VANISH_ENTER:
+        return "vanishing toward the input"
+    if ratio > EXPLODE_ENTER:
+        return "exploding toward the input"
+    return "within the healthy range"
+
+
+ratio_words = ratio_verdict  # the name earlier callers used
+
+
+def _value_text(text: Text, value: float, measured: bool, width: int, mono: bool,
+                style: str | Style | None = None) -> None:
+    """A number in a readable text colour; non-finite and not measured each say so."""
+    if not measured:
+        words = "· not measured" if width >= 14 else "not meas." if width >= 9 else NOT_MEASURED
+        text.append(words.rjust(width)[-width:], style="dim")
+    elif not math.isfinite(value):
+        text.append(f"{NOT_FINITE} {fmt(value, 0).strip()}".rjust(width)[:width],
+                    style="bold reverse" if mono else _BAD_STYLE)
+    else:
+        text.append(fmt(value, width), style=style)
+
+
+def _bars(levels: list[int], lines: int, line: int) -> str:
+    """Line ``line`` (0 = top) of ``lines``-tall vertical bars for eighth-levels 0..8*lines-1."""
+    out = []
+    floor = (lines - 1 - line) * 8
+    for lv in levels:
+        fill = lv + 1 - floor
+        out.append(" " if fill <= 0 else "█" if fill >= 8 else SPARK[fill - 1])
+    return "".join(out)
+
+
+def first_last_line(state: RunState, width: int) -> Text:
+    """input/output ‖∂L/∂h‖ with the diagnosis's words, from the record's one first/last rule."""
     text = Text(no_wrap=True, overflow="crop")
-    names = state.layer_names
-    if not names:
-        text.append("waiting for the first record…", style="dim")
+    if state.last is None:
         return text
-    name_w = min(10, max(len(n) for n in names))
-    col_w = max(12, (width - name_w - 1) // len(metrics))
-    spark_w = max(1, col_w - 11)
-    columns = []
-    for metric in metrics:
-        logged = state.log_matrix(metric, spark_w)
-        lo, hi = scale_of(logged)
-        columns.append((metric, logged, lo, hi))
-    # header
-    text.append(f"{'layer':<{name_w}} ", style="bold")
-    for metric, _, lo, hi in columns:
-        title = f"log10{METRIC_TITLES.get(metric, metric)} {exp_label(lo)}…{exp_label(hi)}"
-        text.append(f"{title[:col_w - 1]:<{col_w - 1}} ", style="bold")
-    text.append("\n")
-    for i, name in enumerate(names):
-        marker_style = "reverse bold" if i == selected else "bold" if i in (0, len(names) - 1) else ""
-        text.append(f"{name[:name_w]:<{name_w}}", style=marker_style)
-        text.append(" ")
-        for metric, logged, lo, hi in columns:
-            row = logged[i] if logged.shape[1] else np.zeros(0)
-            levels = _levels(row, lo, hi, len(SPARK)).tolist() if row.size else []
-            # one colour per row: that of the newest value (few spans: cheap to composite)
-            colour = level(float(row[-1]), lo, hi, len(RAMP)) if row.size else 0
-            row_style = None if mono else (_STYLES[colour] if colour >= 0 else _BAD_STYLE)
-            pad = spark_w - len(levels)
-            if pad > 0:
-                text.append(" " * pad)
-            _append_runs(text, [("✗", _BAD_STYLE) if lv < 0 else (SPARK[lv], row_style) for lv in levels])
-            current = state.last.layers[metric][i] if state.last is not None else float("nan")
-            value_style = row_style
-            if not math.isfinite(current):
-                value_style = "bold reverse" if mono else _BAD_STYLE
-            text.append(" ")
-            text.append(fmt(current, 9), style=value_style)
-            text.append(" " * (col_w - spark_w - 10))
-        text.append("\n")
-    if state.last is not None and "act_grad_norm" in metrics:
-        g = state.last.layers["act_grad_norm"]
-        ratio = float(g[0] / g[-1]) if len(g) > 1 and g[-1] not in (0,) and math.isfinite(g[-1]) else float("nan")
-        head = f"input/output ‖∂L/∂h‖ {fmt(ratio, 0).strip()}"
-        text.append(fit([head, ratio_words(ratio)], width, sep="  "), style="dim")
+    ratio = state.last.first_last_ratio()
+    head = f"input/output ‖∂L/∂h‖ {fmt(ratio.value, 0).strip()}"
+    text.append(fit([head, ratio_verdict(ratio.value),
+                     f"{NOT_FINITE} not finite  {NOT_MEASURED} not measured"], width, sep="  "), style="dim")
     return text
 
 
-def ratio_words(ratio: float) -> str:
-    if not math.isfinite(ratio):
-        return "(not finite)"
-    if ratio < 1e-2:
-        return "vanishing toward the input"
-    if ratio > 1e2:
-        return "exploding toward the input"
-    return "healthy: it keeps its size"
+# -- per-layer sparkline rows ------------------------------------------------------------------
+
+def layer_rows(state: RunState, width: int, metrics: list[str], selected: int, mono: bool,
+               ctx: Ctx | None = None, lines: int = 1) -> Text:
+    """One row per layer or block (input at top): name, the current values in a plain text
+    colour, then per metric a sparkline of log10 norm over the kept history (one shared scale per
+    metric, so a vanishing gradient sits visibly lower; ``lines`` text lines tall when the
+    terminal has room). Numbers come first: they change at every step, and a terminal update
+    carries each changed line from its start to its last change."""
+    text = Text(no_wrap=True, overflow="crop")
+    if not state.layer_names:
+        text.append("waiting for the first record…", style="dim")
+        return text
+    ctx = ctx or Ctx(state, selected=selected, mono=mono)
+    lines = max(1, lines)
+    name_w = ctx.label_width(width, 0.3 if len(metrics) > 1 else 0.4)
+    fixed = name_w + 1 + 10 * len(metrics)
+    spark_w = max(1, (width - fixed) // len(metrics) - 1)
+    columns = []
+    for metric in metrics:
+        # the whole kept history in spark_w columns (mean of each column's steps, a non-finite
+        # value kept): a new step moves a column's mean a little, so the glyphs mostly stay put
+        # and a redraw sends little more than the numbers; a short history is stretched instead
+        logged, measured = state.row_log_matrix(metric, ctx.rows)
+        logged, measured = bin_columns(logged, spark_w), _bin_mask(measured, spark_w)
+        logged, measured = stretch(logged, spark_w), stretch(measured, spark_w)
+        values, now_measured = state.row_matrix(metric, ctx.rows, 1)
+        lo, hi = scale_of(logged)
+        columns.append((metric, logged, measured, values, now_measured, lo, hi))
+    what = "block" if ctx.by_block else "layer"
+    text.append(f"{what:<{name_w}} ", style="bold")
+    for metric, *_ in columns:
+        text.append(f"{METRIC_TITLES.get(metric, metric):>9} ", style="bold")
+    for metric, _, _, _, _, lo, hi in columns:
+        name = METRIC_TITLES.get(metric, metric) if len(columns) > 1 else ""
+        title = fit([name, f"{exp_label(lo)}…{exp_label(hi)}", "log scale"], spark_w, sep=" ")
+        text.append(f"{title:<{spark_w}} ", style="bold")
+    text.append("\n")
+    levels_per = len(SPARK) * lines
+    for r in range(len(ctx.rows)):
+        for line in range(lines):
+            last_line = line == lines - 1
+            label = ctx.label(r, name_w) if last_line else ""
+            text.append(f"{label:<{name_w}}", style=ctx.label_style(r) if label else "")
+            text.append(" ")
+            for metric, logged, measured, values, now_measured, lo, hi in columns:
+                if last_line:
+                    current = float(values[r, -1]) if values.shape[1] else float("nan")
+                    was_measured = bool(now_measured[r, -1]) if now_measured.shape[1] else True
+                    _value_text(text, current, was_measured, 9, mono,
+                                "bold" if r == ctx.selected_row else None)
+                    text.append(" ")
+                else:
+                    text.append(" " * 10)
+            for metric, logged, measured, values, now_measured, lo, hi in columns:
+                row = logged[r] if logged.shape[1] else np.zeros(0)
+                seen = measured[r] if measured.shape[1] else np.zeros(0, dtype=bool)
+                levels = _levels(row, lo, hi, levels_per).tolist() if row.size else []
+                finite = row[np.isfinite(row)]  # one colour per row: its newest column's
+                colour = level(float(finite[-1]), lo, hi, len(RAMP)) if finite.size else 0
+                bar_style = None if mono else _STYLES[colour]
+                cells = []
+                body = _bars([max(0, lv) for lv in levels], lines, line)
+                for j, lv in enumerate(levels):
+                    if not seen[j]:
+                        cells.append((NOT_MEASURED if last_line else " ", _UNMEASURED_STYLE))
+                    elif lv < 0:
+                        cells.append((NOT_FINITE if last_line else " ", _BAD_STYLE))
+                    else:
+                        cells.append((body[j], bar_style))
+                _append_runs(text, cells)
+                text.append(" " * (spark_w - len(levels) + 1))
+            text.append("\n")
+    text.append_text(first_last_line(state, width))
+    return text
+
+
+def rows_height(n_rows: int, lines: int) -> int:
+    return n_rows * max(1, lines) + 2
 
 
 # -- heatmap ------------------------------------------------------------------------------------
 
-def heatmap(state: RunState, width: int, height: int, metric: str, mono: bool) -> Text:
-    """Layers (rows, input at top) × steps (columns, newest at right); colour = log10 norm.
-    Two layers per text row with half blocks; many layers are grouped (weakest of the group)."""
+def _time_axis(steps: list[int], cols: int, offset: int) -> str:
+    """Step numbers under a time axis of ``cols`` columns covering ``steps`` (oldest left)."""
+    axis = [" "] * (offset + cols)
+    if not steps or cols <= 0:
+        return ""
+    n = len(steps)
+    at, previous = offset, None
+    while at < offset + cols:
+        j = at - offset
+        step = steps[min(n - 1, int(j * n / cols))]
+        label = f"╵{step}"
+        if at + len(label) > offset + cols:
+            break
+        if step != previous:  # a stretched short history repeats steps across columns
+            axis[at:at + len(label)] = list(label)
+            previous = step
+        at += max(len(label) + 3, cols // 6)
+    return "".join(axis).rstrip()
+
+
+def heatmap(state: RunState, width: int, height: int, metric: str, mono: bool,
+            ctx: Ctx | None = None) -> Text:
+    """Rows (layers or blocks, input at top) × steps (newest at right); colour = log10 norm.
+    One text row per layer when they fit, two per row (half blocks) when they do not, grouped
+    (weakest of the group) beyond that. Every text row is labelled; step ticks underneath."""
     text = Text(no_wrap=True, overflow="crop")
-    names = state.layer_names
-    if not names or not state.steps:
+    if not state.layer_names or not state.steps:
         text.append("waiting for the first record…", style="dim")
         return text
-    logged = state.log_matrix(metric)
-    first_step, last_step = state.steps[0].step, state.steps[-1].step
-    label_w = min(9, max(len(n) for n in names))
+    ctx = ctx or Ctx(state, mono=mono)
+    logged, measured = state.row_log_matrix(metric, ctx.rows)
+    steps = [s.step for s in state.steps]
+    label_w = ctx.label_width(width, 0.3)
     plot_w = max(4, width - label_w - 1)
     plot_h = max(1, height - 3)
-    per_row = 1 if mono else 2
-    cols = bin_columns(logged, plot_w)
-    if 0 < cols.shape[1] < plot_w:  # few steps: widen each step's cell, up to 6 characters
-        cols = np.repeat(cols, max(1, min(6, plot_w // cols.shape[1])), axis=1)
-    cells, groups = bin_rows(cols, plot_h * per_row)
+    n_rows = len(ctx.rows)
+    per_line = 1 if (n_rows <= plot_h or mono) else 2
+    cols = bin_columns(np.where(measured, logged, -np.inf if False else logged), plot_w)
+    seen = _bin_mask(measured, plot_w)
+    cols, seen = stretch(cols, plot_w), stretch(seen, plot_w)  # few steps: wider cells
+    used_w = cols.shape[1]
+    cells, groups = bin_rows(cols, plot_h * per_line)
+    seen_rows = np.stack([seen[a:b + 1].any(axis=0) for a, b in groups]) if groups else seen
     lo, hi = scale_of(cells)
-    title = fit([f"log10{METRIC_TITLES.get(metric, metric)}", f"{len(names)} layers (input top)",
-                 f"steps {first_step}–{last_step} (newest right)"], width)
+    what = f"{n_rows} blocks" if ctx.by_block else f"{n_rows} layers"
+    title = fit([f"log10{METRIC_TITLES.get(metric, metric)}", f"{what} (input top)",
+                 f"steps {steps[0]}–{steps[-1]} (newest right)"], width)
     text.append(title + "\n", style="bold")
     n_cells = cells.shape[0]
-    if mono:
-        lv = _levels(cells, lo, hi, len(SHADES) - 1)
+
+    def label_for(a: int, b: int) -> tuple[str, str]:
+        r0, r1 = groups[a][0], groups[b][1]
+        style = "reverse bold" if r0 <= ctx.selected_row <= r1 else ("bold" if ctx.rows[r0].block else "")
+        if r0 == r1 or per_line == 2 and b == a + 1 and groups[a][0] == groups[a][1]:
+            return ctx.label(r0, label_w), style
+        return rowplan.shorten(f"{ctx.label(r0, label_w)}", label_w), style
+
+    if per_line == 1:
+        n_levels = len(SHADES) - 1 if mono else len(RAMP)
+        lv = _levels(cells, lo, hi, n_levels)
+        tall = max(1, min(4, plot_h // max(1, n_cells)))  # few rows: each gets more lines
         for r in range(n_cells):
-            a, b = groups[r]
-            label = names[a] if a == b else f"{a + 1}-{b + 1}"
-            text.append(f"{label[:label_w]:>{label_w}} ")
-            text.append("".join("!" if v < 0 else SHADES[v + 1] for v in lv[r].tolist()))
-            text.append("\n")
+            label, style = label_for(r, r)
+            if mono:
+                line = "".join(NOT_MEASURED if not seen_rows[r, j] else "!" if v < 0 else SHADES[v + 1]
+                               for j, v in enumerate(lv[r].tolist()))
+            for k in range(tall):
+                text.append(f"{label if k == 0 else '':<{label_w}}", style=style if k == 0 else "")
+                text.append(" ")
+                if mono:
+                    text.append(line)
+                else:
+                    _append_runs(text, [((NOT_MEASURED if k == 0 else " "), _UNMEASURED_STYLE)
+                                        if not seen_rows[r, j] else ("█", _BAD_STYLE if v < 0 else _STYLES[v])
+                                        for j, v in enumerate(lv[r].tolist())])
+                text.append("\n")
     else:
         lv = _levels(cells, lo, hi, len(RAMP))
+        lv = np.where(seen_rows, lv, -2)
         for r in range(0, n_cells, 2):
-            a = groups[r][0]
-            b = groups[min(r + 1, n_cells - 1)][1]
-            label = names[a] if groups[r][0] == groups[r][1] else f"{a + 1}-{b + 1}"
-            text.append(f"{label[:label_w]:>{label_w}} ")
+            label, style = label_for(r, min(r + 1, n_cells - 1))
+            text.append(f"{label:<{label_w}}", style=style)
+            text.append(" ")
             top = lv[r].tolist()
             bottom = lv[r + 1].tolist() if r + 1 < n_cells else None
-            cells = []
-            for j, t in enumerate(top):
-                b = None if bottom is None else bottom[j]
-                cells.append(("▀", _cell_style(t, b)))
-            _append_runs(text, cells)
+            _append_runs(text, [("▀", _cell_style(t, None if bottom is None else bottom[j]))
+                                for j, t in enumerate(top)])
             text.append("\n")
-    # legend
+    text.append(_time_axis(steps, used_w, label_w + 1) + "\n", style="dim")
     text.append(" " * (label_w + 1))
+    text.append_text(_legend(lo, hi, width - label_w - 1, mono, grey_block=per_line == 2))
+    return text
+
+
+def _legend(lo: float, hi: float, width: int, mono: bool, grey_block: bool = False) -> Text:
+    """The colour scale and the two marks that are not values, as much as fits in ``width``."""
+    text = Text(no_wrap=True, overflow="crop")
     if mono:
-        text.append(f"{exp_label(lo)} " + "".join(SHADES[1:]) + f" {exp_label(hi)}   ! = nan/inf")
+        text.append(f"{exp_label(lo)} " + "".join(SHADES[1:]) + f" {exp_label(hi)}")
     else:
         text.append(f"{exp_label(lo)} ")
         for colour in RAMP:
             text.append("█", style=Style(color=colour))
-        text.append(f" {exp_label(hi)}  ")
-        text.append("█", style=_BAD_STYLE)
-        text.append(" nan/inf")
+        text.append(f" {exp_label(hi)}")
+    used = len(text.plain)
+    marks = [("!" if mono else "█", None if mono else _BAD_STYLE, " not finite"),
+             ("█" if grey_block and not mono else NOT_MEASURED, _UNMEASURED_STYLE, " not measured")]
+    for glyph, style, words in marks:
+        if used + 2 + len(glyph) + len(words) > width:
+            break
+        text.append("  ")
+        text.append(glyph, style=style)
+        text.append(words)
+        used += 2 + len(glyph) + len(words)
     return text
 
 
+def _bin_mask(mask: np.ndarray, width: int) -> np.ndarray:
+    rows, t = mask.shape
+    if t <= width or width <= 0:
+        return mask
+    edges = np.linspace(0, t, width + 1).astype(int)
+    return np.stack([mask[:, a:b].any(axis=1) for a, b in zip(edges[:-1], edges[1:])], axis=1)
+
+
 _CELL_STYLES: dict = {}
+_GREY = "#5a5a5a"
 
 
 def _cell_style(top: int, bottom: int | None) -> Style:
-    """Half-block style for two colour levels (-1 = nan/inf), cached: 17×18 styles at most."""
+    """Half-block style for two colour levels (-1 not finite, -2 not measured), cached."""
     key = (top, bottom)
     style = _CELL_STYLES.get(key)
     if style is None:
-        fg = BAD_COLOUR if top < 0 else RAMP[top]
-        if bottom is None:
-            style = Style(color=fg)
-        else:
-            style = Style(color=fg, bgcolor=BAD_COLOUR if bottom < 0 else RAMP[bottom])
+        def colour(v):
+            return BAD_COLOUR if v == -1 else _GREY if v == -2 else RAMP[v]
+        style = Style(color=colour(top)) if bottom is None else Style(color=colour(top), bgcolor=colour(bottom))
         _CELL_STYLES[key] = style
     return style
 
 
-# -- histogram ----------------------------------------------------------------------------------
+# -- histograms of every layer ---------------------------------------------------------------------
 
-def histogram(state: RunState, layer: int, width: int, height: int, mono: bool) -> Text:
-    """The selected layer's log10|∂L/∂W| histogram at the newest step, as vertical bars."""
+_DENSITY = " ·░▒▓█"
+
+
+def histogram(state: RunState, layer: int, width: int, height: int, mono: bool,
+              ctx: Ctx | None = None) -> Text:
+    """Every layer's (or block's) log10|∂L/∂W| histogram at the newest detail step, one line each,
+    input at top, on one shared axis: vanishing reads as the mass moving left layer after layer.
+    Each line is scaled to its own peak (shade = share of that layer's weights); colour = where
+    on the axis. The selected one is highlighted and summed up underneath."""
     text = Text(no_wrap=True, overflow="crop")
     record = state.last_detail
     if record is None or not state.header:
         text.append("waiting for the first record…", style="dim")
         return text
-    layer = max(0, min(layer, state.n_layers - 1))
-    counts = np.nan_to_num(record.hist[layer].astype(float))
+    ctx = ctx or Ctx(state, selected=layer, mono=mono)
     edges = np.asarray(state.header.hist_edges, dtype=float)
-    bins = len(counts)
-    name = state.layer_names[layer]
-    total = counts.sum()
-    title = fit([f"log10|∂L/∂W| histogram", f"{name} ({layer + 1}/{state.n_layers})",
-                 f"step {record.step}", f"{int(total):,} sampled weights", "zeros in the lowest bin"], width)
+    counts = np.nan_to_num(record.hist.astype(float))
+    bins = counts.shape[1]
+    per_row = np.stack([counts[row.first:row.last + 1].sum(axis=0) for row in ctx.rows])
+    label_w = ctx.label_width(width, 0.3)
+    plot_w = max(bins, width - label_w - 1)
+    bar_w = max(1, plot_w // bins)
+    title = fit([f"log10|∂L/∂W| of every {'block' if ctx.by_block else 'layer'} at step {record.step}",
+                 "input top", "each row scaled to its own peak", "zeros in the lowest bin"], width)
     text.append(title + "\n", style="bold")
-    axis_w = 7
-    bar_w = max(1, (width - axis_w) // max(1, bins))
-    plot_h = max(2, height - 3)
-    peak = counts.max() if counts.size else 0
-    eighths = (counts / peak * plot_h * 8) if peak > 0 else np.zeros_like(counts)
-    mids = (edges[:-1] + edges[1:]) / 2 if len(edges) == bins + 1 else np.arange(bins)
-    lo, hi = -12.0, 2.0
-    for row in range(plot_h, 0, -1):
-        label = f"{int(peak):,}" if row == plot_h else ("0" if row == 1 else "")
-        text.append(f"{label[:axis_w - 1]:>{axis_w - 1}}▕")
-        base = (row - 1) * 8
-        for b in range(bins):
-            fill = eighths[b] - base
-            if fill <= 0:
-                ch = " "
-            elif fill >= 8:
-                ch = "█"
+    body_h = max(1, height - 4)
+    mids = (edges[:-1] + edges[1:]) / 2 if len(edges) == bins + 1 else np.arange(bins, dtype=float)
+    bin_styles = [None if mono else _STYLES[level(float(m), HIST_LO, HIST_HI, len(RAMP))] for m in mids]
+    # with room to spare each one is a small bar chart (a ridge line), else one shaded line
+    lines = max(1, min(6, body_h // max(1, len(ctx.rows))))
+    for r in ctx.window(body_h // lines):
+        row = per_row[r]
+        peak = row.max()
+        for line in range(lines):
+            label = ctx.label(r, label_w) if line == lines - 1 else ""
+            text.append(f"{label:<{label_w}}", style=ctx.label_style(r) if label else "")
+            text.append(" ")
+            if peak <= 0:
+                if line == lines - 1:
+                    text.append(f"{NOT_MEASURED} not measured", style="dim")
+            elif lines == 1:
+                cells = []
+                for b, v in enumerate((row / peak).tolist()):
+                    ch = " " if v <= 0 else _DENSITY[1] if v < 0.05 else _DENSITY[min(5, 2 + int(v * 4))]
+                    cells.append((ch * bar_w, bin_styles[b] if ch.strip() else None))
+                _append_runs(text, cells)
             else:
-                ch = SPARK[max(0, int(fill) - 1)] if fill >= 1 else "▁"
-            style = None if mono else _STYLES[level(float(mids[b]), lo, hi, len(RAMP))]
-            text.append(ch * bar_w, style=style)
-        text.append("\n")
-    # x axis: a tick label every few bins
-    text.append(" " * axis_w)
+                levels = [-1 if v <= 0 else int(v * (8 * lines - 1)) for v in (row / peak).tolist()]
+                body = _bars([max(0, v) for v in levels], lines, line)
+                cells = [((" " if levels[b] < 0 else body[b]) * bar_w, bin_styles[b]) for b in range(bins)]
+                _append_runs(text, cells)
+            text.append("\n")
     axis = [" "] * (bins * bar_w)
-    step = max(1, int(math.ceil(4 / bar_w)))
+    step = max(1, int(math.ceil(5 / bar_w)))
     for b in range(0, bins + 1, step):
         if b >= len(edges):
             break
@@ -337,56 +540,98 @@ def histogram(state: RunState, layer: int, width: int, height: int, mono: bool) 
         pos = b * bar_w
         if pos + len(label) <= len(axis):
             axis[pos:pos + len(label)] = list(label)
-    text.append("".join(axis) + "\n")
-    text.append(" " * axis_w + "log10|∂L/∂W| →", style="dim")
+    text.append(" " * (label_w + 1) + "".join(axis).rstrip() + "\n", style="dim")
+    # the selected one, in words
+    row = ctx.rows[max(0, ctx.selected_row)]
+    sel = per_row[max(0, ctx.selected_row)]
+    total = sel.sum()
+    if total > 0:
+        centre = float((sel * mids).sum() / total)
+        words = [f"{row.label}", f"{int(total):,} sampled weights",
+                 f"typical |∂L/∂W| ≈ 1e{centre:+.0f}", "log10|∂L/∂W| →"]
+    else:
+        words = [row.label, "not measured at this step"]
+    text.append(fit(words, width), style="dim")
     return text
+
+
+HIST_LO, HIST_HI = -12.0, 2.0
 
 
 # -- activations --------------------------------------------------------------------------------
 
-def activations(state: RunState, width: int, selected: int, mono: bool, height: int = 0) -> Text:
-    """Per layer: activation mean and std, % saturated / % dead now, and its history.
-    With more layers than ``height - 1`` rows, a window that follows the selected layer."""
+_KIND_RANGE = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
+
+
+def activations(state: RunState, width: int, selected: int, mono: bool, height: int = 0,
+                ctx: Ctx | None = None) -> Text:
+    """Per layer (or block): activation mean, std, % saturated / % dead now, and over time the
+    mean (±std as shade) on the activation's own range and the saturated or dead share."""
     text = Text(no_wrap=True, overflow="crop")
-    names = state.layer_names
-    if not names or state.last_detail is None:
+    if not state.layer_names or state.last_detail is None:
         text.append("waiting for the first record…", style="dim")
         return text
-    name_w = min(10, max(len(n) for n in names))
-    fixed = name_w + 8 + 9 + 9 + 7 + 7 + 2
-    spark_w = max(0, width - fixed)
-    text.append(f"{'layer':<{name_w}} {'kind':<7} {'mean':>8} {'std':>8} {'sat%':>6} {'dead%':>6}  ",
-                style="bold")
-    if spark_w >= 6:
-        text.append(f"{'sat/dead % over time'[:spark_w]}", style="bold")
+    ctx = ctx or Ctx(state, selected=selected, mono=mono)
+    name_w = ctx.label_width(width, 0.25)
+    fixed = name_w + 8 + 10 + 10 + 7 + 7 + 2
+    if width < fixed:
+        name_w = max(5, name_w - (fixed - width))
+        fixed = name_w + 8 + 10 + 10 + 7 + 7 + 2
+    room = max(0, width - fixed)
+    strip_w = room // 2 - 1 if room >= 14 else 0
+    text.append(f"{'block' if ctx.by_block else 'layer':<{name_w}} {'kind':<7} {'mean':>9} {'std':>9} "
+                f"{'sat%':>6} {'dead%':>6}  ", style="bold")
+    if strip_w:
+        text.append(f"{'mean over time (its range)'[:strip_w]:<{strip_w}} ", style="bold")
+        text.append(f"{'sat/dead % over time'[:strip_w]}", style="bold")
     text.append("\n")
-    cols = state.last_detail.layers
-    sat_hist = state.matrix("saturated", spark_w, detail=True) if spark_w else None
-    dead_hist = state.matrix("dead", spark_w, detail=True) if spark_w else None
-    kinds = state.header.layer_kinds if state.header else ["?"] * len(names)
-    rows = len(names) if height <= 1 else max(1, height - 1)
-    first = 0
-    if len(names) > rows:
-        first = max(0, min(len(names) - rows, selected - rows // 2))
-    for i in range(first, min(len(names), first + rows)):
-        name = names[i]
-        style = "reverse bold" if i == selected else ""
-        text.append(f"{name[:name_w]:<{name_w}}", style=style)
-        sat, dead = cols["saturated"][i], cols["dead"][i]
-        text.append(f" {kinds[i][:7]:<7} {fmt(cols['act_mean'][i])} {fmt(cols['act_std'][i])} ")
+    rows = ctx.rows
+    now = {m: state.row_matrix(m, rows, 1, detail=True) for m in ("act_mean", "act_std", "saturated", "dead")}
+    hist = {m: stretch(state.row_matrix(m, rows, strip_w, detail=True)[0], strip_w)
+            for m in ("act_mean", "saturated", "dead")} if strip_w else {}
+    kinds = state.header.layer_kinds if state.header else ["?"] * state.n_layers
+    body = len(rows) if height <= 1 else max(1, height - 2)
+    for r in ctx.window(body):
+        row = rows[r]
+        kind = kinds[row.last] if row.last < len(kinds) else "?"
+        text.append(f"{ctx.label(r, name_w):<{name_w}}", style=ctx.label_style(r))
+        text.append(f" {kind[:7]:<7} ")
+        for metric in ("act_mean", "act_std"):
+            values, seen = now[metric]
+            _value_text(text, float(values[r, -1]) if values.shape[1] else float("nan"),
+                        bool(seen[r, -1]) if seen.shape[1] else True, 9, mono)
+            text.append(" ")
+        sat = float(now["saturated"][0][r, -1]) if now["saturated"][0].shape[1] else float("nan")
+        dead = float(now["dead"][0][r, -1]) if now["dead"][0].shape[1] else float("nan")
         text.append(_pct(sat), style=_pct_style(sat, mono))
         text.append(" ")
         text.append(_pct(dead), style=_pct_style(dead, mono))
         text.append("  ")
-        if spark_w >= 6:
-            row = sat_hist[i] if not np.all(np.isnan(sat_hist[i])) else dead_hist[i]
-            for v in row.tolist()[-spark_w:]:
+        if strip_w:
+            means = hist["act_mean"][r].tolist()[-strip_w:]
+            lo, hi = _KIND_RANGE.get(kind, (None, None))
+            finite = [v for v in means if math.isfinite(v)]
+            if lo is None:
+                lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+                if hi - lo < 1e-9:
+                    lo, hi = lo - 0.5, hi + 0.5
+            text.append(" " * (strip_w - len(means)))
+            text.append("".join(" " if not math.isfinite(v) else SPARK[level(v, lo, hi, len(SPARK))]
+                                for v in means), style=None if mono else "cyan")
+            text.append(" ")
+            share = hist["saturated"][r] if not np.all(np.isnan(hist["saturated"][r])) else hist["dead"][r]
+            cells = []
+            for v in share.tolist()[-strip_w:]:
                 if not math.isfinite(v):
-                    text.append(" ")
+                    cells.append((" ", None))
                 else:
                     lv = min(len(SPARK) - 1, int(v * len(SPARK)))
-                    text.append(SPARK[lv], style=None if mono else _pct_style(v, False))
+                    cells.append((SPARK[lv], None if mono else _pct_style(v, False)))
+            _append_runs(text, cells)
         text.append("\n")
+    if strip_w:
+        text.append(fit(["mean: low→high of sigmoid 0…1, tanh −1…1, others their own span",
+                         "share: ▁ 0 % … █ 100 %"], width), style="dim")
     return text
 
 
@@ -402,6 +647,86 @@ def _pct_style(value: float, mono: bool):
     if value >= 0.2:
         return "yellow"
     return "green"
+
+
+# -- through time -------------------------------------------------------------------------------
+
+def through_time(state: RunState, width: int, height: int, selected: int, mono: bool,
+                 ctx: Ctx | None = None) -> Text:
+    """Recurrent layers: ‖∂L/∂h_t‖ over the time steps t of the newest measured batch (one
+    coloured strip per layer, shared log scale, input time step 0 at left), then the selected
+    layer's curve and how fast it falls per step back in time."""
+    text = Text(no_wrap=True, overflow="crop")
+    names = state.time_layers
+    if not names:
+        text.append("no recurrent layer in this run: nothing measured through time", style="dim")
+        return text
+    record = state.last
+    all_names = state.layer_names
+    chosen = all_names[selected] if 0 <= selected < len(all_names) and all_names[selected] in names else names[0]
+    label_w = max(6, min(max(len(n) for n in names), int(width * 0.25)))
+    plot_w = max(8, width - label_w - 1)
+    series = {n: np.asarray(record.time_act_grad_norm[n], dtype=float) for n in names}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = {n: np.where(np.isfinite(v) & (v > 0), np.log10(np.abs(v)), np.where(v == 0, -np.inf, np.nan))
+                for n, v in series.items()}
+    lo, hi = scale_of(np.concatenate([v for v in logs.values()]))
+    T = max(len(v) for v in series.values())
+    text.append(fit([f"log10‖∂L/∂h_t‖ through time at step {record.step}", f"{len(names)} recurrent layer(s)",
+                     f"t = 0…{T - 1} (first input left)"], width) + "\n", style="bold")
+
+    def columns(v: np.ndarray) -> np.ndarray:
+        return stretch(bin_columns(v[None, :], plot_w), plot_w)[0]
+
+    for n in names:
+        style = "reverse bold" if n == chosen else ""
+        text.append(f"{rowplan.shorten(n, label_w):<{label_w}}", style=style)
+        text.append(" ")
+        lv = _levels(columns(logs[n]), lo, hi, len(SHADES) - 1 if mono else len(RAMP)).tolist()
+        if mono:
+            text.append("".join("!" if v < 0 else SHADES[v + 1] for v in lv))
+        else:
+            _append_runs(text, [("█", _BAD_STYLE if v < 0 else _STYLES[v]) for v in lv])
+        text.append("\n")
+    curve = columns(logs[chosen])
+    chart_h = max(2, height - len(names) - 5)
+    levels = _levels(curve, lo, hi, 8 * chart_h).tolist()
+    for line in range(chart_h):
+        label = exp_label(hi) if line == 0 else exp_label(lo) if line == chart_h - 1 else ""
+        text.append(f"{label:>{label_w}}▕", style="dim")
+        text.append(_bars([max(0, v) for v in levels], chart_h, line), style=None if mono else "cyan")
+        text.append("\n")
+    axis = [" "] * len(curve)
+    for t in range(0, T, max(1, T // 6)):
+        pos = int(t * len(curve) / T)
+        lab = f"╵{t}"
+        if pos + len(lab) <= len(axis):
+            axis[pos:pos + len(lab)] = list(lab)
+    text.append(" " * (label_w + 1) + "".join(axis).rstrip() + "\n", style="dim")
+    text.append_text(_time_words(chosen, series[chosen], width))
+    return text
+
+
+def _time_words(name: str, g: np.ndarray, width: int) -> Text:
+    """How fast the gradient falls going back in time, in the diagnosis's words."""
+    text = Text(no_wrap=True, overflow="crop")
+    T = len(g)
+    last = g[-1] if T else float("nan")
+    if T < 2 or not math.isfinite(last) or last <= 0:
+        text.append(fit([name, "first/last step ratio: not finite or not measured"], width), style="dim")
+        return text
+    ratio = float(g[0] / last)
+    per_step = ratio ** (1.0 / (T - 1)) if ratio > 0 and math.isfinite(ratio) else float("nan")
+    weak = np.flatnonzero(~(g / last >= 1e-3))
+    parts = [f"{name}: t=0/t={T - 1} {fmt(ratio, 0).strip()}"]
+    if math.isfinite(per_step):
+        parts.append(f"×{per_step:.3g} per step back")
+    if weak.size:
+        parts.append(f"inputs > {T - 1 - int(weak[-1])} steps back get < 1e-3 of it")
+    parts.append(ratio_verdict(ratio).replace("the input", "t = 0"))
+    text.append(fit(parts, width, sep=" · "), style="dim")
+    return text
+
 
 
 # -- diagnosis ----------------------------------------------------------------------------------

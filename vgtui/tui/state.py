@@ -14,6 +14,7 @@ from typing import Iterable
 import numpy as np
 
 from ..records import RunError, RunEvent, RunHeader, StepRecord
+from . import rows as rowplan
 
 HISTORY = 1000
 
@@ -40,6 +41,7 @@ class RunState:
         self.nonfinite_records = 0
         self.version = 0
         self._cache: dict = {}
+        self._plans: dict = {}  # (by_block, expanded) -> rows; names change only with the header
 
     # -- feeding --------------------------------------------------------------------------------
     def feed(self, records: Iterable) -> bool:
@@ -58,6 +60,7 @@ class RunState:
             self.maxlen = maxlen
             self.header = record
             self.run_id = record.run_id
+            self._plans = {}
             return True
         run_id = getattr(record, "run_id", None)
         if self.run_id is not None and run_id is not None and run_id != self.run_id:
@@ -116,6 +119,60 @@ class RunState:
             else:
                 self._cache[key] = np.stack([s.layers[metric] for s in steps], axis=1)
         return self._cache[key]
+
+    def measured_matrix(self, metric: str, last: int | None = None, detail: bool = False) -> np.ndarray:
+        """(n_layers, T) bool: True where ``metric`` was measured (see StepRecord.unmeasured)."""
+        key = ("u", metric, last, detail)
+        if key not in self._cache:
+            steps = list(self.detail_steps if detail else self.steps)
+            if last is not None:
+                steps = steps[-last:] if last > 0 else []
+            if not steps:
+                self._cache[key] = np.ones((self.n_layers, 0), dtype=bool)
+            else:
+                self._cache[key] = np.stack([s.measured(metric) for s in steps], axis=1)
+        return self._cache[key]
+
+    # -- rows: layers or blocks ---------------------------------------------------------------
+    def plan(self, by_block: bool, expanded: frozenset = frozenset()) -> list[rowplan.Row]:
+        key = (by_block, expanded)
+        if key not in self._plans:
+            self._plans[key] = rowplan.plan(self.layer_names, by_block, expanded)
+        return self._plans[key]
+
+    @property
+    def prefix(self) -> str:
+        if "prefix" not in self._plans:
+            self._plans["prefix"] = rowplan.common_prefix(self.layer_names)
+        return self._plans["prefix"]
+
+    def row_matrix(self, metric: str, rows: list[rowplan.Row], last: int | None = None,
+                   detail: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(R, T) values of ``metric`` per row (blocks aggregated) and (R, T) measured marks."""
+        key = ("r", metric, id(rows), last, detail)
+        if key not in self._cache:
+            values = self.matrix(metric, last, detail)
+            measured = self.measured_matrix(metric, last, detail)
+            self._cache[key] = (rowplan.aggregate(values, rows, metric, measured),
+                                rowplan.aggregate_mask(measured, rows))
+        return self._cache[key]
+
+    def row_log_matrix(self, metric: str, rows: list[rowplan.Row], last: int | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        key = ("rl", metric, id(rows), last)
+        if key not in self._cache:
+            values, measured = self.row_matrix(metric, rows, last)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                logged = np.where(np.isfinite(values), np.log10(np.abs(values)), np.nan)
+            self._cache[key] = (logged, measured)
+        return self._cache[key]
+
+    @property
+    def time_layers(self) -> list[str]:
+        """Recurrent layers with a through-time measurement in the newest record, input first."""
+        if self.last is None or not self.last.time_act_grad_norm:
+            return []
+        return [n for n in self.layer_names if n in self.last.time_act_grad_norm]
 
     def log_matrix(self, metric: str, last: int | None = None) -> np.ndarray:
         """log10 of :meth:`matrix`; zeros become -inf, non-finite values become nan."""
