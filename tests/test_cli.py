@@ -279,3 +279,16 @@ def test_stop_on_nonfinite_from_the_command_line(capsys):
     assert main(["run", "--preset", "exploding", "--steps", "40", "--device", "cpu",
                  "--sample-every", "1", "--budget", "0", "--stop-on-nonfinite"]) == 4
     assert "stopped at the first non-finite step (5)" in capsys.readouterr().out
+
+
+def test_no_break_reaches_the_live_app(monkeypatch):
+    """The live app pauses at the first non-finite step unless --no-break says otherwise."""
+    import vgtui.tui as tui
+    from vgtui.cli import build_parser, cmd_tui  # main() leaves with os._exit after the TUI
+
+    seen = []
+    monkeypatch.setattr(tui, "run_live", lambda preset, **options: seen.append(options["break_on_nonfinite"]) or 0)
+    parser = build_parser()
+    assert cmd_tui(parser.parse_args(["--preset", "relu-he", "--device", "cpu"])) == 0
+    assert cmd_tui(parser.parse_args(["--preset", "relu-he", "--device", "cpu", "--no-break"])) == 0
+    assert seen == [True, False]

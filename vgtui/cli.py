@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(parser, DEFAULT_PRESET)
     parser.add_argument("--mono", action="store_true", help="monochrome display (also when NO_COLOR is set)")
     parser.add_argument("--paused", action="store_true", help="open paused: press space to start")
+    parser.add_argument("--no-break", action="store_true",
+                        help="train on past the first non-finite step instead of pausing there ('!' toggles it)")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -164,7 +166,7 @@ def cmd_tui(args) -> int:
     preset = _load(args)
     return _tui_entry("run_live")(preset, device=args.device, mono=args.mono, paused=args.paused,
                                   data_root=args.data_root, download=args.download,
-                                  overhead_budget=_budget(args))
+                                  overhead_budget=_budget(args), break_on_nonfinite=not args.no_break)
 
 
 def cmd_replay(args, follow: bool) -> int:
