@@ -191,3 +191,21 @@ async def test_loss_chart_draws_the_band_between_samples_and_held_out_loss():
     async with app.run_test(size=(120, 40)):
         text = screen_text(app)
         assert "max between samples" in text and "held-out" in text
+
+
+def test_stacked_layers_of_one_fused_module_appear_in_the_through_time_view():
+    """vgtui.watch names the stacked layers of one nn.LSTM `lstm.l0`, `lstm.l1` (one header
+    layer): the view lists them, in order, under the layer they belong to."""
+    first = records("rnn")
+    header = first[0]
+    steps = [r for r in first if isinstance(r, StepRecord)]
+    last = steps[-1]
+    name = header.layers[0]
+    series = last.time_act_grad_norm[name]
+    stacked = dataclasses.replace(last, time_act_grad_norm={f"{name}.l1": series * 2, f"{name}.l0": series})
+    state = RunState()
+    state.feed([header, *steps[:-1], stacked])
+    assert state.time_layers == [f"{name}.l0", f"{name}.l1"]
+    assert {state.time_layer(s) for s in state.time_layers} == {name}
+    text = R.through_time(state, 100, 30, 0, mono=True).plain
+    assert f"{name}.l0" in text and f"{name}.l1" in text

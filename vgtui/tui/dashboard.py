@@ -558,7 +558,7 @@ class Dashboard(Monitor):
             return
         if self.view == "time" and self.state.time_layers:
             names = self.state.layer_names
-            recurrent = [names.index(x) for x in self.state.time_layers]
+            recurrent = list(dict.fromkeys(names.index(self.state.time_layer(x)) for x in self.state.time_layers))
             at = recurrent.index(self.selected) if self.selected in recurrent else 0
             self.selected = recurrent[max(0, min(len(recurrent) - 1, at + delta))]
         else:

@@ -663,7 +663,8 @@ def through_time(state: RunState, width: int, height: int, selected: int, mono: 
         return text
     record = state.last
     all_names = state.layer_names
-    chosen = all_names[selected] if 0 <= selected < len(all_names) and all_names[selected] in names else names[0]
+    picked = all_names[selected] if 0 <= selected < len(all_names) else None
+    chosen = next((n for n in names if state.time_layer(n) == picked), names[0])
     label_w = max(6, min(max(len(n) for n in names), int(width * 0.25)))
     plot_w = max(8, width - label_w - 1)
     series = {n: np.asarray(record.time_act_grad_norm[n], dtype=float) for n in names}

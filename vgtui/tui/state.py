@@ -169,10 +169,25 @@ class RunState:
 
     @property
     def time_layers(self) -> list[str]:
-        """Recurrent layers with a through-time measurement in the newest record, input first."""
+        """Through-time series in the newest record, input first: a recurrent layer's own name, or
+        ``<layer>.l<k>`` for the k-th stacked layer inside one fused module (``nn.LSTM`` with
+        ``num_layers`` > 1 is one layer of the header)."""
         if self.last is None or not self.last.time_act_grad_norm:
             return []
-        return [n for n in self.layer_names if n in self.last.time_act_grad_norm]
+        keys = self.last.time_act_grad_norm
+        series = []
+        for name in self.layer_names:
+            if name in keys:
+                series.append(name)
+            stacked = [k for k in keys if k.startswith(name + ".l") and k[len(name) + 2:].isdigit()]
+            series += sorted(stacked, key=lambda k: int(k[len(name) + 2:]))
+        return series
+
+    def time_layer(self, series: str) -> str:
+        """The header layer a through-time series belongs to."""
+        if series in self.layer_names:
+            return series
+        return series.rsplit(".l", 1)[0]
 
     def log_matrix(self, metric: str, last: int | None = None) -> np.ndarray:
         """log10 of :meth:`matrix`; zeros become -inf, non-finite values become nan."""
