@@ -158,7 +158,7 @@ async def test_help_is_built_once_and_rewrapped_when_the_terminal_changes():
 async def test_compare_switches_one_side_and_restarts_both_on_the_same_seed():
     from vgtui.config import load_preset
     from vgtui.tui.app import Compare
-    from vgtui.tui.sources import ScriptedSource
+    from scripted_source import ScriptedSource
 
     a, b = ScriptedSource(records("sigmoid-deep")), ScriptedSource(records("relu-he"))
     a.preset, b.preset = load_preset("sigmoid-deep").replace(seed=7), load_preset("relu-he").replace(seed=7)

@@ -8,7 +8,8 @@ from pathlib import Path
 from vgtui.jsonl import read_recording
 from vgtui.records import RunError, RunEvent, StepRecord, Verdict
 from vgtui.tui.app import make_app
-from vgtui.tui.sources import ReplaySource, ScriptedSource
+from scripted_source import ScriptedSource
+from vgtui.tui.sources import ReplaySource
 
 DATA = Path(__file__).parent / "data"
 
