@@ -57,6 +57,7 @@ be written), measuring stops, and training goes on; :meth:`Watcher.close` never 
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import queue
 import threading
@@ -72,12 +73,14 @@ import torch
 from torch import nn
 
 from .channel import Channel
-from .distributed import counted_pieces, local_sq_norms, piece_sq_norms, reduce_sum, sharding_kind
 from .config import RECTIFYING
+from .diagnosis import Diagnoser
+from .distributed import counted_pieces, local_sq_norms, piece_sq_norms, reduce_sum, sharding_kind
 from .engine import (CELLS, RECURRENT, HostSide, Layout, OverheadBudget, ProbeClock, UpdateMeter, WindowMeter,
                      activation_kind, alive_units, downsample_time, first_tensor, hook_optimizer_step,
                      measures_dead, out_of_place, pack, recomputing, saturated_mask, time_squares, unit_dim,
                      unpack, unwrap_optimizer)
+from .jsonl import JsonlWriter, to_json
 from .layers import LayerSpec
 from .probe import DETAIL_EVERY, HostTransfer, LogHistograms, tensor_norms
 from .records import RunError, RunEvent, RunHeader, StepRecord
@@ -233,10 +236,6 @@ class _StreamWriter:
         self._layers: dict[int, list[str]] = {}
 
     def write(self, record) -> None:
-        import json
-
-        from .jsonl import to_json
-
         if isinstance(record, RunHeader):
             self._layers[record.run_id] = list(record.layers)
         names = self._layers.get(getattr(record, "run_id", 0))
@@ -256,8 +255,6 @@ class _Sink(threading.Thread):
 
     def __init__(self, record, channel: Channel | None, diagnose: bool):
         super().__init__(name="vgtui-sink", daemon=True)
-        from .jsonl import JsonlWriter
-
         if record is None:
             self.writer = None
         elif hasattr(record, "write"):
@@ -285,8 +282,6 @@ class _Sink(threading.Thread):
     def _handle(self, record) -> None:
         if isinstance(record, RunHeader) and self.diagnose:
             try:
-                from .diagnosis import Diagnoser
-
                 self._diagnoser = Diagnoser(record)
             except Exception as exc:  # the diagnosis is advice: never lose the measurements to it
                 warnings.warn(f"vgtui: diagnosis disabled ({type(exc).__name__}: {exc})", stacklevel=1)

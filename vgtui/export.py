@@ -19,6 +19,7 @@ Histograms with no finite entries are skipped, never written empty (TensorBoard 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -160,8 +161,6 @@ def read_csv(path: str | Path) -> list[tuple[int, str, str, float]]:
 
 
 def _tensorboard_writer():
-    import importlib.util
-
     if importlib.util.find_spec("tensorboard") is None:
         raise UserError(TENSORBOARD_HINT)
     from torch.utils.tensorboard import SummaryWriter

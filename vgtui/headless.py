@@ -29,6 +29,7 @@ from .config import Preset
 from .diagnosis import nonfinite_step
 from .errors import UserError
 from .formatting import fmt
+from .jsonl import JsonlWriter
 from .records import Record, RunError, RunEvent, RunHeader, StepRecord
 
 EXIT_OK = 0
@@ -150,8 +151,6 @@ class _Recorder:
     stays valid up to its last complete line, and training goes on unrecorded."""
 
     def __init__(self, path: Path, err: TextIO):
-        from .jsonl import JsonlWriter
-
         self.path, self.err = path, err
         try:
             self.writer = JsonlWriter(path)

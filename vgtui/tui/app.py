@@ -10,6 +10,7 @@ from textual.app import App
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.screen import Screen
 
+from ..config import builtin_names, load_preset
 from .compare import Compare
 from .dashboard import Dashboard
 from .modals import HelpScreen, PresetPicker
@@ -23,8 +24,6 @@ class PresetCommands(Provider):
     """Every built-in preset in the command palette."""
 
     def _items(self):
-        from ..config import builtin_names, load_preset
-
         for name in builtin_names():
             try:
                 description = load_preset(name).description

@@ -11,6 +11,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import ContentSwitcher, Footer, Static
 
+from ..config import PresetError, load_preset
 from ..formatting import fmt
 from . import render as R
 from . import rows as rowplan
@@ -215,8 +216,6 @@ class Compare(Monitor):
         self.app.push_screen(PresetPicker(current), picked)
 
     def switch_side(self, index: int, name: str) -> None:
-        from ..config import PresetError, load_preset
-
         try:
             preset = load_preset(name)
         except (PresetError, OSError) as exc:

@@ -20,6 +20,7 @@ from textual.containers import Vertical
 from textual.widgets import ContentSwitcher, Footer, Static
 
 from .. import memory
+from ..config import PresetError, load_preset
 from . import render as R
 from . import rows as rowplan
 from .capabilities import Controls
@@ -462,8 +463,6 @@ class Dashboard(Monitor):
         self.update_all(force=True)
 
     def switch_to(self, name: str) -> None:
-        from ..config import PresetError, load_preset
-
         if not self.controls.trains:
             return self._not_here("switching presets")
         try:

@@ -11,6 +11,7 @@ from textual.screen import ModalScreen
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
+from ..config import builtin_names, load_preset
 from . import render as R
 from .monitor import quick_presets, stylesheet, wrap_fields
 
@@ -89,8 +90,6 @@ class PresetPicker(ModalScreen[str]):
         self.current = current
 
     def compose(self) -> ComposeResult:
-        from ..config import builtin_names, load_preset
-
         options = []
         for index, name in enumerate(builtin_names()):
             key = str(index + 1) if index < 9 else " "

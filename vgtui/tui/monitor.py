@@ -11,6 +11,8 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Static
 
+from ..config import builtin_names
+
 POLL_HZ = 5.0
 PLOT_HZ = 0.25  # live loss chart: replots per second at most (a replot rewrites every cell of it)
 DRAW_HZ = 1.0  # live views: redraws per second at most (see Dashboard.draw_due)
@@ -47,8 +49,6 @@ def wrap_fields(fields: list[tuple[str, str]], width: int, sep: str = " · ") ->
 
 
 def quick_presets() -> list[str]:
-    from ..config import builtin_names
-
     return builtin_names()[:9]
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..channel import Channel
+from ..jsonl import DETAIL, ERROR, EVENT, HEADER, NONFINITE, STEP, JsonlReader, RecordingIndex, is_gzip
 from ..records import RunHeader, StepRecord
 from .state import HISTORY
 
@@ -77,8 +79,6 @@ class LiveSource(Source):
                  download: bool = False, max_steps: int | None = None, channel_maxlen: int = 4096,
                  overhead_budget: float | None = None):
         super().__init__()
-        from ..channel import Channel
-
         self.preset = preset
         self.start_paused = paused
         self.channel: Channel = Channel(maxlen=channel_maxlen)
@@ -170,8 +170,6 @@ class ReplaySource(Source):
                  problems: list[str] | None = None, label: str | None = None,
                  history: int = HISTORY, overview_size: int = OVERVIEW, index=None):
         super().__init__()
-        from ..jsonl import STEP, RecordingIndex
-
         if index is not None:
             self.index = index
         elif records is None:
@@ -245,16 +243,12 @@ class ReplaySource(Source):
 
     def first_nonfinite(self) -> int | None:
         """The position of the first step that saw a NaN/Inf, or None."""
-        from ..jsonl import NONFINITE
-
         hits = np.flatnonzero(self.index.flags[self._ordinals] & NONFINITE)
         return int(hits[0]) if len(hits) else None
 
     def nonfinite_summary(self, position: int | None = None) -> tuple[tuple[int, str, str] | None, int]:
         """``((step, layer, forward|backward), count)`` of the non-finite steps of the cursor's run
         up to ``position``: what a RunState fed the whole run would know (a window may not)."""
-        from ..jsonl import NONFINITE
-
         position = self.position if position is None else self._clamp(position)
         if position < 0:
             return None, 0
@@ -288,8 +282,6 @@ class ReplaySource(Source):
         position ``end`` (default: the cursor; ``n_steps - 1`` for the whole run): every k-th
         record (k a power of two when the index's sampled lines serve), the one at ``end`` always
         included. ``detail``: among detail-tier records only."""
-        from ..jsonl import DETAIL
-
         size = self.overview_size if size is None else max(1, int(size))
         if not self.n_steps:
             return []
@@ -377,8 +369,6 @@ class _ListIndex:
     """RecordingIndex's interface over records already in memory."""
 
     def __init__(self, records: list, problems: list[str] | None = None) -> None:
-        from ..jsonl import DETAIL, ERROR, EVENT, HEADER, NONFINITE, STEP
-
         self._records = list(records)
         self.problems = list(problems or [])
         kinds = {RunHeader: HEADER, StepRecord: STEP}
@@ -424,8 +414,6 @@ class FollowSource(Source):
 
     def __init__(self, path: str | Path, *, history: int = HISTORY):
         super().__init__()
-        from ..jsonl import JsonlReader
-
         self.path = Path(path)
         self.reader = JsonlReader(self.path)
         self.label = self.path.name
@@ -435,8 +423,6 @@ class FollowSource(Source):
 
     def _catch_up(self) -> list | None:
         """The window of a long existing recording, read through its index; None to read it all."""
-        from ..jsonl import RecordingIndex, is_gzip
-
         try:
             size = self.path.stat().st_size
             if size <= (self.CATCH_UP_BYTES // 6 if is_gzip(self.path) else self.CATCH_UP_BYTES):
@@ -461,8 +447,6 @@ class FollowSource(Source):
             size = None
         if size is not None and size < getattr(self.reader, "_offset", 0):
             # the writer started over (a new run truncated the file): read it from the top
-            from ..jsonl import JsonlReader
-
             self.reader = JsonlReader(self.path)
             self.restarts += 1
         if not self._attached and self.path.exists():
