@@ -800,13 +800,3 @@ def test_a_spike_between_measured_steps_is_in_the_next_record():
     window = second.window
     assert window.first_step == 1 and window.loss_max_step == 2 and window.grad_norm_max_step == 2
     assert window.loss_max == pytest.approx(losses[2], rel=RTOL) and window.loss_last == pytest.approx(losses[4], rel=RTOL)
-
-
-def test_the_window_is_off_on_the_cpu_unless_asked_for():
-    """One read of every gradient per step: by default only where that is a fused GPU kernel."""
-    model = _mlp()
-    channel = Channel()
-    watcher = vgtui.watch(model, channel=channel, diagnose=False)
-    assert _train(watcher, model)
-    watcher.close()
-    assert all(r.window is None for r in channel.drain() if isinstance(r, StepRecord))

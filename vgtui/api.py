@@ -495,10 +495,15 @@ class Watcher:
         self._hist = LogHistograms()
         self._meter = UpdateMeter()
         self._window = WindowMeter()
-        #: every step's loss and global norm into StepRecord.window: one read of every gradient
-        #: per step, so by default on CUDA (a fused kernel) and not on the CPU
-        self.windowing = window if window is not None else (self._device().type == "cuda" and not self._sharded)
+        #: every step's loss into StepRecord.window (a few float operations a step); off with
+        #: ``window=False``, and under FSDP2 (its measured steps reduce over ranks, the window would not)
+        self.windowing = window is not False and not self._sharded
+        #: ... and its global norm: one read of every gradient per step, so by default only on CUDA
+        #: (a fused kernel); elsewhere where clipping returns it anyway (:meth:`clip_grad_norm_`,
+        #: :meth:`note_grad_norm`), or with ``window=True``
+        self.norm_windowing = self.windowing and (window is True or self._device().type == "cuda")
         self._step_norm: torch.Tensor | None = None  # this step's global norm before clipping
+        self._norm_noted = False  # clip_grad_norm_ returned this step's norm (note_grad_norm)
         self._pre_clip: tuple | None = None  # (‖∂L/∂W‖ per layer, histograms, global ‖g‖, has grad)
         self._post_clip: torch.Tensor | None = None
         self._pending: dict | None = None
@@ -544,6 +549,25 @@ class Watcher:
     def before_clip(self, optimizer=None) -> None:
         """Measure per-layer ``‖∂L/∂W‖``, histograms and the global norm now: call it after
         ``scaler.unscale_(opt)`` and before your own ``clip_grad_norm_``."""
+        self._before_clip(optimizer, norm_follows=False)
+
+    def note_grad_norm(self, total_norm: torch.Tensor | float) -> None:
+        """This step's global gradient norm before clipping, as ``clip_grad_norm_`` returned it
+        (over the watched parameters, 2-norm): the step window counts it without reading the
+        gradients again. Call it between ``before_clip`` and :meth:`step`; a measured step keeps
+        its own reading."""
+        if self._failed or not self.windowing:
+            return
+        self._norm_noted = True
+        if self.sampled:
+            return
+        try:
+            self._step_norm = total_norm.detach() if isinstance(total_norm, torch.Tensor) else \
+                torch.full((), float(total_norm), device=self._device())
+        except Exception as exc:
+            self._fail(exc, "note_grad_norm")
+
+    def _before_clip(self, optimizer, norm_follows: bool) -> None:
         self._check_open()
         if self._clip_info is None:
             self._clip_info = ("norm", None)  # the usual clip_grad_norm_; its threshold is the user's
@@ -558,7 +582,7 @@ class Watcher:
                 self._clock.stop()
                 if not self._sharded:
                     self._step_norm = self._pre_clip[2]
-            elif self.writes and self.windowing:  # the step window's norm, before clipping
+            elif self.writes and self.norm_windowing and not norm_follows:  # the window's norm, before clipping
                 self._step_norm = self._global_norm()
         except Exception as exc:
             self._fail(exc, "before_clip")
@@ -568,9 +592,11 @@ class Watcher:
         """``torch.nn.utils.clip_grad_norm_`` over the model's parameters, measured before and after
         (unscaling first when the watcher knows the GradScaler). Returns the total norm, like torch."""
         self._clip_info = ("norm", float(max_norm))
-        self.before_clip(optimizer)
+        self._before_clip(optimizer, norm_follows=norm_type == 2.0)
         total = torch.nn.utils.clip_grad_norm_(self.params, max_norm, norm_type,
                                                error_if_nonfinite=error_if_nonfinite)
+        if norm_type == 2.0:
+            self.note_grad_norm(total)  # the window's norm of this step, computed by torch anyway
         if self.sampled and self._sharded and norm_type == 2.0 and self._pre_clip is not None:
             self._post_clip = float(max_norm)  # the norm after it follows once the total is reduced
         elif self.sampled and self.writes and norm_type == 2.0 and self._pre_clip is not None:
@@ -906,10 +932,13 @@ class Watcher:
         hooked = self._hook_optimizer(optimizer) if optimizer is not None and (self.writes or self._sharded) else False
         if measuring:
             self._measure(optimizer, loss, accuracy, hooked)
-        elif self.writes and self.windowing:  # every step counts in the window the next record carries
-            norm = self._step_norm if self._step_norm is not None else self._global_norm()
+        elif self.writes and self.windowing and loss is not None:  # every step counts in the next record's window
+            norm = self._step_norm
+            if norm is None and self.norm_windowing:
+                norm = self._global_norm()
             self._window.add(self.step_index, _scalar(loss, self._device()), norm)
         self._step_norm = None
+        self._norm_noted = False
         self._pre_clip = self._post_clip = None
         self._emit_ready(wait=False)
         if measuring:
@@ -1035,7 +1064,9 @@ class Watcher:
             clip = (total, after, after < total * (1.0 - 1e-6))
         window = None
         if self.windowing:
-            self._window.add(self.step_index, _scalar(loss, device), total)
+            if loss is not None:  # a norm seen on measured steps alone is the record's own, not the window's
+                known = self.norm_windowing or self._norm_noted
+                self._window.add(self.step_index, _scalar(loss, device), total if known else None)
             window = self._window.take()
         found_inf = self._found_inf(optimizer)
         plan = self._meter.plan(self.layout, optimizer, can_wait_for_step=hooked) if self.detail else None
@@ -1337,9 +1368,10 @@ def watch(model: nn.Module, *, layers: LayersArg = None, sample_every: int = 1,
     optimizer:    the default for :meth:`Watcher.step` (a torch optimizer or a wrapper of one).
     scaler:       a ``torch.amp.GradScaler``: gradients are read unscaled and activation
                   gradients have the loss scale divided out.
-    window:       carry every step's loss and global gradient norm (min/max/mean/last) in the next
-                  record's ``window``; one read of every gradient per step, so by default on CUDA
-                  and not on the CPU.
+    window:       every step's loss and global gradient norm (min/max/mean/last) in the next
+                  record's ``window``. None (default): the loss always; the norm on CUDA and
+                  wherever ``clip_grad_norm_`` returns it, else left out (``grad_norm_*`` None).
+                  True: the norm on every step too (one read of every gradient a step). False: off.
     diagnose:     attach the diagnosis's verdicts to each record.
     per_rank:     under torchrun every rank writes its own file (``run.rank<N>.jsonl``) with its
                   local activation statistics; default: rank 0 records the global step.

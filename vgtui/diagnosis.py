@@ -329,7 +329,7 @@ def nonfinite_step(record: StepRecord) -> int | None:
     if window is not None:
         if not math.isfinite(window.loss_max):
             steps.append(int(window.loss_max_step))
-        if not math.isfinite(window.grad_norm_max):
+        if window.grad_norm_max is not None and not math.isfinite(window.grad_norm_max):  # None: not measured
             steps.append(int(window.grad_norm_max_step))
     if record.nonfinite is not None:
         steps.append(int(record.step))
@@ -934,12 +934,11 @@ class Diagnoser:
         the same over the previous SPIKE_WINDOW records; remember spikes. True when this record
         shows one."""
         w = record.window
+        values = {"loss": (record.loss, record.step), "grad_norm": (record.grad_norm_total, record.step)}
         if w is not None:
-            values = {"loss": (w.loss_max, w.loss_max_step),
-                      "grad_norm": (w.grad_norm_max, w.grad_norm_max_step)}
-        else:
-            values = {"loss": (record.loss, record.step),
-                      "grad_norm": (record.grad_norm_total, record.step)}
+            values["loss"] = (w.loss_max, w.loss_max_step)
+            if w.grad_norm_max is not None:  # None: the norm between samples was not measured
+                values["grad_norm"] = (w.grad_norm_max, w.grad_norm_max_step)
         wgrad = np.array(_values(record, "weight_grad_norm"), dtype=np.float64)  # kept: a copy
         found = False
         for metric, (peak, step) in values.items():

@@ -335,69 +335,103 @@ class WindowMeter:
     and carried by the next measured step's record as a :class:`~vgtui.records.StepWindow`: a
     spike between samples stays visible, with its step. On CUDA the sums stay on the device (a
     few scalar kernels a step, no host sync); on the CPU, where reading a value waits for nothing,
-    they are Python floats (a torch call per scalar costs more there than the arithmetic)."""
+    they are Python floats (a torch call per scalar costs more there than the arithmetic).
 
-    VALUES = 10  # (loss, norm) x (min, max, mean, last, step of the max)
+    The loss comes with every step; the norm only where the caller has it (``norm=None``: not
+    seen this step), so the window counts the steps whose norm it saw."""
+
+    VALUES = 10  # (loss, norm) x (min, max, sum, last, step of the max)
 
     def __init__(self):
         self.steps = 0
+        self.norm_steps = 0
         self.first_step = 0
         self._min = self._max = self._sum = self._last = self._at = None
 
-    def add(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
+    def add(self, step: int, loss: torch.Tensor, norm: torch.Tensor | None = None) -> None:
         if not loss.is_cuda:
-            self._add_host(step, float(loss.detach()), float(norm.detach()))
-            return
-        value = torch.stack([loss.detach().float().reshape(()), norm.detach().float().reshape(())])
-        if self.steps == 0:
-            self.first_step = step
-            self._min, self._max, self._sum = value, value, value.double()
-            self._at = torch.full((2,), float(step), device=value.device)
+            self._add_host(step, float(loss.detach()), None if norm is None else float(norm.detach()))
         else:
-            self._at = torch.where(value > self._max, float(step), self._at)
-            self._min = torch.minimum(self._min, value)
-            self._max = torch.maximum(self._max, value)  # NaN propagates: a NaN step shows
-            self._sum = self._sum + value
-        self._last = value
+            self._add_device(step, loss, norm)
         self.steps += 1
+        self.norm_steps += norm is not None
 
-    def _add_host(self, step: int, loss: float, norm: float) -> None:
-        value = (loss, norm)
+    def _add_host(self, step: int, loss: float, norm: float | None) -> None:
         if self.steps == 0:
             self.first_step = step
-            self._min, self._max, self._sum, self._at = list(value), list(value), list(value), [step, step]
+            self._min, self._max, self._sum, self._last, self._at = [loss, None], [loss, None], [loss, 0.0], \
+                [loss, None], [step, None]
         else:
-            for k, v in enumerate(value):
-                if v > self._max[k]:  # as torch.where(value > max): False for NaN either side
-                    self._at[k] = step
-                self._min[k] = v if math.isnan(v) or v < self._min[k] else self._min[k]
-                self._max[k] = v if math.isnan(v) or v > self._max[k] else self._max[k]
-                self._sum[k] += v
-        self._last = list(value)
-        self.steps += 1
+            self._fold(0, step, loss)
+        if norm is None:
+            return
+        if self.norm_steps == 0:
+            self._min[1] = self._max[1] = self._last[1] = norm
+            self._sum[1], self._at[1] = norm, step
+        else:
+            self._fold(1, step, norm)
+
+    def _fold(self, k: int, step: int, v: float) -> None:
+        if v > self._max[k]:  # as torch.where(value > max): False for NaN either side
+            self._at[k] = step
+        self._min[k] = v if math.isnan(v) or v < self._min[k] else self._min[k]
+        self._max[k] = v if math.isnan(v) or v > self._max[k] else self._max[k]
+        self._sum[k] += v
+        self._last[k] = v
+
+    def _add_device(self, step: int, loss: torch.Tensor, norm: torch.Tensor | None) -> None:
+        loss = loss.detach().float().reshape(())
+        # (loss, norm) in one vector; without a norm the loss stands in and its slot is kept as it was
+        value = torch.stack([loss, norm.detach().float().reshape(()) if norm is not None else loss])
+        if self.steps == 0:
+            self.first_step = step
+            self._min, self._max, self._sum, self._last = value, value, value.double(), value
+            self._at = torch.full((2,), float(step), device=value.device)
+            return
+        at = torch.where(value > self._max, float(step), self._at)
+        low = torch.minimum(self._min, value)
+        high = torch.maximum(self._max, value)  # NaN propagates: a NaN step shows
+        total = self._sum + value
+        last = value
+        if norm is None or self.norm_steps == 0:  # rare: only where the norm comes on some steps
+            loss_only = torch.arange(2, device=value.device) == 0  # made there: no host->device copy
+            if norm is None:  # the norm's slot stays
+                keep = (self._at, self._min, self._max, self._sum, self._last)
+            else:  # the first norm seen starts its slot
+                keep = (torch.full_like(self._at, float(step)), value, value, value.double(), value)
+            at, low, high, total, last = (torch.where(loss_only, new, old) for new, old in
+                                          zip((at, low, high, total, last), keep))
+        self._at, self._min, self._max, self._sum, self._last = at, low, high, total, last
 
     def take(self):
         """The window's values (a device tensor, or a numpy array on the CPU) and (steps, first
-        step); the next window starts empty."""
+        step, steps whose norm was seen); the next window starts empty."""
         if not self.steps:
             return None
-        meta = (self.steps, self.first_step)
+        meta = (self.steps, self.first_step, self.norm_steps)
         if isinstance(self._min, list):
-            values = np.array([*self._min, *self._max, *(v / self.steps for v in self._sum), *self._last, *self._at],
-                              dtype=np.float64)
+            nan = math.nan
+            values = np.array([*self._min, *self._max, *self._sum, *self._last, *self._at], dtype=np.float64)
+            if not self.norm_steps:
+                values[1::2] = nan
         else:
-            values = torch.cat([self._min, self._max, (self._sum / self.steps).float(), self._last, self._at])
+            values = torch.cat([self._min, self._max, self._sum.float(), self._last, self._at])
         self.__init__()
         return values, meta
 
 
-def window_record(values: np.ndarray, meta: tuple[int, int]) -> StepWindow:
-    lo, hi, mean, last, at = values[0:2], values[2:4], values[4:6], values[6:8], values[8:10]
-    return StepWindow(steps=meta[0], first_step=meta[1],
-                      loss_min=float(lo[0]), loss_max=float(hi[0]), loss_mean=float(mean[0]),
+def window_record(values: np.ndarray, meta: tuple[int, ...]) -> StepWindow:
+    steps, first_step = meta[0], meta[1]
+    norm_steps = meta[2] if len(meta) > 2 else steps
+    lo, hi, total, last, at = values[0:2], values[2:4], values[4:6], values[6:8], values[8:10]
+    norm = norm_steps > 0
+    return StepWindow(steps=steps, first_step=first_step,
+                      loss_min=float(lo[0]), loss_max=float(hi[0]), loss_mean=float(total[0]) / steps,
                       loss_last=float(last[0]), loss_max_step=int(at[0]),
-                      grad_norm_min=float(lo[1]), grad_norm_max=float(hi[1]), grad_norm_mean=float(mean[1]),
-                      grad_norm_last=float(last[1]), grad_norm_max_step=int(at[1]))
+                      grad_norm_min=float(lo[1]) if norm else None, grad_norm_max=float(hi[1]) if norm else None,
+                      grad_norm_mean=float(total[1]) / norm_steps if norm else None,
+                      grad_norm_last=float(last[1]) if norm else None,
+                      grad_norm_max_step=int(at[1]) if norm else None, grad_norm_steps=norm_steps)
 
 
 # -- the one packing ------------------------------------------------------------------------------
@@ -425,7 +459,7 @@ class HostSide:
     lrs: np.ndarray | None = None  # momentum plans: ‖ΔW‖ = lr · ‖buffer‖
     series: list[tuple[int | str, int]] = field(default_factory=list)  # (layer index or series name, points)
     loss_given: bool = True
-    window: tuple[int, int] | None = None  # (steps, first step) of the packed StepWindow
+    window: tuple[int, int, int] | None = None  # (steps, first step, norm steps) of the packed StepWindow
 
 
 def pack(scalars: list[torch.Tensor], core: list[torch.Tensor], detail: list[torch.Tensor] | None,

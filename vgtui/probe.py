@@ -353,9 +353,13 @@ class Probe:
         self._nan_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._owners_with_grad: dict[tuple, np.ndarray] = {}
         self._window = WindowMeter()
-        #: Count every step's loss and global norm into StepRecord.window: one read of every
-        #: gradient per step, so by default on CUDA (a fused kernel) and not on the CPU.
-        self.windowing = window if window is not None else self.device.type == "cuda"
+        #: Count every step's loss into StepRecord.window (a few float operations a step); off
+        #: only with ``window=False``.
+        self.windowing = window is not False
+        #: ... and its global norm: one read of every gradient per step, so by default only on
+        #: CUDA (a fused kernel); elsewhere only where clip-by-norm computes it anyway, or when
+        #: ``window=True`` asks for the full cost.
+        self.norm_windowing = window is True or (window is None and self.device.type == "cuda")
         self._step_norm: torch.Tensor | None = None  # this step's global norm before clipping
 
     @property
@@ -591,9 +595,10 @@ class Probe:
                 self._clip = (zero, zero, zero.bool())
             return
         total = self._total if self.sampled and self._total is not None else None
-        if total is None and (kind == "norm" or self.windowing):  # clipping's own, or the window's
+        if total is None and (kind == "norm" or self.norm_windowing):  # clipping's own, or the window's
             total = torch.linalg.vector_norm(tensor_norms(grads))
-        self._step_norm = total
+        # the window counts a norm known on every step, not one seen only on measured steps
+        self._step_norm = total if kind == "norm" or self.norm_windowing else None
         if kind == "norm":
             coef = torch.clamp(threshold / (total + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef.to(grads[0].dtype))
@@ -612,11 +617,12 @@ class Probe:
     def count(self, step: int, loss: torch.Tensor) -> None:
         """Every step, sampled or not: this step's loss and global gradient norm (before
         clipping) into the step window that the next measured record carries. Call after
-        :meth:`clip`. The norm is clipping's own where it clipped, else one read of the gradients."""
+        :meth:`clip`. The norm is clip-by-norm's own where it clipped, else one read of the
+        gradients where :attr:`norm_windowing` pays for it, else left out of the window."""
         if not self.windowing:
             return
         norm = self._step_norm
-        if norm is None:
+        if norm is None and self.norm_windowing:
             grads = [p.grad for p in self.params if p.grad is not None]
             norm = torch.linalg.vector_norm(tensor_norms(grads)) if grads else torch.zeros((), device=self.device)
         self._step_norm = None

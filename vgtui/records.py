@@ -103,7 +103,12 @@ class Ratio(NamedTuple):
 @dataclass(frozen=True)
 class StepWindow:
     """Every optimiser step since the previous record (inclusive of this one), accumulated on the
-    device without a host sync: what sampling alone would miss (a spike between samples)."""
+    device without a host sync: what sampling alone would miss (a spike between samples).
+
+    The loss is counted on every step. The global gradient norm only where it is cheap (CUDA, or
+    computed anyway by clip-by-norm) or asked for (``window=True``): ``grad_norm_steps`` says over
+    how many of the window's steps it was seen, and the ``grad_norm_*`` values are None where it
+    was seen on none (not measured, which is not non-finite)."""
 
     steps: int  # how many optimiser steps this window covers
     first_step: int
@@ -112,11 +117,16 @@ class StepWindow:
     loss_mean: float
     loss_last: float
     loss_max_step: int  # the step of the largest loss
-    grad_norm_min: float
-    grad_norm_max: float
-    grad_norm_mean: float
-    grad_norm_last: float
-    grad_norm_max_step: int  # the step of the largest global gradient norm
+    grad_norm_min: float | None
+    grad_norm_max: float | None
+    grad_norm_mean: float | None
+    grad_norm_last: float | None
+    grad_norm_max_step: int | None  # the step of the largest global gradient norm
+    grad_norm_steps: int | None = None  # steps whose norm was seen; None: all of them if any norm is given
+
+    def __post_init__(self):
+        if self.grad_norm_steps is None:  # recordings from before the norm could be left out
+            object.__setattr__(self, "grad_norm_steps", self.steps if self.grad_norm_max is not None else 0)
 
 
 @dataclass

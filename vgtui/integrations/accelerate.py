@@ -59,9 +59,12 @@ class ClipObserver:
             self.guard.call(self._note, max_norm)
             self._in_clip = True
             try:
-                return clip(parameters, max_norm, *args, **kwargs)
+                total = clip(parameters, max_norm, *args, **kwargs)
             finally:
                 self._in_clip = False
+            if self.measured and kwargs.get("norm_type", args[0] if args else 2) == 2 and total is not None:
+                self.guard.call(self.watcher.note_grad_norm, total)  # the step window's norm, computed anyway
+            return total
 
         accelerator.unscale_gradients = unscale_gradients
         accelerator.clip_grad_norm_ = clip_grad_norm_
