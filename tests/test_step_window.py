@@ -108,9 +108,11 @@ def _watch_run(steps=5, clip=None, **options):
         losses.append(float(loss.detach()))
         if clip == "watcher":
             watcher.clip_grad_norm_(1.0)
-        elif clip == "torch":  # the user's own clip after before_clip: its norm is not seen
+        elif clip in ("torch", "torch+note"):  # the user's own clip after before_clip
             watcher.before_clip()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            total = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if clip == "torch+note":
+                watcher.note_grad_norm(total)
         watcher.step(opt, loss)
         opt.step()
         opt.zero_grad()
@@ -128,7 +130,7 @@ def test_watch_on_the_cpu_counts_every_loss_by_default():
     assert w.grad_norm_steps == 0 and w.grad_norm_max is None and w.grad_norm_max_step is None
 
 
-@pytest.mark.parametrize("clip,options", [("watcher", {}), (None, {"window": True})])
+@pytest.mark.parametrize("clip,options", [("watcher", {}), ("torch+note", {}), (None, {"window": True})])
 def test_watch_counts_the_norm_where_clipping_returns_it_or_when_asked(clip, options):
     (_, second), _, norms = _watch_run(clip=clip, **options)
     w = second.window
