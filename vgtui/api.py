@@ -547,8 +547,12 @@ class Watcher:
         return self._budget.share if self._budget is not None else float("nan")
 
     def before_clip(self, optimizer=None) -> None:
-        """Measure per-layer ``‖∂L/∂W‖``, histograms and the global norm now: call it after
-        ``scaler.unscale_(opt)`` and before your own ``clip_grad_norm_``."""
+        """Measure per-layer ``‖∂L/∂W‖``, histograms and the global norm now, before your clipping
+        rescales them: call it after ``scaler.unscale_(opt)`` and before ``clip_grad_norm_``.
+
+        Args:
+            optimizer: the step's optimizer (or a wrapper of one); default: the watcher's.
+        """
         self._before_clip(optimizer, norm_follows=False)
 
     def note_grad_norm(self, total_norm: torch.Tensor | float) -> None:
@@ -590,7 +594,15 @@ class Watcher:
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, *, optimizer=None,
                         error_if_nonfinite: bool = False) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over the model's parameters, measured before and after
-        (unscaling first when the watcher knows the GradScaler). Returns the total norm, like torch."""
+        (unscaling first when the watcher knows the GradScaler), so the record knows both norms.
+
+        Args:
+            max_norm, norm_type, error_if_nonfinite: as in ``torch.nn.utils.clip_grad_norm_``.
+            optimizer: the step's optimizer (or a wrapper of one); default: the watcher's.
+
+        Returns:
+            The total norm before clipping, like torch.
+        """
         self._clip_info = ("norm", float(max_norm))
         self._before_clip(optimizer, norm_follows=norm_type == 2.0)
         total = torch.nn.utils.clip_grad_norm_(self.params, max_norm, norm_type,
@@ -606,10 +618,17 @@ class Watcher:
 
     def step(self, optimizer=None, loss: torch.Tensor | float | None = None, *,
              accuracy: torch.Tensor | float | None = None) -> None:
-        """Close the measurement of this optimiser step. Call once per optimiser step, after the
-        last micro-batch's backward (and your clipping), before ``optimizer.step()``.
-        ``loss`` is recorded as given (under DDP: averaged over ranks). ``optimizer`` may be a
-        wrapper (accelerate's, Lightning's): the torch optimizer inside is used."""
+        """Close the measurement of this optimiser step: once per optimiser step, after the last
+        micro-batch's backward (and your clipping), before ``optimizer.step()`` (the update size
+        is read when the optimizer's step hook fires).
+
+        Args:
+            optimizer: the optimizer about to step; a wrapper (accelerate's, Lightning's) is fine:
+                the torch optimizer inside is used. Default: the one given to :func:`watch`.
+            loss: the step's loss, recorded as given (a device tensor costs no sync; under DDP
+                it is averaged over ranks). None: the record's loss is not measured.
+            accuracy: the step's accuracy, if any, recorded like ``loss``.
+        """
         self._check_open()
         if self.optimizer is None:
             self.optimizer = optimizer  # the default from now on (and the header's lr)
@@ -1352,35 +1371,43 @@ def watch(model: nn.Module, *, layers: LayersArg = None, sample_every: int = 1,
           window: bool | None = None, run_info: dict | None = None, process_group=None) -> Watcher:
     """Attach vgtui to ``model`` (a plain module, a DDP-wrapped one, or a ``torch.compile``d one).
 
-    layers:       None (every module that directly owns trainable parameters, in forward order),
-                  a predicate ``(name, module) -> bool`` over those, or a list of module names,
-                  modules or :class:`vgtui.LayerSpec` (kept in the given order).
-    sample_every: measure at most every N-th optimiser step (the first is always measured).
-    overhead_budget: the share of training time measuring may take (default 0.02): when it
-                  costs more, the interval between measured steps widens (never below
-                  ``sample_every``). None: exactly every ``sample_every`` steps (so too under
-                  DDP, where every rank must measure the same steps).
-    detail_every: activation statistics, ‖W‖, update ratios and histograms on every N-th measured
-                  step (the gradient norms on all of them).
-    record:       a JSONL path (the format of ``vgtui run --record``: ``vgtui replay/attach`` read
-                  it), or an open text file object.
-    channel:      a :class:`vgtui.channel.Channel` that receives the same records in-process.
-    optimizer:    the default for :meth:`Watcher.step` (a torch optimizer or a wrapper of one).
-    scaler:       a ``torch.amp.GradScaler``: gradients are read unscaled and activation
-                  gradients have the loss scale divided out.
-    window:       every step's loss and global gradient norm (min/max/mean/last) in the next
-                  record's ``window``. None (default): the loss always; the norm on CUDA and
-                  wherever ``clip_grad_norm_`` returns it, else left out (``grad_norm_*`` None).
-                  True: the norm on every step too (one read of every gradient a step). False: off.
-    diagnose:     attach the diagnosis's verdicts to each record.
-    per_rank:     under torchrun every rank writes its own file (``run.rank<N>.jsonl``) with its
-                  local activation statistics; default: rank 0 records the global step.
-    run_info:     keys merged into the header's ``preset`` (a framework integration's description
-                  of the run: its clip setting, precision, ...); read when the header is written at
-                  the first step, so it may be filled in until then.
-    process_group: reduce the activation sums over this group's ranks, as under DDP, for a module
-                  trained data-parallel but not passed DDP-wrapped (Lightning's DDP strategy hands
-                  callbacks the inner module); gradients must be averaged over the group.
+    Returns a :class:`Watcher`: call :meth:`Watcher.step` once per optimiser step (and
+    :meth:`Watcher.before_clip` before your clipping), then :meth:`Watcher.close`.
+
+    Args:
+        layers:       None (every module that directly owns trainable parameters, in forward order),
+                      a predicate ``(name, module) -> bool`` over those, or a list of module names,
+                      modules or :class:`vgtui.LayerSpec` (kept in the given order).
+        sample_every: measure at most every N-th optimiser step (the first is always measured).
+        overhead_budget: the share of training time measuring may take (default 0.02): when it
+                      costs more, the interval between measured steps widens (never below
+                      ``sample_every``). None: exactly every ``sample_every`` steps (so too under
+                      DDP, where every rank must measure the same steps).
+        detail_every: activation statistics, ‖W‖, update ratios and histograms on every N-th measured
+                      step (the gradient norms on all of them).
+        record:       a JSONL path (the format of ``vgtui run --record``: ``vgtui replay/attach`` read
+                      it), or an open text file object.
+        channel:      a :class:`vgtui.channel.Channel` that receives the same records in-process.
+        optimizer:    the default for :meth:`Watcher.step` (a torch optimizer or a wrapper of one).
+        scaler:       a ``torch.amp.GradScaler``: gradients are read unscaled and activation
+                      gradients have the loss scale divided out.
+        window:       every step's loss and global gradient norm (min/max/mean/last) in the next
+                      record's ``window``. None (default): the loss always; the norm on CUDA and
+                      wherever ``clip_grad_norm_`` returns it, else left out (``grad_norm_*`` None).
+                      True: the norm on every step too (one read of every gradient a step). False: off.
+        diagnose:     attach the diagnosis's verdicts to each record.
+        per_rank:     under torchrun every rank writes its own file (``run.rank<N>.jsonl``) with its
+                      local activation statistics; default: rank 0 records the global step.
+        run_info:     keys merged into the header's ``preset`` (a framework integration's description
+                      of the run: its clip setting, precision, ...); read when the header is written at
+                      the first step, so it may be filled in until then.
+        process_group: reduce the activation sums over this group's ranks, as under DDP, for a module
+                      trained data-parallel but not passed DDP-wrapped (Lightning's DDP strategy hands
+                      callbacks the inner module); gradients must be averaged over the group.
+
+    Returns:
+        The :class:`Watcher`, already attached (its hooks exist only on measured steps).
+
     FSDP2 (``fully_shard``) models are measured from their local shards (see docs/API.md); tensor
     parallelism is refused with a ValueError.
     """

@@ -34,9 +34,16 @@ ACCURACY_NAMES = ("acc", "accuracy")
 
 
 class LightningWatch(Guarded):
-    """See the module docstring. ``accuracy`` names the metric the module logs with
-    ``self.log(...)`` (default: the first logged ``acc``/``accuracy``, optionally prefixed
-    ``train_`` / ``train/`` or suffixed ``_step``)."""
+    """What both Lightning namespaces' ``VgtuiCallback`` do (see the module docstring).
+
+    Args:
+        record: a JSONL path for the recording (``vgtui replay`` / ``attach`` read it), or None.
+        sample_every: measure at most every N-th optimiser step.
+        accuracy: the metric the module logs with ``self.log(...)`` to record as accuracy
+            (default: the first logged ``acc``/``accuracy``, optionally prefixed ``train_`` /
+            ``train/`` or suffixed ``_step``).
+        **watch_options: those of :func:`vgtui.watch` (``layers``, ``channel``, ``overhead_budget``, ...).
+    """
 
     def __init__(self, record: str | Path | None = None, sample_every: int = 1, *,
                  accuracy: str | None = None, **watch_options):

@@ -41,8 +41,14 @@ __all__ = ["VgtuiCallback", "watch"]
 
 
 class VgtuiCallback(Guarded, TrainerCallback):
-    """``VgtuiCallback(record=None, sample_every=1, *, trainer=None, **watch_options)``;
-    ``watch_options`` are those of :func:`vgtui.watch` (``layers``, ``channel``, ...)."""
+    """A ``transformers.TrainerCallback`` that records the run like :func:`vgtui.watch`.
+
+    Args:
+        record: a JSONL path for the recording (``vgtui replay`` / ``attach`` read it), or None.
+        sample_every: measure at most every N-th optimiser step.
+        trainer: the ``Trainer`` (default: found on the call stack at ``on_train_begin``).
+        **watch_options: those of :func:`vgtui.watch` (``layers``, ``channel``, ...).
+    """
 
     def __init__(self, record: str | Path | None = None, sample_every: int = 1, *, trainer=None,
                  **watch_options):
