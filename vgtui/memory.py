@@ -60,14 +60,14 @@ def freeze_long_lived() -> None:
 
     Called once the objects that live as long as the process exist (torch and the model, after
     the trainer builds it; Textual's modules and widgets, once the first step is on screen).
-    Otherwise each full collection walks them all holding the GIL: ~230,000 objects on a
-    200-layer preset, 120-240 ms a pass, in the UI thread and the trainer alike; those were the
-    key presses that took 180-285 ms to redraw. Frozen objects are still freed by reference
-    counting; only cycles among them would outlive their use.
+    Otherwise each full collection walks them all holding the GIL, in the UI thread and the
+    trainer alike: on deep models those passes were the slow key presses (docs/BENCHMARKS.md).
+    Frozen objects are still freed by reference counting; only cycles among them would outlive
+    their use.
 
-    Full collections also come 10x less often (every 100 young-generation passes, not 10): what
-    is left unfrozen, the UI's churning render caches (~50,000 objects), still took 36-87 ms a
-    pass, every 2 s. Young collections, which find most cyclic garbage, run as before.
+    Full collections also come 10x less often (every 100 young-generation passes, not 10): the
+    UI's churning render caches stay unfrozen and are costly to walk. Young collections, which
+    find most cyclic garbage, run as before.
     ``VGTUI_GC_FREEZE=0`` turns both off (for A/B runs).
     """
     if os.environ.get("VGTUI_GC_FREEZE", "1") == "0":

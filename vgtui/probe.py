@@ -50,9 +50,8 @@ def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of each tensor: a float32 vector on their device, in their order.
 
     CUDA: one fused foreach kernel for them all. CPU: a BLAS dot per large tensor (its square
-    root taken once for all), about 3x faster than torch's norm kernels (sigmoid-deep's 4.8 M
-    gradient entries: 0.39 ms vs 1.14 ms) and more accurate (float32 norm of 10^6 normals: 2e-7
-    relative error vs 9e-6); the small ones (biases) in one foreach call, whose C++ loop beats a
+    root taken once for all), faster than torch's norm kernels there and more accurate (a float32
+    dot accumulates in blocks; docs/BENCHMARKS.md has the figures); the small ones (biases) in one foreach call, whose C++ loop beats a
     Python call per tensor. No per-tensor ``sqrt``/``float``/``stack`` work: each is a dispatch
     (a kernel launch on CUDA) that costs more than the arithmetic on small tensors.
     """

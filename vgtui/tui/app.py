@@ -66,9 +66,8 @@ class VgtuiApp(App):
         return Dashboard(self.source, poll_hz=self.poll_hz, break_on_nonfinite=self.break_on_nonfinite)
 
     def show_help(self) -> None:
-        """Push the help screen, built once and kept (installed). With 200 layers on a paused
-        monitor, `?` → help on screen took 40 ms as a see-through modal composed anew on each
-        press, 32 ms opaque, and 11 ms opaque and kept (benchmarks/tui_keys.py --pause)."""
+        """Push the help screen, built once and kept (installed), and opaque: a see-through modal
+        re-renders the whole monitor beneath it (figures: docs/BENCHMARKS.md, TUI keys)."""
         if not self.is_screen_installed("help"):
             self.install_screen(HelpScreen(), "help")
         self.push_screen("help")

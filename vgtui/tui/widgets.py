@@ -58,10 +58,8 @@ class View(Widget):
 
     def render_line(self, y: int) -> Strip:
         """Line API: each text row becomes segments once per drawing, and only the rows on
-        screen. A whole Text goes through Textual's Content conversion span by span: `v` → the
-        200-layer heatmap took 26 ms of a paused UI that way, 13 ms this way (and 61-75 → 44 ms
-        while training); for LayerRows it cost the trainer ~14 % of its steps/s on a 30-layer
-        net (GIL shared with the UI), growing with depth."""
+        screen. Handing Textual a whole Text converts it span by span, on every frame, in the
+        thread that shares the GIL with training (the figures: docs/BENCHMARKS.md, TUI)."""
         text = self.render()  # cached on (state version, size, options)
         if self._rows_of is not text:
             self._rows_of, self._rows, self._strips = text, text.split("\n", allow_blank=True), {}
