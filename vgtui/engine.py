@@ -115,10 +115,11 @@ def alive_units(a: torch.Tensor, unit_dim: int = 1, stacked: bool = False) -> to
 
 
 def strided_sample(a: torch.Tensor) -> torch.Tensor:
-    """At most ACT_SAMPLE_ELEMENTS evenly strided entries of ``a`` (flattened), as float32: a
-    view and one small copy, so its cost does not grow with the layer."""
+    """At most ACT_SAMPLE_ELEMENTS evenly strided entries of ``a`` (flattened), as a float32
+    copy: small whatever the layer's size, and unchanged by later in-place ops on ``a`` (a
+    residual ``out += identity``, ``ReLU(inplace=True)``) before it is sorted at the step's end."""
     flat = a.detach().reshape(-1)
-    return flat[::max(1, math.ceil(flat.numel() / ACT_SAMPLE_ELEMENTS))].float()
+    return flat[::max(1, math.ceil(flat.numel() / ACT_SAMPLE_ELEMENTS))].to(torch.float32, copy=True)
 
 
 class Percentiles:
