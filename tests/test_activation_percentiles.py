@@ -4,6 +4,7 @@ by vgtui.watch, checked against torch.quantile of the same evenly strided sample
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -20,8 +21,8 @@ from vgtui.data import SyntheticData
 from vgtui.jsonl import JsonlWriter, read_recording
 from vgtui.models import build_model
 from vgtui.probe import Probe
-from vgtui.records import (ACT_PERCENTILE_METRICS, ACT_PERCENTILES, ACT_SAMPLE_ELEMENTS, LAYER_METRICS, RunHeader,
-                           StepRecord)
+from vgtui.records import (ACT_PERCENTILE_METRICS, ACT_PERCENTILES, ACT_SAMPLE_ELEMENTS, HIST_BINS, LAYER_METRICS,
+                           RunHeader, StepRecord)
 
 Q = torch.tensor(ACT_PERCENTILES, dtype=torch.float64) / 100
 
@@ -184,3 +185,51 @@ def test_a_recording_from_before_the_percentiles_reads_them_as_not_measured(tmp_
     assert record.layers["act_mean"].tolist() == [0.5, 2.0] and record.measured("act_mean").all()
     for metric in ACT_PERCENTILE_METRICS:
         assert np.isnan(record.layers[metric]).all() and not record.measured(metric).any()
+
+
+# -- the activations view -----------------------------------------------------------------------
+def _state(kind: str, steps: int, p: list[float], lo_span: float = 0.0):
+    from vgtui.tui.state import RunState
+
+    header = RunHeader(preset={"name": "t"}, layers=["a"], layer_kinds=[kind], device="cpu")
+    records = []
+    for step in range(steps):
+        layers = {m: np.array([0.1]) for m in LAYER_METRICS}
+        for metric, value in zip(ACT_PERCENTILE_METRICS, p):
+            layers[metric] = np.array([value])
+        unmeasured = {m: np.isnan(layers[m]) for m in ACT_PERCENTILE_METRICS if np.isnan(layers[m]).any()}
+        records.append(dataclasses.replace(_record(layers, unmeasured), step=step, hist=np.zeros((1, HIST_BINS))))
+    state = RunState()
+    state.feed([header] + records)
+    return state
+
+
+def test_the_view_draws_the_band_median_on_top_on_the_sigmoid_range():
+    """A sigmoid layer pinned near 1 (Glorot & Bengio's saturated top layer, mirrored): on the
+    0..1 axis with 4 lines, the median in the top line, p16-p84 under it, p2-p98 lowest."""
+    from vgtui.tui import render as R
+
+    state = _state("sigmoid", 8, [0.30, 0.62, 0.97, 0.99, 1.0])
+    lines = R.activations(state, 120, 0, True, height=6).plain.splitlines()
+    chart = [line[54:] for line in lines[1:5]]  # past the numbers and the axis
+    assert lines[1].split()[0] == "a" and "1" in lines[1][46:54] and "0" in lines[4][46:54]
+    assert "▔" in chart[0] or "━" in chart[0]  # the median 0.97 in the top quarter
+    assert "▓" in chart[1] and "░" in chart[2] and "░" not in chart[3] and "▓" not in chart[3]
+
+
+def test_one_line_per_layer_shows_the_newest_distribution_across_its_range():
+    from vgtui.tui import render as R
+
+    state = _state("tanh", 3, [-0.9, -0.5, 0.0, 0.5, 0.9])
+    line = R.activations(state, 120, 0, True, height=3).plain.splitlines()[1]
+    band = line[line.index("░"): line.rindex("░") + 1]
+    assert band.count("┃") == 1 and band.index("┃") in range(len(band) // 2 - 2, len(band) // 2 + 3)
+    assert band.strip("░").strip("▓┃") == "" and "▓" in band
+
+
+def test_a_recording_without_percentiles_still_draws_the_mean():
+    from vgtui.tui import render as R
+
+    state = _state("sigmoid", 3, [np.nan] * 5)  # as read from a recording older than the metrics
+    text = R.activations(state, 120, 0, True, height=10).plain
+    assert "mean over time" in text and "distribution" not in text
