@@ -233,3 +233,21 @@ def test_a_recording_without_percentiles_still_draws_the_mean():
     state = _state("sigmoid", 3, [np.nan] * 5)  # as read from a recording older than the metrics
     text = R.activations(state, 120, 0, True, height=10).plain
     assert "mean over time" in text and "distribution" not in text
+
+
+def test_csv_export_has_the_percentiles_and_an_old_recording_gains_none(tmp_path):
+    from vgtui.export import export_csv
+
+    header = RunHeader(preset={}, layers=["a"], layer_kinds=["tanh"], device="cpu")
+    layers = {m: np.array([0.5]) for m in LAYER_METRICS}
+    new, old = tmp_path / "new.jsonl", tmp_path / "old.jsonl"
+    with JsonlWriter(new) as writer:
+        writer.write_all([header, _record(layers, {})])
+    step = json.loads(new.read_text().splitlines()[1])
+    for metric in ACT_PERCENTILE_METRICS:
+        del step["columns"][metric]
+    old.write_text(new.read_text().splitlines()[0] + "\n" + json.dumps(step) + "\n")
+    export_csv(new, tmp_path / "new.csv")
+    export_csv(old, tmp_path / "old.csv")
+    assert "0,a,act_p50,0.5" in (tmp_path / "new.csv").read_text()
+    assert "act_p" not in (tmp_path / "old.csv").read_text()
