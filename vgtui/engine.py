@@ -539,9 +539,9 @@ def unpack(values: np.ndarray, layout: Layout, host: HostSide) -> tuple[StepReco
     }
     layers = {"weight_grad_norm": wgrad, "act_grad_norm": act_grad, "act_mean": mean, "act_std": std,
               "saturated": saturated, "dead": dead, "weight_norm": weight_norm, "update_ratio": update}
-    for metric, values in zip(ACT_PERCENTILE_METRICS, percentiles):
+    for metric, column in zip(ACT_PERCENTILE_METRICS, percentiles):
         masks[metric] = masks["act_mean"]
-        layers[metric] = values
+        layers[metric] = column
     unmeasured = {}
     for metric in LAYER_METRICS:
         mask = masks[metric]
