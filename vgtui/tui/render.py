@@ -732,7 +732,7 @@ def _distribution_now(series: dict, r: int, lo: float, hi: float, width: int, mo
         elif p98 >= a and p02 <= b:
             cells.append((BAND_OUTER, None if mono else _OUTER_STYLE))
         else:
-            cells.append(("·" if k in (0, width - 1) else " ", _UNMEASURED_STYLE if not mono else None))
+            cells.append((" ", None))
     return cells
 
 
