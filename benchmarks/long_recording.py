@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vgtui.config import load_preset  # noqa: E402
 from vgtui.diagnosis import Diagnoser  # noqa: E402
 from vgtui.jsonl import JsonlWriter  # noqa: E402
-from vgtui.records import HIST_BINS, RunEvent, RunHeader, StepRecord, StepWindow  # noqa: E402
+from vgtui.records import ACT_PERCENTILE_METRICS, HIST_BINS, RunEvent, RunHeader, StepRecord, StepWindow  # noqa: E402
 
 DEPTH = 30  # relu-30-he: 30 hidden ReLU layers and a linear output layer
 
@@ -69,7 +69,8 @@ def records(count: int, *, detail_every: int = 10, nonfinite_at: float = 0.0, se
             "act_mean": np.full(n, np.nan), "act_std": np.full(n, np.nan),
             "saturated": np.full(n, np.nan), "dead": np.full(n, np.nan),
             "weight_norm": np.full(n, np.nan), "update_ratio": np.full(n, np.nan),
-        }
+        } | {metric: np.full(n, np.nan) for metric in ACT_PERCENTILE_METRICS}
+        unmeasured = {} if detail else {metric: np.ones(n, dtype=bool) for metric in ACT_PERCENTILE_METRICS}
         hist = None
         if detail:
             layers |= {
@@ -79,6 +80,13 @@ def records(count: int, *, detail_every: int = 10, nonfinite_at: float = 0.0, se
                 "weight_norm": np.append(np.full(n - 1, 22.6), 4.46) * noise(0.003),
                 "update_ratio": 6e-5 * noise(0.15),
             }
+            # ReLU layers: a third or more of the entries are exactly 0, then a long right tail;
+            # the linear output layer: about symmetric around its mean.
+            mean, std = layers["act_mean"], layers["act_std"]
+            relu = np.arange(n) < DEPTH
+            for metric, (relu_at, z) in zip(ACT_PERCENTILE_METRICS, ((0, -2.05), (0, -0.99), (0.5, 0.0),
+                                                                     (1.8, 0.99), (3.2, 2.05))):
+                layers[metric] = np.where(relu, relu_at * mean, mean + z * std) * noise(0.05)
             shift = rng.integers(-2, 3, n)
             hist = np.stack([rng.multinomial(1024, np.roll(hist_p, int(s)) / hist_p.sum()) for s in shift])
             hist = hist.astype(float)
@@ -96,6 +104,7 @@ def records(count: int, *, detail_every: int = 10, nonfinite_at: float = 0.0, se
         record = StepRecord(step=step, loss=step_loss, accuracy=float(np.clip(0.9 - loss / 3, 0, 1)),
                             grad_norm_total=norm, grad_norm_clipped=norm, clipped=False, layers=layers,
                             hist=hist, detail=detail, nonfinite=nonfinite, run_id=run_id, time=t,
+                            unmeasured=unmeasured,
                             steps_per_sec=float(1 / 0.033 * rng.uniform(0.95, 1.05)), window=window)
         if diagnoser is not None:  # as the trainer does, before anyone reads the record
             record = dataclasses.replace(record, verdicts=diagnoser.update(record))

@@ -159,7 +159,7 @@ def test_tensorboard_round_trip(recording, tmp_path):
 def _old_export_rows(path) -> list[tuple]:
     """The CSV rows as the exporter wrote them before it streamed: every record in memory, runs
     grouped by id in order of first appearance, optional series kept where ever measured."""
-    from vgtui.export import GLOBAL_METRICS, OPTIONAL_METRICS, _global_value, _text
+    from vgtui.export import GLOBAL_METRICS, OPTIONAL_METRICS, _global_value, _heldout, _text
 
     runs: dict[int, tuple] = {}
     for record in read_recording(path).records:
@@ -179,6 +179,7 @@ def _old_export_rows(path) -> list[tuple]:
         for r in steps:
             rows += [(str(r.step), "", m, _text(_global_value(r, m))) for m in globals_]
             rows += [(str(r.step), header.layers[i], m, _text(float(r.layers[m][i]))) for i, m in per_layer]
+            rows += [(str(r.step), "", m, _text(v)) for m, v in _heldout(r)]  # re-recorded fixtures evaluate
     return rows
 
 

@@ -76,14 +76,14 @@ from .channel import Channel
 from .config import RECTIFYING
 from .diagnosis import Diagnoser
 from .distributed import counted_pieces, local_sq_norms, piece_sq_norms, reduce_sum, sharding_kind
-from .engine import (CELLS, RECURRENT, HostSide, Layout, OverheadBudget, ProbeClock, UpdateMeter, WindowMeter,
-                     activation_kind, alive_units, downsample_time, first_tensor, hook_optimizer_step,
-                     measures_dead, out_of_place, pack, recomputing, saturated_mask, time_squares, unit_dim,
-                     unpack, unwrap_optimizer)
+from .engine import (CELLS, RECURRENT, HostSide, Layout, OverheadBudget, Percentiles, ProbeClock, UpdateMeter,
+                     WindowMeter, activation_kind, alive_units, downsample_time, first_tensor, hook_optimizer_step,
+                     measures_dead, out_of_place, pack, recomputing, saturated_mask, strided_sample, time_squares,
+                     unit_dim, unpack, unwrap_optimizer)
 from .jsonl import JsonlWriter, to_json
 from .layers import LayerSpec
 from .probe import DETAIL_EVERY, HostTransfer, LogHistograms, tensor_norms
-from .records import RunError, RunEvent, RunHeader, StepRecord
+from .records import ACT_PERCENTILES, RunError, RunEvent, RunHeader, StepRecord
 from .recurrent import ThroughTime
 
 __all__ = ["Watcher", "watch", "default_layers"]
@@ -357,15 +357,16 @@ class _Accumulator:
         self.grad_bad: list[torch.Tensor | None] = [None] * n_layers  # finite iff every entry was
         self.time_sq: list[torch.Tensor | None] = [None] * n_layers  # Σ_k ‖∂L_k/∂h_t‖² per t
         self.calls: list[dict[int, torch.Tensor] | None] = [None] * n_layers  # cells: per call
+        self.samples: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # strided, per micro-batch
 
     def permute(self, order: list[int]) -> None:
-        for name in ("count", "mean", "m2", "sat", "alive", "grad_sq", "grad_bad", "time_sq", "calls"):
+        for name in ("count", "mean", "m2", "sat", "alive", "grad_sq", "grad_bad", "time_sq", "calls", "samples"):
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in order])
 
     def take_stats(self, i: int, other: "_Accumulator") -> None:
         """Layer ``i``'s activation statistics from ``other`` in place of this one's."""
-        for name in ("count", "mean", "m2", "sat", "alive"):
+        for name in ("count", "mean", "m2", "sat", "alive", "samples"):
             getattr(self, name)[i] = getattr(other, name)[i]
 
     def add_stats(self, i: int, a: torch.Tensor, kind: str, units_at: int) -> None:
@@ -380,6 +381,7 @@ class _Accumulator:
             self.mean[i] = self.mean[i].double() + delta * (n / total)
             self.m2[i] = self.m2[i].double() + m2.double() + delta.square() * (na * n / total)
         self.count[i] = na + n
+        self.samples[i].append(strided_sample(a))
         saturated = saturated_mask(a, kind)
         if saturated is not None:
             sat = saturated.sum(dtype=torch.float64)
@@ -493,6 +495,7 @@ class Watcher:
         self._through_time = ThroughTime(lambda: self.sampled and self.detail and self.writes, self._fail)
         self._transfer = HostTransfer()
         self._hist = LogHistograms()
+        self._percentiles = Percentiles()
         self._meter = UpdateMeter()
         self._window = WindowMeter()
         #: every step's loss into StepRecord.window (a few float operations a step); off with
@@ -1212,7 +1215,7 @@ class Watcher:
 
     def _combine(self, acc: _Accumulator, device, loss_t, accuracy_t, reduced: torch.Tensor | None = None):
         """Per layer (layout order), pooled over the step's micro-batches and, under DDP, over
-        ranks: (n, 4) [mean, std, saturated, dead], ‖∂L/∂h‖, its finite mark, host masks of the
+        ranks: (n, 4 + len(ACT_PERCENTILES)) [mean, std, saturated, dead, percentiles], ‖∂L/∂h‖, its finite mark, host masks of the
         layers reached and given a gradient, the through-time norms, loss and accuracy.
         ``reduced``: the sums of :meth:`_act_sums` already summed over ranks (FSDP2, where they
         travel with the weight norms)."""
@@ -1278,9 +1281,16 @@ class Watcher:
         for notice in notices if self._sink is not None else ():
             self._sink.put(RunEvent("notice", notice, self.step_index, self.run_id))
         act_grad = torch.stack(grads)
+        # Percentiles of the strided samples of every micro-batch of the step, pooled (this rank's
+        # only: they do not add across ranks), all layers in one sort.
+        if any(acc.samples):
+            percentiles = self._percentiles([torch.cat(parts) if parts else nan.new_empty(0) for parts in acc.samples])
+        else:
+            percentiles = nan.expand(n, len(ACT_PERCENTILES))
         reached = np.array([c > 0 for c in acc.count], dtype=bool)
         got_grad = np.array([g is not None for g in acc.grad_sq], dtype=bool)
-        return torch.stack(stats), act_grad, act_grad, reached, got_grad, series, loss_t, accuracy_t
+        return (torch.cat([torch.stack(stats), percentiles], dim=1), act_grad, act_grad, reached, got_grad, series,
+                loss_t, accuracy_t)
 
     def _meta(self) -> dict:
         return {"phase": "train", "run_id": self.run_id, "time": time.perf_counter() - self._t0,
@@ -1313,7 +1323,8 @@ class Watcher:
             host.update_known = known
             host.lrs = plan.lrs if known and plan.kind == "momentum" else None
             stats = pending["stats"]
-            detail = [stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3], weight_norm, update]
+            detail = [stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3], weight_norm, update,
+                      *stats[:, 4:].unbind(1)]
         act_mark = torch.where(torch.isfinite(pending["stats"][:, 0]), 0.0, float("nan")) if host.detail \
             else torch.zeros(len(layout), device=device)
         total, after, acted = pending["clip"]

@@ -25,7 +25,8 @@ from torch import nn
 
 from .config import RECTIFYING
 from .layers import LayerSpec
-from .records import HIST_BINS, LAYER_METRICS, TIME_POINTS, StepRecord, StepWindow
+from .records import (ACT_PERCENTILE_METRICS, ACT_PERCENTILES, ACT_SAMPLE_ELEMENTS, HIST_BINS, LAYER_METRICS,
+                      TIME_POINTS, StepRecord, StepWindow)
 
 #: A sigmoid unit within this distance of 0 or 1 (a tanh unit of -1 or 1) counts as saturated:
 #: there sigma'(z) < 0.02 (tanh'(z) < 0.04), i.e. the gradient through it is cut 12-25x beyond the
@@ -111,6 +112,53 @@ def alive_units(a: torch.Tensor, unit_dim: int = 1, stacked: bool = False) -> to
         return moved.reshape(a.shape[0], -1, moved.shape[-1]).amax(1) > 0
     moved = a.movedim(unit_dim, -1)
     return moved.reshape(-1, moved.shape[-1]).amax(0) > 0
+
+
+def strided_sample(a: torch.Tensor) -> torch.Tensor:
+    """At most ACT_SAMPLE_ELEMENTS evenly strided entries of ``a`` (flattened), as a float32
+    copy: small whatever the layer's size, and unchanged by later in-place ops on ``a`` (a
+    residual ``out += identity``, ``ReLU(inplace=True)``) before it is sorted at the step's end."""
+    flat = a.detach().reshape(-1)
+    return flat[::max(1, math.ceil(flat.numel() / ACT_SAMPLE_ELEMENTS))].to(torch.float32, copy=True)
+
+
+class Percentiles:
+    """ACT_PERCENTILES of several 1-D samples at once: one padded sort and two gathers on their
+    device, interpolated linearly as ``torch.quantile`` does. The gather plan depends only on the
+    sample lengths (known on the host) and is kept, so no host data is copied to the device on a
+    measured step once the shapes settle. A sample with a NaN yields NaN at and above it."""
+
+    PLANS = 8  # kept plans: alternating batch sizes (a last, shorter batch) reuse theirs
+
+    def __init__(self):
+        self._plans: dict = {}
+
+    def __call__(self, samples: list[torch.Tensor]) -> torch.Tensor:
+        """(len(samples), len(ACT_PERCENTILES)) float32; an empty sample gives a NaN row."""
+        device = samples[0].device
+        lengths = tuple(s.numel() for s in samples)
+        plan = self._plans.get((device, lengths))
+        if plan is None:
+            q = np.array(ACT_PERCENTILES, dtype=np.float64) / 100.0
+            pos = np.array([q * max(n - 1, 0) for n in lengths]).reshape(len(lengths), len(q))
+            lo = np.floor(pos)
+            hi = np.minimum(lo + 1, np.maximum(np.array(lengths)[:, None] - 1, 0))
+            empty = torch.tensor([n == 0 for n in lengths], device=device)
+            plan = (torch.from_numpy(lo.astype(np.int64)).to(device), torch.from_numpy(hi.astype(np.int64)).to(device),
+                    torch.from_numpy((pos - lo).astype(np.float32)).to(device), empty)
+            if len(self._plans) >= self.PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[(device, lengths)] = plan
+        lo, hi, frac, empty = plan
+        padded = torch.nn.utils.rnn.pad_sequence([s.reshape(-1).float() for s in samples], batch_first=True,
+                                                 padding_value=math.inf)
+        if padded.shape[1] == 0:
+            padded = torch.full((len(samples), 1), math.inf, device=device)
+        ordered = padded.sort(dim=1).values
+        below, above = ordered.gather(1, lo), ordered.gather(1, hi)
+        # below + frac·(above - below), but exactly ``below`` where frac is 0 (so inf stays inf)
+        values = torch.where(frac == 0, below, torch.lerp(below, above, frac))
+        return values.masked_fill_(empty[:, None], math.nan)
 
 
 def measures_dead(kind: str, shape: tuple) -> bool:
@@ -440,8 +488,9 @@ SCALARS = 7
 #: Per layer on every measured step: ‖∂L/∂W‖, ‖∂L/∂h‖, a forward mark and a backward mark (each
 #: finite exactly when every entry of h, of ∂L/∂h, is).
 CORE_COLUMNS = 4
-#: Per layer on detail steps also: mean, std, saturated, dead, ‖W‖, ‖ΔW‖.
-DETAIL_COLUMNS = 6
+#: Per layer on detail steps also: mean, std, saturated, dead, ‖W‖, ‖ΔW‖, then the activation
+#: percentiles (ACT_PERCENTILES, low to high).
+DETAIL_COLUMNS = 6 + len(ACT_PERCENTILES)
 
 
 @dataclass
@@ -502,12 +551,13 @@ def unpack(values: np.ndarray, layout: Layout, host: HostSide) -> tuple[StepReco
     wgrad, act_grad, act_mark, grad_mark = (per_layer[:, k].copy() for k in range(CORE_COLUMNS))
     nan = np.full(n, np.nan)
     if host.detail:
-        mean, std, saturated, dead, weight_norm, update = (per_layer[:, k].copy() for k in range(CORE_COLUMNS, columns))
+        mean, std, saturated, dead, weight_norm, update, *percentiles = (
+            per_layer[:, k].copy() for k in range(CORE_COLUMNS, columns))
         if host.lrs is not None:
             update = update * host.lrs
         update = update / np.maximum(weight_norm, 1e-30)
     else:
-        mean, std, saturated, dead, weight_norm, update = (nan.copy() for _ in range(DETAIL_COLUMNS))
+        mean, std, saturated, dead, weight_norm, update, *percentiles = (nan.copy() for _ in range(DETAIL_COLUMNS))
     reached = np.asarray(host.reached, dtype=bool)
     got_grad = np.asarray(host.got_grad, dtype=bool)
     has_wgrad = np.asarray(host.has_wgrad, dtype=bool) & layout.has_params
@@ -528,6 +578,9 @@ def unpack(values: np.ndarray, layout: Layout, host: HostSide) -> tuple[StepReco
     }
     layers = {"weight_grad_norm": wgrad, "act_grad_norm": act_grad, "act_mean": mean, "act_std": std,
               "saturated": saturated, "dead": dead, "weight_norm": weight_norm, "update_ratio": update}
+    for metric, column in zip(ACT_PERCENTILE_METRICS, percentiles):
+        masks[metric] = masks["act_mean"]
+        layers[metric] = column
     unmeasured = {}
     for metric in LAYER_METRICS:
         mask = masks[metric]

@@ -30,13 +30,14 @@ import numpy as np
 
 from .errors import UserError
 from .jsonl import iter_records
-from .records import LAYER_METRICS, RunHeader, StepRecord
+from .records import ACT_PERCENTILE_METRICS, LAYER_METRICS, RunHeader, StepRecord
 
 GLOBAL_METRICS = ("loss", "accuracy", "grad_norm_total", "grad_norm_clipped", "clipped")
 #: Evaluated every ``eval_every`` steps only: rows where a record carries an evaluation.
 HELDOUT_METRICS = ("heldout_loss", "heldout_accuracy")
-#: Metrics that are NaN by design where they do not apply; left out when never measured.
-OPTIONAL_METRICS = frozenset({"accuracy", "saturated", "dead"})
+#: Metrics that are NaN by design where they do not apply, or that older recordings lack (the
+#: activation percentiles); left out when never measured.
+OPTIONAL_METRICS = frozenset({"accuracy", "saturated", "dead", *ACT_PERCENTILE_METRICS})
 CSV_COLUMNS = ("step", "layer", "metric", "value")
 
 TENSORBOARD_HINT = "--tensorboard needs the tensorboard package: install vgtui[tensorboard]"

@@ -43,6 +43,7 @@ from typing import IO, Iterable, Iterator, Sequence
 import numpy as np
 
 from .records import (
+    ACT_PERCENTILE_METRICS,
     LAYER_METRICS,
     Record,
     RunError,
@@ -110,6 +111,15 @@ def _column(values: np.ndarray, unmeasured: np.ndarray | None, digits: int = LAY
     return out
 
 
+def _omitted(record: StepRecord, metric: str) -> bool:
+    """A percentile column measured for no layer (every step but the detail ones) is left out:
+    readers take an absent column as not measured, and older readers never knew the metric."""
+    if metric not in ACT_PERCENTILE_METRICS:
+        return False
+    mask = record.unmeasured.get(metric)
+    return metric not in record.layers or (mask is not None and bool(mask.all()))
+
+
 def _counts(hist: np.ndarray) -> list:
     """Histogram rows as integers when they are counts (they are), else rounded floats."""
     if np.isfinite(hist).all() and (hist == np.round(hist)).all():
@@ -167,7 +177,7 @@ def _step_json_v2(record: StepRecord) -> dict:
         "grad_norm_clipped": _fixed(record.grad_norm_clipped, NORM_DIGITS),
         "clipped": record.clipped,
         "columns": {metric: _column(record.layers[metric], record.unmeasured.get(metric))
-                    for metric in LAYER_METRICS},
+                    for metric in LAYER_METRICS if not _omitted(record, metric)},
     }
     if record.hist is not None:
         data["hist"] = _counts(np.asarray(record.hist, dtype=float))
@@ -187,10 +197,11 @@ def _step_json_v2(record: StepRecord) -> dict:
 def _step_json_v1(record: StepRecord, layer_names: list[str] | None) -> dict:
     count = len(record.layers[LAYER_METRICS[0]])
     names = layer_names or [f"layer{i}" for i in range(count)]
-    unmeasured = {metric: record.unmeasured.get(metric) for metric in LAYER_METRICS}
+    metrics = [metric for metric in LAYER_METRICS if not _omitted(record, metric)]
+    unmeasured = {metric: record.unmeasured.get(metric) for metric in metrics}
     layers = {
         name: {metric: None if unmeasured[metric] is not None and unmeasured[metric][i]
-               else jsonable(record.layers[metric][i]) for metric in LAYER_METRICS}
+               else jsonable(record.layers[metric][i]) for metric in metrics}
         | ({"hist": jsonable(record.hist[i])} if record.hist is not None else {})
         | ({"time_act_grad_norm": jsonable(record.time_act_grad_norm[name])}
            if name in record.time_act_grad_norm else {})
@@ -316,7 +327,7 @@ def _columns_v1(data: dict, names: list[str]):
         raise ValueError("step layers do not match the header's layers")
     columns, unmeasured = {}, {}
     for metric in LAYER_METRICS:
-        raw = [per_layer[n].get(metric, "nan") for n in names]
+        raw = [per_layer[n].get(metric) for n in names]  # absent (older recordings): not measured
         columns[metric] = np.array([_num(v) for v in raw], dtype=float)
         missing = np.array([v is None for v in raw], dtype=bool)
         if missing.any():
@@ -339,7 +350,7 @@ def _columns_v2(data: dict, names: list[str]):
         raise TypeError("columns is not an object")
     columns, unmeasured = {}, {}
     for metric in LAYER_METRICS:
-        raw = raw_columns.get(metric, "nan")
+        raw = raw_columns.get(metric)  # absent (a recording older than the metric): not measured
         if isinstance(raw, list):
             values = _floats(raw)  # None -> nan (and marked below), "nan"/"inf" parsed
             if values.shape != (count,):

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .engine import (SATURATION_MARGIN, HostSide, Layout, ProbeClock, UpdateMeter, UpdatePlan, WindowMeter,
-                     alive_units, downsample_time, first_tensor, measures_dead, pack, recomputing,
-                     saturated_mask, time_squares, unit_dim, unpack)
+from .engine import (SATURATION_MARGIN, HostSide, Layout, Percentiles, ProbeClock, UpdateMeter, UpdatePlan,
+                     WindowMeter, alive_units, downsample_time, first_tensor, measures_dead, pack, recomputing,
+                     saturated_mask, strided_sample, time_squares, unit_dim, unpack)
 from .layers import LayerSpec
 from .records import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, StepRecord
 
@@ -345,6 +345,7 @@ class Probe:
         self._wgrad: torch.Tensor | None = None
         self._hist: torch.Tensor | None = None
         self._histograms = LogHistograms()
+        self._percentiles = Percentiles()
         self._clip: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._plan: UpdatePlan | None = None
         self._meter = UpdateMeter()
@@ -546,8 +547,9 @@ class Probe:
         return spread(norms, present), spread(marks, present)
 
     def _activation_stats(self, device) -> torch.Tensor:
-        """(n_layers, 4): mean, std, saturated fraction, dead fraction, batched by shape and kind
-        (detail steps only; thresholds from :mod:`vgtui.engine`)."""
+        """(n_layers, 4 + len(ACT_PERCENTILES)): mean, std, saturated fraction, dead fraction,
+        batched by shape and kind, then the percentiles of a strided sample of each layer's
+        activation, all layers in one sort (detail steps only; from :mod:`vgtui.engine`)."""
         missing = torch.full((4,), float("nan"), device=device)
         rows = [missing] * len(self.layers)
         groups: dict[tuple, list[int]] = {}
@@ -573,7 +575,9 @@ class Probe:
                 columns.append(torch.full_like(mean, float("nan")))
             for row, index in zip(torch.stack(columns, dim=1), members):
                 rows[index] = row
-        return torch.stack(rows)
+        stats = torch.stack(rows)
+        samples = [strided_sample(a) if a is not None else stats.new_empty(0) for a in self._acts]
+        return torch.cat([stats, self._percentiles(samples)], dim=1)
 
     def clip(self, kind: str = "none", threshold: float = 1.0) -> None:
         """Clip all gradients (every step, sampled or not) and measure the global norm on sampled
@@ -674,7 +678,8 @@ class Probe:
             update = (UpdateMeter.norms(self.layout, plan, device) if plan is not None
                       else torch.full((n,), math.nan, device=device))
             stats = self._activation_stats(device)
-            detail = [stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3], weight_norm, update]
+            detail = [stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3], weight_norm, update,
+                      *stats[:, 4:].unbind(1)]
         acc = accuracy.detach() if accuracy is not None else nan
         total, after, acted = self._clip if self._clip is not None else (nan, nan, nan)
         zero = torch.zeros((), device=device)

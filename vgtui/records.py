@@ -23,7 +23,22 @@ LAYER_METRICS = (
     "dead",  # fraction of units inactive for the whole batch (nan if not rectifying)
     "weight_norm",  # ‖W‖
     "update_ratio",  # ‖ΔW‖ / ‖W‖ of the optimiser step
+    "act_p02",  # activation percentiles (see ACT_PERCENTILES), detail steps only
+    "act_p16",
+    "act_p50",
+    "act_p84",
+    "act_p98",
 )
+
+#: The activation percentiles measured on detail steps, as metrics ``act_pNN``: the median, a
+#: band that holds ~68% of a normal distribution (p16-p84, mean ± 1 sd) and one that holds 96%
+#: (p2-p98; Glorot & Bengio plot the 98th percentile of each layer's activations over training,
+#: where a sigmoid layer pinned at 0 or 1 shows at once). Computed from at most
+#: ACT_SAMPLE_ELEMENTS evenly strided entries of the layer's output, linear interpolation as
+#: ``torch.quantile``/``numpy.percentile``.
+ACT_PERCENTILES = (2, 16, 50, 84, 98)
+ACT_PERCENTILE_METRICS = tuple(f"act_p{q:02d}" for q in ACT_PERCENTILES)
+ACT_SAMPLE_ELEMENTS = 1024
 
 #: Gradient histograms: log10 |∂L/∂W| on fixed bins; the lowest bin also holds exact zeros.
 HIST_LOG10_MIN = -12.0

@@ -561,12 +561,23 @@ HIST_LO, HIST_HI = -12.0, 2.0
 # -- activations --------------------------------------------------------------------------------
 
 _KIND_RANGE = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
+#: The activation distribution's drawing: p2-p98 light, p16-p84 dark, the median a line. In
+#: colour the band is two shades of one hue and the median a bright line; in --mono the
+#: characters alone carry it.
+BAND_OUTER, BAND_INNER = "░", "▓"
+BAND_MEDIAN = "▁━▔"  # the median in the lower, middle or upper third of its cell
+_OUTER_STYLE, _INNER_STYLE, _MEDIAN_STYLE = Style(color="#2a6f97"), Style(color="#39a2fc"), Style(color="#ffffff", bold=True)
+_PCTS = ("act_p02", "act_p16", "act_p50", "act_p84", "act_p98")
+_ACT_LINES_MAX = 6
 
 
 def activations(state: RunState, width: int, selected: int, mono: bool, height: int = 0,
                 ctx: Ctx | None = None) -> Text:
-    """Per layer (or block): activation mean, std, % saturated / % dead now, and over time the
-    mean (±std as shade) on the activation's own range and the saturated or dead share."""
+    """Per layer (or block), input at the top: activation mean, std, % saturated / % dead now;
+    over the newest detail steps its distribution (p2-p98 band, p16-p84 darker, the median) on
+    the activation's own range (sigmoid 0..1, tanh -1..1, else the span shown) and the saturated
+    or dead share. Each layer gets as many lines as the height allows (up to 6): one line shows
+    the median only. Recordings without percentiles draw the mean there instead."""
     text = Text(no_wrap=True, overflow="crop")
     if not state.layer_names or state.last_detail is None:
         text.append("waiting for the first record…", style="dim")
@@ -578,61 +589,169 @@ def activations(state: RunState, width: int, selected: int, mono: bool, height: 
         name_w = max(5, name_w - (fixed - width))
         fixed = name_w + 8 + 10 + 10 + 7 + 7 + 2
     room = max(0, width - fixed)
-    strip_w = room // 2 - 1 if room >= 14 else 0
+    axis_w = 7 if room >= 24 else 0
+    chart_w = (room - axis_w) * 2 // 3 if room >= 14 else 0
+    share_w = max(0, room - axis_w - chart_w - 1) if chart_w else 0
+    rows = ctx.rows
+    body = len(rows) if height <= 1 else max(1, height - 2)
+    lines = max(1, min(_ACT_LINES_MAX, body // max(1, len(rows))))
+    has_band = bool(chart_w) and bool(state.row_matrix("act_p50", rows, chart_w, detail=True)[1].any())
     text.append(f"{'block' if ctx.by_block else 'layer':<{name_w}} {'kind':<7} {'mean':>9} {'std':>9} "
                 f"{'sat%':>6} {'dead%':>6}  ", style="bold")
-    if strip_w:
-        text.append(f"{'mean over time (its range)'[:strip_w]:<{strip_w}} ", style="bold")
-        text.append(f"{'sat/dead % over time'[:strip_w]}", style="bold")
+    if not has_band:
+        lines = 1  # a recording without percentiles: the mean, one line per layer, as before
+    if lines == 1:
+        axis_w, chart_w = 0, chart_w + axis_w  # one line has no axis to label
+    if chart_w:
+        titles = (["distribution over time: p2–p98 ░ p16–p84 ▓ median ━", "distribution over time",
+                   "distribution"] if has_band and lines > 1 else
+                  ["distribution now, low → high of its range", "distribution now", "now"] if has_band
+                  else ["mean over time (its range)", "mean"])
+        title = next((t for t in titles if len(t) <= chart_w), titles[-1][:chart_w])
+        text.append(" " * axis_w + f"{title:<{chart_w}} ", style="bold")
+        share_title = next((t for t in ("sat/dead % over time", "sat/dead %", "share") if len(t) <= share_w), "")
+        text.append(share_title, style="bold")
     text.append("\n")
-    rows = ctx.rows
     now = {m: state.row_matrix(m, rows, 1, detail=True) for m in ("act_mean", "act_std", "saturated", "dead")}
-    hist = {m: stretch(state.row_matrix(m, rows, strip_w, detail=True)[0], strip_w)
-            for m in ("act_mean", "saturated", "dead")} if strip_w else {}
+    series = {}
+    if chart_w:
+        for metric in (_PCTS if has_band else ("act_mean",)):
+            series[metric] = stretch(state.row_matrix(metric, rows, chart_w, detail=True)[0], chart_w)
+        for metric in ("saturated", "dead"):
+            series[metric] = stretch(state.row_matrix(metric, rows, share_w, detail=True)[0], share_w)
     kinds = state.header.layer_kinds if state.header else ["?"] * state.n_layers
-    body = len(rows) if height <= 1 else max(1, height - 2)
-    for r in ctx.window(body):
+    for r in ctx.window(max(1, body // lines)):
         row = rows[r]
         kind = kinds[row.last] if row.last < len(kinds) else "?"
-        text.append(f"{ctx.label(r, name_w):<{name_w}}", style=ctx.label_style(r))
-        text.append(f" {kind[:7]:<7} ")
+        head = Text(no_wrap=True)
+        head.append(f"{ctx.label(r, name_w):<{name_w}}", style=ctx.label_style(r))
+        head.append(f" {kind[:7]:<7} ")
         for metric in ("act_mean", "act_std"):
             values, seen = now[metric]
-            _value_text(text, float(values[r, -1]) if values.shape[1] else float("nan"),
+            _value_text(head, float(values[r, -1]) if values.shape[1] else float("nan"),
                         bool(seen[r, -1]) if seen.shape[1] else True, 9, mono)
-            text.append(" ")
+            head.append(" ")
         sat = float(now["saturated"][0][r, -1]) if now["saturated"][0].shape[1] else float("nan")
         dead = float(now["dead"][0][r, -1]) if now["dead"][0].shape[1] else float("nan")
-        text.append(_pct(sat), style=_pct_style(sat, mono))
-        text.append(" ")
-        text.append(_pct(dead), style=_pct_style(dead, mono))
-        text.append("  ")
-        if strip_w:
-            means = hist["act_mean"][r].tolist()[-strip_w:]
-            lo, hi = _KIND_RANGE.get(kind, (None, None))
-            finite = [v for v in means if math.isfinite(v)]
-            if lo is None:
-                lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
-                if hi - lo < 1e-9:
-                    lo, hi = lo - 0.5, hi + 0.5
-            text.append(" " * (strip_w - len(means)))
-            text.append("".join(" " if not math.isfinite(v) else SPARK[level(v, lo, hi, len(SPARK))]
-                                for v in means), style=None if mono else "cyan")
+        head.append(_pct(sat), style=_pct_style(sat, mono))
+        head.append(" ")
+        head.append(_pct(dead), style=_pct_style(dead, mono))
+        head.append("  ")
+        if not chart_w:
+            text.append_text(head)
+            text.append("\n")
+            continue
+        chart, lo, hi = _distribution(series, r, kind, chart_w, lines if has_band else 1, mono)
+        share = series["saturated"][r] if not np.all(np.isnan(series["saturated"][r])) else series["dead"][r]
+        bars = _share_bars(share, share_w, lines, mono)
+        for line in range(lines):
+            if line == 0:
+                text.append_text(head)
+            else:
+                text.append(" " * (fixed - 2) + "  ")
+            if axis_w:
+                label = fmt(hi, axis_w - 1) if line == 0 else fmt(lo, axis_w - 1) if line == lines - 1 else ""
+                text.append(f"{label:>{axis_w - 1}} ", style="dim")
+            _append_runs(text, chart[line])
             text.append(" ")
-            share = hist["saturated"][r] if not np.all(np.isnan(hist["saturated"][r])) else hist["dead"][r]
-            cells = []
-            for v in share.tolist()[-strip_w:]:
-                if not math.isfinite(v):
-                    cells.append((" ", None))
-                else:
-                    lv = min(len(SPARK) - 1, int(v * len(SPARK)))
-                    cells.append((SPARK[lv], None if mono else _pct_style(v, False)))
-            _append_runs(text, cells)
-        text.append("\n")
-    if strip_w:
-        text.append(fit(["mean: low→high of sigmoid 0…1, tanh −1…1, others their own span",
-                         "share: ▁ 0 % … █ 100 %"], width), style="dim")
+            _append_runs(text, bars[line])
+            text.append("\n")
+    if chart_w:
+        if not has_band:
+            band = "▁…█ mean over time"
+        elif lines > 1:
+            band = "░ p2–p98 · ▓ p16–p84 · ━ median, over time"
+        else:
+            band = "░ p2–p98 · ▓ p16–p84 · ┃ median, newest (taller terminal: over time)"
+        text.append(fit([f"{band}, on sigmoid 0…1, tanh −1…1, others the span shown",
+                         "share over time: ▁ 0 % … █ 100 %"], width), style="dim")
     return text
+
+
+def _distribution(series: dict, r: int, kind: str, width: int, lines: int, mono: bool
+                  ) -> tuple[list[list[tuple[str, Style | None]]], float, float]:
+    """Row ``r``'s chart: ``lines`` rows of ``width`` cells, and its value range (lo, hi)."""
+    centre = series["act_p50"][r] if "act_p50" in series else series["act_mean"][r]
+    low = series["act_p02"][r] if "act_p02" in series else centre
+    high = series["act_p98"][r] if "act_p98" in series else centre
+    lo, hi = _KIND_RANGE.get(kind, (None, None))
+    if lo is None:
+        shown = np.concatenate([low[np.isfinite(low)], high[np.isfinite(high)]])
+        lo, hi = (float(shown.min()), float(shown.max())) if shown.size else (0.0, 1.0)
+        if hi - lo < 1e-9:
+            lo, hi = lo - 0.5, hi + 0.5
+    n = len(centre)
+    pad = [[(" ", None)] * (width - n) for _ in range(lines)]
+    if lines == 1 and "act_p50" in series:
+        return [_distribution_now(series, r, lo, hi, width, mono)], lo, hi
+    if lines == 1:
+        cells = [(" ", None) if not math.isfinite(v) else (SPARK[level(v, lo, hi, len(SPARK))],
+                                                          None if mono else Style(color="cyan"))
+                 for v in centre.tolist()]
+        return [pad[0] + cells], lo, hi
+    inner_lo, inner_hi = series["act_p16"][r], series["act_p84"][r]
+    step = (hi - lo) / lines
+    out = []
+    for line in range(lines):
+        top = hi - line * step
+        bottom = top - step
+        cells = []
+        for t in range(n):
+            c = centre[t]
+            if not math.isfinite(c):
+                cells.append((" ", None))
+            elif (bottom <= c < top) or (line == 0 and c >= top) or (line == lines - 1 and c < bottom):
+                third = min(2, max(0, int((c - bottom) / step * 3))) if step > 0 else 1
+                cells.append((BAND_MEDIAN[third], None if mono else _MEDIAN_STYLE))
+            elif inner_hi[t] >= bottom and inner_lo[t] <= top:
+                cells.append((BAND_INNER, None if mono else _INNER_STYLE))
+            elif high[t] >= bottom and low[t] <= top:
+                cells.append((BAND_OUTER, None if mono else _OUTER_STYLE))
+            else:
+                cells.append((" ", None))
+        out.append(pad[line] + cells)
+    return out, lo, hi
+
+
+def _distribution_now(series: dict, r: int, lo: float, hi: float, width: int, mono: bool
+                      ) -> list[tuple[str, Style | None]]:
+    """One line: the newest distribution across the value axis lo → hi (left to right), where
+    a layer has one line only: p2-p98 ░, p16-p84 ▓, the median ┃."""
+    p02, p16, p50, p84, p98 = (float(series[m][r][-1]) for m in _PCTS)
+    if not math.isfinite(p50):
+        return [(NOT_MEASURED, _UNMEASURED_STYLE)] + [(" ", None)] * (width - 1)
+    edges = np.linspace(lo, hi, width + 1)
+    median_at = level(p50, lo, hi, width)
+    cells = []
+    for k in range(width):
+        a, b = edges[k], edges[k + 1]
+        if k == median_at:
+            cells.append(("┃", None if mono else _MEDIAN_STYLE))
+        elif p84 >= a and p16 <= b:
+            cells.append((BAND_INNER, None if mono else _INNER_STYLE))
+        elif p98 >= a and p02 <= b:
+            cells.append((BAND_OUTER, None if mono else _OUTER_STYLE))
+        else:
+            cells.append((" ", None))
+    return cells
+
+
+def _share_bars(share: np.ndarray, width: int, lines: int, mono: bool) -> list[list[tuple[str, Style | None]]]:
+    """The saturated or dead share over time as bars ``lines`` tall (0 to 100 %)."""
+    values = share.tolist()[-width:] if width else []
+    levels = [int(min(8 * lines - 1, v * 8 * lines)) if math.isfinite(v) else -1 for v in values]
+    out = []
+    for line in range(lines):
+        column = _bars([max(lv, 0) for lv in levels], lines, line) if lines > 1 else None
+        cells = [(" ", None)] * (width - len(values))
+        for k, (v, lv) in enumerate(zip(values, levels)):
+            if lv < 0:
+                cells.append((" ", None))
+                continue
+            ch = column[k] if column is not None else SPARK[min(len(SPARK) - 1, int(v * len(SPARK)))]
+            cells.append((ch, None if mono else _pct_style(v, False)))
+        out.append(cells)
+    return out
 
 
 def _pct(value: float) -> str:
