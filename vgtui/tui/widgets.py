@@ -124,6 +124,38 @@ def _changed_span(old: Text, new: Text) -> tuple[int, int] | None:
     return start, end
 
 
+def cell_changed_regions(before: list[Text], after: list[Text], width: int) -> list[Region]:
+    """Per line, the columns from the first to the last cell whose character or style changed.
+    A chart's lines are runs of coloured cells, so a line whose points moved still keeps its
+    axis labels and the empty canvas around the points; those cells are not resent."""
+    regions = []
+    for y in range(max(len(before), len(after))):
+        if y >= len(before) or y >= len(after):
+            regions.append(Region(0, y, width, 1))
+            continue
+        old, new = before[y], after[y]
+        if old == new:
+            continue
+        a, b = _cells(old), _cells(new)
+        if len(a) != len(b):
+            regions.append(Region(0, y, width, 1))
+            continue
+        start = next(i for i in range(len(a)) if a[i] != b[i])
+        end = next(i for i in range(len(a), 0, -1) if a[i - 1] != b[i - 1])
+        regions.append(Region(start, y, end - start, 1))
+    return regions
+
+
+def _cells(line: Text) -> list[tuple]:
+    """(character, styles applied to it) for each cell of a one-line text of single-width
+    characters."""
+    styles: list[tuple] = [()] * len(line.plain)
+    for span in line.spans:
+        for i in range(span.start, min(span.end, len(styles))):
+            styles[i] = styles[i] + (span.style,)
+    return list(zip(line.plain, styles))
+
+
 class TextLines(Widget):
     """A few lines of text (the status bar) that send the terminal only what changed."""
 
@@ -303,8 +335,19 @@ class LossPlot(PlotextPlot):
                 line([(x, y) for x, y in zip(xs, acc) if y == y], yside="right", label="acc")
         if not any_data:
             plt.title("loss: no finite values yet")
+        before = self._cache.split("\n", allow_blank=True) if self._cache is not None else None
+        shown_key = self._cache_key
         self._version += 1
-        self.refresh()
+        if before is None or not self.is_mounted or not self.size.width or not self.size.height:
+            self.refresh()
+            return
+        after = self.render().split("\n", allow_blank=True)
+        if shown_key is None or shown_key[1:] != self._cache_key[1:]:
+            self.refresh()  # resized or re-themed since: everything moves
+            return
+        regions = cell_changed_regions(before, after, self.size.width)
+        if regions:
+            self.refresh(*regions)
 
     def render(self):
         key = (self._version, self.size.width, self.size.height, self.app.theme, self.theme)
