@@ -39,7 +39,7 @@ def measure(command: str, size: tuple[int, int], warmup: float, seconds: float, 
             cwd: str = ROOT) -> float:
     cols, rows = size
     out = tempfile.mktemp(suffix=".bytes")
-    session = f"wire{os.getpid()}"
+    session = f"wire{os.getpid()}-{time.monotonic_ns()}"  # one per run: a killed session's name may linger
     exports = " ".join(f"{k}={v}" for k, v in env.items())
     tmux("new-session", "-d", "-s", session, "-x", str(cols), "-y", str(rows),
          f"cd {cwd} && env {exports} {command}")
@@ -52,6 +52,7 @@ def measure(command: str, size: tuple[int, int], warmup: float, seconds: float, 
         written = os.path.getsize(out) if os.path.exists(out) else 0
     finally:
         subprocess.run(["tmux", "-L", SOCKET, "kill-session", "-t", session], capture_output=True)
+        time.sleep(1.0)  # the tmux server exits with its last session; let it before the next run
         if os.path.exists(out):
             os.unlink(out)
     return written / seconds / 1000.0

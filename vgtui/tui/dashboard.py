@@ -5,7 +5,7 @@ attached (a file another process writes). What it may do with its source it asks
 Data flow: a timer owned by the screen polls its source (a channel drain, a file read, or a replay
 cursor), feeds everything pending into a bounded RunState, and refreshes only the widgets that
 show something new, inside ``app.batch_update()``. The loss chart (plotext) is replotted at most
-every two seconds. Nothing here touches a tensor or blocks the training thread.
+every 1/PLOT_HZ seconds while training, and sends only the cells that moved. Nothing here touches a tensor or blocks the training thread.
 """
 
 from __future__ import annotations
