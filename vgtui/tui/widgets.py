@@ -16,6 +16,20 @@ from . import render as R
 from .state import RunState, downsample
 
 
+
+def _cached_strip(widget, lines: list, cache: dict, y: int) -> Strip:
+    """Row ``y`` of ``lines`` (Rich Text) as a Strip the widget's width, made once per drawing."""
+    strip = cache.get(y)
+    if strip is None:
+        width, style = widget.size.width, widget.rich_style
+        if y < len(lines):
+            segments = list(lines[y].render(widget.app.console))
+            strip = Strip(segments).crop_extend(0, width, style).apply_style(style)
+        else:
+            strip = Strip.blank(width, style)
+        cache[y] = strip
+    return strip
+
 class View(Widget):
     """Renders ``self.draw(width, height)``; the owner supplies state and options."""
 
@@ -63,16 +77,7 @@ class View(Widget):
         text = self.render()  # cached on (state version, size, options)
         if self._rows_of is not text:
             self._rows_of, self._rows, self._strips = text, text.split("\n", allow_blank=True), {}
-        strip = self._strips.get(y)
-        if strip is None:
-            width, style = self.size.width, self.rich_style
-            if y < len(self._rows):
-                segments = list(self._rows[y].render(self.app.console))
-                strip = Strip(segments).crop_extend(0, width, style).apply_style(style)
-            else:
-                strip = Strip.blank(width, style)
-            self._strips[y] = strip
-        return strip
+        return _cached_strip(self, self._rows, self._strips, y)
 
     def changed(self) -> bool:
         key = (self.state.version, id(self.state), self.size.width, self.size.height, self.options())
@@ -182,16 +187,7 @@ class TextLines(Widget):
         return max(1, len(self._lines))
 
     def render_line(self, y: int) -> Strip:
-        strip = self._strips.get(y)
-        if strip is None:
-            width, style = self.size.width, self.rich_style
-            if y < len(self._lines):
-                segments = list(self._lines[y].render(self.app.console))
-                strip = Strip(segments).crop_extend(0, width, style).apply_style(style)
-            else:
-                strip = Strip.blank(width, style)
-            self._strips[y] = strip
-        return strip
+        return _cached_strip(self, self._lines, self._strips, y)
 
 
 class LayerRows(View):
