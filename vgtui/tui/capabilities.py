@@ -21,6 +21,14 @@ ACTIONS = {
 }
 
 
+def offered_views(views: tuple[str, ...], states) -> tuple[str, ...]:
+    """The views a screen offers for its runs (RunStates): "time" (through time) only when at
+    least one of them has measured recurrent layers."""
+    if any(state.time_layers for state in states):
+        return views
+    return tuple(v for v in views if v != "time")
+
+
 def capabilities(source) -> frozenset[str]:
     declared = getattr(source, "capabilities", None)
     if declared is not None:

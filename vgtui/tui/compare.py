@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 import time
 
 from rich.text import Text
@@ -15,12 +16,29 @@ from ..config import PresetError, load_preset
 from ..formatting import fmt
 from . import render as R
 from . import rows as rowplan
-from .capabilities import capabilities
+from .capabilities import capabilities, offered_views
 from .modals import PresetPicker
-from .monitor import POLL_HZ, VIEWS, Monitor, stylesheet, wrap_fields
+from .monitor import POLL_HZ, VIEWS, Monitor, RowsScroll, stylesheet, wrap_fields
 from .sources import Source
 from .state import RunState
-from .widgets import Activations, Heatmap, Histogram, LayerRows, LossPlot
+from .widgets import Activations, Heatmap, Histogram, LayerRows, LossPlot, ThroughTime
+
+
+class _SideThroughTime(ThroughTime):
+    """One side of the through-time view, on the log scale both sides share (it changes with
+    the other run, so it is part of what the drawing is cached on)."""
+
+    def options(self) -> tuple:
+        return super().options() + (self.owner.time_scale,)
+
+    def draw(self, width: int, height: int) -> Text:
+        state = self.state
+        if state.last is not None and not state.time_layers:
+            # said in words that fit half a terminal, not an empty box beside the other run's
+            words = f"{state.preset_name} has no recurrent layer: nothing to measure through time."
+            return Text("\n".join(textwrap.wrap(words, max(10, width))), style="dim")
+        return R.through_time(state, width, height, self.owner.selected, self.owner.mono,
+                              scale=self.owner.time_scale)
 
 
 class Compare(Monitor):
@@ -39,6 +57,7 @@ class Compare(Monitor):
         Binding("g", "cycle_metric", "h/W"),
         Binding("q", "quit", "quit"),
         Binding("b", "toggle_blocks", "blocks", show=False),
+        Binding("enter,e", "expand", "open block", show=False),
         Binding("up,k", "select(-1)", "layer", show=False),
         Binding("down,j", "select(1)", "layer", show=False),
     ]
@@ -49,15 +68,33 @@ class Compare(Monitor):
     by_block = False
 
     class _Side:
+        """What one column's widgets read (the dashboard's names): its run, and the shared
+        options as they apply to it."""
+
         def __init__(self, owner: "Compare", source: Source):
             self.owner = owner
             self.source = source
             self.state = RunState()
+            self.expanded: frozenset = frozenset()  # this run's open blocks (layouts may differ)
 
         @property
-        def selected(self):
-            """The chosen layer where a view shows one layer; none highlighted in the rows."""
-            return self.owner.selected if self.owner.view in ("hist", "acts") else -1
+        def selected(self) -> int:
+            """The shared selection, a layer index, on this run: the through-time view shows
+            the recurrent layer at or above it (the other run may have it at another depth)."""
+            layer = min(self.owner.selected, max(0, self.state.n_layers - 1))
+            if self.owner.view == "time":
+                recurrent = _recurrent_layers(self.state)
+                if recurrent and layer not in recurrent:
+                    layer = max((i for i in recurrent if i <= layer), default=recurrent[0])
+            return layer
+
+        @property
+        def rows(self) -> list[rowplan.Row]:
+            return self.state.plan(self.by_block, self.expanded)
+
+        @property
+        def time_scale(self):
+            return self.owner.time_scale
 
         @property
         def metric_mode(self):
@@ -71,7 +108,6 @@ class Compare(Monitor):
         def by_block(self):
             return self.owner.by_block and rowplan.has_blocks(self.state.layer_names)
 
-        expanded = frozenset()
         row_lines = 1
 
     def __init__(self, a: Source, b: Source, poll_hz: float = POLL_HZ):
@@ -79,6 +115,9 @@ class Compare(Monitor):
         self.sides = [self._Side(self, a), self._Side(self, b)]
         self.view = "dash"
         self.selected = 0
+        self._planned_for: tuple | None = None
+        self._scale_key = None
+        self._scale = None
 
     @property
     def state(self) -> RunState:  # for the shared helpers
@@ -92,10 +131,12 @@ class Compare(Monitor):
                 with Vertical(classes="column"):
                     yield Static(id=f"title{i}", classes="column-title")
                     with ContentSwitcher(initial=f"dash{i}"):
-                        yield LayerRows(side, id=f"dash{i}")
+                        with RowsScroll(id=f"dash{i}"):
+                            yield LayerRows(side, id=f"rows{i}")
                         yield Heatmap(side, id=f"heatmap{i}")
                         yield Histogram(side, id=f"hist{i}")
                         yield Activations(side, id=f"acts{i}")
+                        yield _SideThroughTime(side, id=f"time{i}")
                     yield Static(id=f"verdict{i}", classes="verdict")
         yield LossPlot(id="loss")
         yield Static(id="difference")
@@ -126,6 +167,13 @@ class Compare(Monitor):
 
     def refresh_all(self, force: bool = False) -> None:
         side_width = (self.size.width or 80) // 2 - 2
+        headers = tuple(id(s.state.header) for s in self.sides)
+        if self._planned_for != headers:
+            self.plan_rows(headers)
+        if (self.view == "time" and all(s.state.last is not None for s in self.sides)
+                and "time" not in self.views()):
+            self.show_view("dash")  # new runs without recurrent layers
+            return
         with self.app.batch_update():
             names = []
             for i, side in enumerate(self.sides):
@@ -139,16 +187,20 @@ class Compare(Monitor):
                     title.append("\n" + R.clip_words(str(st.header.preset.get("description", "")), width),
                                  style="dim")
                 self.query_one(f"#title{i}", Static).update(title)
-                view = self.query_one(f"#{self.view}{i}")
+                view = self.query_one(f"#{'rows' if self.view == 'dash' else self.view}{i}")
                 if view.changed() or force:
                     view.refresh(layout=self.view == "dash")
                 verdicts = st.last.verdicts if st.last is not None else []
                 self.query_one(f"#verdict{i}", Static).update(
                     R.verdicts_text(verdicts, self.mono, limit=1, waiting=""))
             paused = all(s.state.paused for s in self.sides)
+            trains = all("train" in capabilities(s.source) for s in self.sides)
             fields = [("⏸ paused" if paused else "▶ compare",
                        "bold reverse" if self.mono or not paused else "bold black on yellow"),
-                      (f"{names[0]} vs {names[1]}", "bold"), ("same seed, same batches", "")]
+                      (f"{names[0]} vs {names[1]}", "bold"),
+                      ("same seed, same batches" if trains else "two recordings", "")]
+            if self.by_block:
+                fields.append(("blocks", "dim"))
             dropped = sum(s.source.dropped for s in self.sides)
             if dropped:
                 fields.append((f"dropped {dropped}", "bold"))
@@ -174,12 +226,51 @@ class Compare(Monitor):
     def resized(self) -> None:
         self.refresh_all()
 
+    # -- layers or blocks, shared where the runs share them -------------------------------------
+    def plan_rows(self, headers: tuple) -> None:
+        """New runs: deep models with repeated containers open as blocks (as on the dashboard),
+        every block closed; the selection stays where it was if the runs still have it."""
+        changed = [s for s, h in zip(self.sides, self._planned_for or (None, None)) if id(s.state.header) != h]
+        self._planned_for = headers
+        for side in changed:
+            side.expanded = frozenset()
+        names = [s.state.layer_names for s in self.sides]
+        self.by_block = any(len(n) > rowplan.BLOCKS_FROM and rowplan.has_blocks(n) for n in names)
+
+    def _lead(self) -> "Compare._Side":
+        """The run whose rows the selection moves through: the deeper one (the left on a tie),
+        so that every layer of either run can be reached."""
+        return max(self.sides, key=lambda s: s.state.n_layers)
+
+    def views(self) -> tuple[str, ...]:
+        return offered_views(VIEWS, [s.state for s in self.sides])
+
+    @property
+    def time_scale(self) -> tuple[float, float] | None:
+        """The log scale both sides of the through-time view draw on."""
+        key = tuple((id(s.state), s.state.version) for s in self.sides)
+        if key != self._scale_key:
+            self._scale_key = key
+            self._scale = R.time_scale([s.state for s in self.sides])
+        return self._scale
+
+    def scroll_to_selected(self) -> None:
+        if self.view != "dash":
+            return
+        for i, side in enumerate(self.sides):
+            if side.state.header:
+                scroll = self.query_one(f"#dash{i}", RowsScroll)
+                y = 1 + rowplan.row_of(side.rows, side.selected)
+                scroll.scroll_to(y=max(0, y - scroll.size.height // 2), animate=False)
+
     def difference(self) -> Text:
         a, b = (s.state for s in self.sides)
         text = Text()
         if a.last is None or b.last is None:
             text.append("waiting for both runs…", style="dim")
             return text
+        if self.view == "time":
+            return self.time_difference()
         step = min(a.last.step, b.last.step)
         ra, rb = _at_step(a, step), _at_step(b, step)
         fa, fb = ra.first_last_ratio().value, rb.first_last_ratio().value
@@ -198,6 +289,36 @@ class Compare(Monitor):
         text.append(f"{fmt(ra.loss, 0).strip()}", style="bold")
         text.append(" vs ")
         text.append(f"{fmt(rb.loss, 0).strip()}", style="bold")
+        return text
+
+    def time_difference(self) -> Text:
+        """Through time: how much of the last step's gradient reaches the first input step in
+        each run (the newest measured batch of each), and how many decades apart they are."""
+        text = Text()
+        text.append("through time (one log scale for both), newest batch: ", style="bold")
+        text.append("‖∂L/∂h_0‖ / ‖∂L/∂h_last‖ ")
+        ratios = []
+        for n, side in enumerate(self.sides):
+            st = side.state
+            if n:
+                text.append(" vs ")
+            series = R.time_series_of(st, side.selected)
+            if series is None:
+                text.append(f"no recurrent layer ({st.preset_name})", style="dim")
+                ratios.append(float("nan"))
+                continue
+            g = st.last.time_act_grad_norm[series]
+            ratio = float(g[0] / g[-1]) if len(g) > 1 and g[-1] > 0 else float("nan")
+            ratios.append(ratio)
+            text.append(fmt(ratio, 0).strip(), style="bold")
+            text.append(f" ({st.preset_name}, {len(g)} steps)")
+        fa, fb = ratios
+        if fa > 0 and fb > 0 and math.isfinite(fa) and math.isfinite(fb):
+            da, db = abs(math.log10(fa)), abs(math.log10(fb))  # decades away from 1 (healthy)
+            if abs(da - db) >= 0.5:
+                names = [s.state.preset_name for s in self.sides]
+                better = names[1] if db < da else names[0]
+                text.append(f"; {better}'s is {abs(da - db):.0f} decades closer to 1")
         return text
 
     def check_action(self, action: str, parameters) -> bool | None:
@@ -254,30 +375,94 @@ class Compare(Monitor):
         self.refresh_all(force=True)
 
     def action_toggle_blocks(self) -> None:
+        if not any(rowplan.has_blocks(s.state.layer_names) for s in self.sides):
+            self.notify("neither model has repeated blocks", timeout=3)
+            return
         self.by_block = not self.by_block
+        for side in self.sides:
+            side.expanded = frozenset()
         self.refresh_all(force=True)
+        self.scroll_to_selected()
+
+    def action_expand(self) -> None:
+        """Open the selected block in place (or close the block the selected layer is in), as on
+        the dashboard. The deeper run decides which; each run then opens (closes) its own block
+        at the selected layer: the same block on both when they share the layout."""
+        lead = self._lead()
+        if not self.by_block or not lead.state.header:
+            return
+        rows = lead.rows
+        row = rows[rowplan.row_of(rows, lead.selected)]
+        opening = row.block
+        selected = None
+        for side in self.sides:
+            if not side.by_block:
+                continue
+            layer = side.selected
+            if opening:
+                mine = side.rows[rowplan.row_of(side.rows, layer)]
+                if mine.block:
+                    side.expanded = side.expanded | {mine.label}
+                    if side is lead:
+                        selected = mine.first
+            else:
+                owner = next((r for r in rowplan.blocks(side.state.layer_names)
+                              if r.block and r.first <= layer <= r.last and r.label in side.expanded), None)
+                if owner is not None:
+                    side.expanded = side.expanded - {owner.label}
+                    if side is lead:
+                        selected = owner.last
+        if selected is None:
+            return
+        self.selected = selected
+        self.refresh_all(force=True)
+        self.scroll_to_selected()
 
     def action_cycle_view(self) -> None:
-        """Both columns switch together: the same view of two runs, side by side."""
-        views = VIEWS[:-1]  # through time: on the dashboard of a recurrent run
-        self.view = views[(views.index(self.view) + 1) % len(views)]
+        """Both columns switch together: the same view of two runs, side by side (through time
+        when at least one of them has recurrent layers)."""
+        views = self.views()
+        index = views.index(self.view) if self.view in views else -1
+        self.show_view(views[(index + 1) % len(views)])
+
+    def show_view(self, view: str) -> None:
+        self.view = view
         self.set_class(self.view != "dash", "views")
         for i, switcher in enumerate(self.query(ContentSwitcher)):
             switcher.current = f"{self.view}{i}"
         self.refresh_all(force=True)
+        self.scroll_to_selected()
 
     def action_select(self, delta: int) -> None:
-        """The layer the histogram and activation views show, the same index on both sides."""
-        n = min((side.state.n_layers for side in self.sides), default=0)
-        if n:
-            self.selected = max(0, min(n - 1, self.selected + delta))
-            self.refresh_all(force=True)
+        """Move by rows of the deeper run (a block is one row); the selection is a layer index,
+        shared, kept across views and ``b``. Through time: among the recurrent layers."""
+        lead = self._lead()
+        if not lead.state.n_layers:
+            return
+        if self.view == "time":
+            recurrent = sorted({i for s in self.sides for i in _recurrent_layers(s.state)})
+            if not recurrent:
+                return
+            at = max((k for k, i in enumerate(recurrent) if i <= self.selected), default=0)
+            self.selected = recurrent[max(0, min(len(recurrent) - 1, at + delta))]
+        else:
+            rows = lead.rows
+            r = max(0, min(len(rows) - 1, rowplan.row_of(rows, lead.selected) + delta))
+            self.selected = rows[r].last if rows[r].block else rows[r].first
+        self.refresh_all(force=True)
+        self.scroll_to_selected()
 
     def action_help(self) -> None:
         self.app.show_help()
 
     def action_quit(self) -> None:
         self.app.exit()
+
+
+def _recurrent_layers(state: RunState) -> list[int]:
+    """Indices of the layers that have a through-time series, input first."""
+    names = state.layer_names
+    return sorted({names.index(state.time_layer(s)) for s in state.time_layers})
 
 
 def _at_step(state: RunState, step: int):

@@ -23,7 +23,7 @@ from .. import memory
 from ..config import PresetError, load_preset
 from . import render as R
 from . import rows as rowplan
-from .capabilities import Controls
+from .capabilities import Controls, offered_views
 from .modals import PresetPicker
 from .monitor import (DIAGNOSIS_REFRESH_S, DRAW_HZ, METRIC_MODES, POLL_HZ, SAMPLING_STEPS, STATUS_HZ,
                       VIEW_NAMES, VIEWS, Monitor, RowsScroll, quick_presets, stylesheet, wrap_fields)
@@ -492,7 +492,7 @@ class Dashboard(Monitor):
 
     def views(self) -> tuple[str, ...]:
         """The through-time view is there only for a run with recurrent layers."""
-        return VIEWS if self.state.time_layers else VIEWS[:-1]
+        return offered_views(VIEWS, [self.state])
 
     def action_cycle_view(self) -> None:
         views = self.views()

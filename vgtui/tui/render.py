@@ -770,27 +770,48 @@ def _pct_style(value: float, mono: bool):
 
 # -- through time -------------------------------------------------------------------------------
 
+def time_series_of(state: RunState, selected: int) -> str | None:
+    """The through-time series the selected layer shows: its own (the first, for a fused stacked
+    module), else the first recurrent layer's; None for a run without one."""
+    names = state.time_layers
+    all_names = state.layer_names
+    picked = all_names[selected] if 0 <= selected < len(all_names) else None
+    return next((n for n in names if state.time_layer(n) == picked), names[0] if names else None)
+
+
+def _time_logs(state: RunState) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The newest record's through-time series and their log10 (0 -> -inf, non-finite -> nan)."""
+    series = {n: np.asarray(state.last.time_act_grad_norm[n], dtype=float) for n in state.time_layers}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = {n: np.where(np.isfinite(v) & (v > 0), np.log10(np.abs(v)), np.where(v == 0, -np.inf, np.nan))
+                for n, v in series.items()}
+    return series, logs
+
+
+def time_scale(states: list[RunState]) -> tuple[float, float] | None:
+    """One log scale for the through-time series of several runs (the compare screen): on
+    separate scales a flat LSTM curve and a tanh RNN's 12-decade fall would look alike."""
+    logs = [v for state in states if state.time_layers for v in _time_logs(state)[1].values()]
+    return scale_of(np.concatenate(logs)) if logs else None
+
+
 def through_time(state: RunState, width: int, height: int, selected: int, mono: bool,
-                 ctx: Ctx | None = None) -> Text:
+                 ctx: Ctx | None = None, scale: tuple[float, float] | None = None) -> Text:
     """Recurrent layers: ‖∂L/∂h_t‖ over the time steps t of the newest measured batch (one
     coloured strip per layer, shared log scale, input time step 0 at left), then the selected
-    layer's curve and how fast it falls per step back in time."""
+    layer's curve and how fast it falls per step back in time. ``scale``: (lo, hi) log10 to draw
+    on instead of this run's own."""
     text = Text(no_wrap=True, overflow="crop")
     names = state.time_layers
     if not names:
         text.append("no recurrent layer in this run: nothing measured through time", style="dim")
         return text
     record = state.last
-    all_names = state.layer_names
-    picked = all_names[selected] if 0 <= selected < len(all_names) else None
-    chosen = next((n for n in names if state.time_layer(n) == picked), names[0])
+    chosen = time_series_of(state, selected)
     label_w = max(6, min(max(len(n) for n in names), int(width * 0.25)))
     plot_w = max(8, width - label_w - 1)
-    series = {n: np.asarray(record.time_act_grad_norm[n], dtype=float) for n in names}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logs = {n: np.where(np.isfinite(v) & (v > 0), np.log10(np.abs(v)), np.where(v == 0, -np.inf, np.nan))
-                for n, v in series.items()}
-    lo, hi = scale_of(np.concatenate([v for v in logs.values()]))
+    series, logs = _time_logs(state)
+    lo, hi = scale or scale_of(np.concatenate([v for v in logs.values()]))
     T = max(len(v) for v in series.values())
     text.append(fit([f"log10‖∂L/∂h_t‖ through time at step {record.step}", f"{len(names)} recurrent layer(s)",
                      f"t = 0…{T - 1} (first input left)"], width) + "\n", style="bold")
