@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("file", type=Path, metavar="FILE.jsonl")
         p.add_argument("--mono", action="store_true", help="monochrome display")
 
-    compare = sub.add_parser("compare", help="train two presets side by side on the same batches")
-    compare.add_argument("a", metavar="A")
+    compare = sub.add_parser("compare", help="train two presets side by side on the same batches "
+                                               "(or open two recordings side by side)")
+    compare.add_argument("a", metavar="A", help="preset name or file, or a recording (.jsonl)")
     compare.add_argument("b", metavar="B")
     compare.add_argument("--device", default="auto", metavar="cpu|cuda|auto",
                          help="where to train (default: %(default)s: CUDA when available)")
@@ -178,9 +179,21 @@ def cmd_replay(args, follow: bool) -> int:
 def cmd_compare(args) -> int:
     from .config import load_preset
 
+    recordings = [_is_recording(x) for x in (args.a, args.b)]
+    if all(recordings):
+        for path in (args.a, args.b):
+            if not Path(path).exists():
+                raise UserError(f"{path}: no such recording")
+        return _tui_entry("run_compare_recordings")(Path(args.a), Path(args.b), mono=args.mono)
+    if any(recordings):
+        raise UserError("compare: give two presets (trained side by side) or two recordings, not one of each")
     _check_device(args.device)
     return _tui_entry("run_compare")(load_preset(args.a), load_preset(args.b), device=args.device,
                                      mono=args.mono)
+
+
+def _is_recording(name: str) -> bool:
+    return name.endswith((".jsonl", ".jsonl.gz"))
 
 
 def cmd_export(args) -> int:

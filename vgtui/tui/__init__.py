@@ -48,6 +48,16 @@ def run_replay(path, follow: bool = False, mono: bool = False) -> int:
     return _run(make_app(source, mono=mono), [source])
 
 
+def run_compare_recordings(path_a, path_b, *, mono: bool = False) -> int:
+    """Two finished recordings side by side (the compare screen, without training)."""
+    _prepare(mono)
+    from .app import make_app
+    from .sources import ReplaySource
+
+    a, b = ReplaySource(path_a), ReplaySource(path_b)
+    return _run(make_app(compare=(a, b), mono=mono), [a, b])
+
+
 def run_compare(preset_a, preset_b, *, device: str = "cpu", mono: bool = False,
                 overhead_budget: float | None = None) -> int:
     _prepare(mono)
