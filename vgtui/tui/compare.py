@@ -386,37 +386,37 @@ class Compare(Monitor):
 
     def action_expand(self) -> None:
         """Open the selected block in place (or close the block the selected layer is in), as on
-        the dashboard. The deeper run decides which; each run then opens (closes) its own block
-        at the selected layer: the same block on both when they share the layout."""
+        the dashboard. The deeper run decides which and where the selection goes; each run then
+        opens the block that holds the new selection (closes the one that held the old) in its
+        own layout: the same block on both when they share it."""
         lead = self._lead()
         if not self.by_block or not lead.state.header:
             return
         rows = lead.rows
         row = rows[rowplan.row_of(rows, lead.selected)]
-        opening = row.block
-        selected = None
-        for side in self.sides:
-            if not side.by_block:
-                continue
-            layer = side.selected
-            if opening:
-                mine = side.rows[rowplan.row_of(side.rows, layer)]
-                if mine.block:
+        if row.block:
+            self.selected = row.first
+            for side in self.sides:
+                mine = side.rows[rowplan.row_of(side.rows, side.selected)] if side.by_block else None
+                if mine is not None and mine.block:
                     side.expanded = side.expanded | {mine.label}
-                    if side is lead:
-                        selected = mine.first
-            else:
-                owner = next((r for r in rowplan.blocks(side.state.layer_names)
-                              if r.block and r.first <= layer <= r.last and r.label in side.expanded), None)
+        else:
+            owners = [self._open_block_of(side) for side in self.sides]
+            if owners[self.sides.index(lead)] is None:
+                return
+            for side, owner in zip(self.sides, owners):
                 if owner is not None:
                     side.expanded = side.expanded - {owner.label}
-                    if side is lead:
-                        selected = owner.last
-        if selected is None:
-            return
-        self.selected = selected
+            self.selected = owners[self.sides.index(lead)].last
         self.refresh_all(force=True)
         self.scroll_to_selected()
+
+    @staticmethod
+    def _open_block_of(side) -> rowplan.Row | None:
+        """The expanded block that holds the side's selected layer, if any."""
+        layer = side.selected
+        return next((r for r in rowplan.blocks(side.state.layer_names)
+                     if r.block and r.first <= layer <= r.last and r.label in side.expanded), None)
 
     def action_cycle_view(self) -> None:
         """Both columns switch together: the same view of two runs, side by side (through time
