@@ -204,3 +204,21 @@ def test_through_time_beside_an_mlp_snapshot(snap_compare):
 
 def test_gpt_block_open_on_both_snapshot(snap_compare):
     assert snap_compare(compare_app("gpt24", "gpt24"), press=["down", "down", "enter"], terminal_size=(120, 40))
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+def test_compare_opens_two_recordings_and_refuses_one_of_each(monkeypatch, capsys, tmp_path):
+    import vgtui.tui
+    from vgtui.cli import build_parser, cmd_compare, main
+    from tui_snapshot_app import recording
+
+    opened = []
+    monkeypatch.setattr(vgtui.tui, "run_compare_recordings", lambda a, b, mono=False: opened.append((a, b)) or 0)
+    a, b = recording(TANH), recording(LSTM)
+    assert cmd_compare(build_parser().parse_args(["compare", str(a), str(b)])) == 0
+    assert opened == [(a, b)]
+    assert main(["compare", str(a), "lstm"]) == 2
+    assert "two presets (trained side by side) or two recordings" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "gone.jsonl"), str(b)]) == 2
+    assert "gone.jsonl: no such recording" in capsys.readouterr().err
