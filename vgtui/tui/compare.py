@@ -18,7 +18,7 @@ from . import render as R
 from . import rows as rowplan
 from .capabilities import capabilities, offered_views
 from .modals import PresetPicker
-from .monitor import POLL_HZ, VIEWS, Monitor, RowsScroll, stylesheet, wrap_fields
+from .monitor import POLL_HZ, VIEW_NAMES, VIEWS, Monitor, RowsScroll, stylesheet, wrap_fields
 from .sources import Source
 from .state import RunState
 from .widgets import Activations, Heatmap, Histogram, LayerRows, LossPlot, ThroughTime
@@ -130,6 +130,7 @@ class Compare(Monitor):
             for i, side in enumerate(self.sides):
                 with Vertical(classes="column"):
                     yield Static(id=f"title{i}", classes="column-title")
+                    yield Static(id=f"selected{i}", classes="column-selected")
                     with ContentSwitcher(initial=f"dash{i}"):
                         with RowsScroll(id=f"dash{i}"):
                             yield LayerRows(side, id=f"rows{i}")
@@ -187,6 +188,7 @@ class Compare(Monitor):
                     title.append("\n" + R.clip_words(str(st.header.preset.get("description", "")), width),
                                  style="dim")
                 self.query_one(f"#title{i}", Static).update(title)
+                self.query_one(f"#selected{i}", Static).update(R.selected_line(st, side.rows, side.selected))
                 view = self.query_one(f"#{'rows' if self.view == 'dash' else self.view}{i}")
                 if view.changed() or force:
                     view.refresh(layout=self.view == "dash")
@@ -199,8 +201,7 @@ class Compare(Monitor):
                        "bold reverse" if self.mono or not paused else "bold black on yellow"),
                       (f"{names[0]} vs {names[1]}", "bold"),
                       ("same seed, same batches" if trains else "two recordings", "")]
-            if self.by_block:
-                fields.append(("blocks", "dim"))
+            fields.append((VIEW_NAMES[self.view] + (" · blocks" if self.by_block else ""), "dim"))
             dropped = sum(s.source.dropped for s in self.sides)
             if dropped:
                 fields.append((f"dropped {dropped}", "bold"))

@@ -317,28 +317,7 @@ class Dashboard(Monitor):
     def update_selected(self) -> None:
         """The selected layer's (or block's) full name, always on screen, and the names' shared
         prefix, dropped from every label."""
-        text = Text(no_wrap=True, overflow="ellipsis")
-        names = self.state.layer_names
-        if names:
-            rows = self.rows
-            layer = max(0, min(self.selected, len(names) - 1))
-            row = rows[rowplan.row_of(rows, layer)]
-            if row.block:
-                text.append(f"▸ {row.label}", style="bold")
-                text.append(f" · block of {row.last - row.first + 1} layers "
-                            f"({row.first + 1}–{row.last + 1} of {len(names)})")
-            else:
-                text.append(f"▸ {names[layer]}", style="bold")
-                text.append(f" · layer {layer + 1}/{len(names)}")
-                kinds = self.state.header.layer_kinds
-                if layer < len(kinds) and kinds[layer] not in ("linear", "?"):
-                    text.append(f" · {kinds[layer]}")
-                tied = self.state.header.tied.get(names[layer])
-                if tied:
-                    text.append(f" · ⇄ tied to {', '.join(tied)}")
-            prefix = self.state.prefix
-            if prefix:
-                text.append(f" · labels drop “{prefix}”", style="dim")
+        text = R.selected_line(self.state, self.rows, self.selected)
         key = (text.plain, len(text.spans))
         if key != getattr(self, "_selected_key", None):
             self._selected_key = key

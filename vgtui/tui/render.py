@@ -203,6 +203,34 @@ class Ctx:
         return range(first, first + height)
 
 
+def selected_line(state: RunState, rows: list[rowplan.Row], selected: int) -> Text:
+    """The selected layer's (or block's) full name, always on screen, and the names' shared
+    prefix, dropped from every label. Empty before the run's header."""
+    text = Text(no_wrap=True, overflow="ellipsis")
+    names = state.layer_names
+    if not names:
+        return text
+    layer = max(0, min(selected, len(names) - 1))
+    row = rows[rowplan.row_of(rows, layer)]
+    if row.block:
+        text.append(f"▸ {row.label}", style="bold")
+        text.append(f" · block of {row.last - row.first + 1} layers "
+                    f"({row.first + 1}–{row.last + 1} of {len(names)})")
+    else:
+        text.append(f"▸ {names[layer]}", style="bold")
+        text.append(f" · layer {layer + 1}/{len(names)}")
+        kinds = state.header.layer_kinds
+        if layer < len(kinds) and kinds[layer] not in ("linear", "?"):
+            text.append(f" · {kinds[layer]}")
+        tied = state.header.tied.get(names[layer])
+        if tied:
+            text.append(f" · ⇄ tied to {', '.join(tied)}")
+    prefix = state.prefix
+    if prefix:
+        text.append(f" · labels drop “{prefix}”", style="dim")
+    return text
+
+
 def ratio_verdict(ratio: float) -> str:
     """The diagnosis's words for a first/last ‖∂L/∂h‖ ratio, on the diagnosis's own thresholds
     (so this line never says healthy beside a vanishing verdict)."""
