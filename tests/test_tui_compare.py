@@ -121,6 +121,31 @@ async def test_through_time_moves_among_the_recurrent_layers_of_either_run():
         assert screen.selected == 0
 
 
+@sync
+async def test_live_runs_that_lose_their_recurrent_layers_leave_the_through_time_view():
+    """Live, the runs can be replaced (p / P, r): through time stays while one of the new runs
+    is recurrent and goes back to the layer rows once neither is."""
+    from scripted_source import ScriptedSource
+    from vgtui.tui.app import make_app
+    from tui_helpers import wait_for
+
+    a, b = ScriptedSource(records(TANH), label="a"), ScriptedSource(records(LSTM), label="b")
+    app = make_app(compare=(a, b))
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = compare_screen(app)
+        await wait_for(pilot, lambda: all(s.state.last is not None for s in screen.sides))
+        await pilot.press(*TO_TIME)
+        assert screen.view == "time"
+        b.records = records("relu-he")
+        await pilot.press("r")
+        await wait_for(pilot, lambda: screen.sides[1].state.preset_name == "relu-he")
+        assert screen.view == "time" and "relu-he has no recurrent layer" in screen_text(app)
+        a.records = records("sigmoid-deep")
+        await pilot.press("r")
+        await wait_for(pilot, lambda: screen.view == "dash")
+        assert screen.sides[0].state.preset_name == "sigmoid-deep"
+
+
 # -- blocks -------------------------------------------------------------------------------------
 
 @sync

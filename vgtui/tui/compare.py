@@ -33,7 +33,9 @@ class _SideThroughTime(ThroughTime):
 
     def draw(self, width: int, height: int) -> Text:
         state = self.state
-        if state.last is not None and not state.time_layers:
+        if state.last is None:
+            return Text("waiting for the first record…", style="dim")
+        if not state.time_layers:
             # said in words that fit half a terminal, not an empty box beside the other run's
             words = f"{state.preset_name} has no recurrent layer: nothing to measure through time."
             return Text("\n".join(textwrap.wrap(words, max(10, width))), style="dim")
