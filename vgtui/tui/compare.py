@@ -82,7 +82,8 @@ class Compare(Monitor):
         @property
         def selected(self) -> int:
             """The shared selection, a layer index, on this run: the through-time view shows
-            the recurrent layer at or above it (the other run may have it at another depth)."""
+            this run's nearest recurrent layer at or before it, toward the input (the other run
+            may have its recurrent layers at other depths)."""
             layer = min(self.owner.selected, max(0, self.state.n_layers - 1))
             if self.owner.view == "time":
                 recurrent = _recurrent_layers(self.state)
