@@ -323,6 +323,12 @@ class Compare(Monitor):
                 names = [s.state.preset_name for s in self.sides]
                 better = names[1] if db < da else names[0]
                 text.append(f"; {better}'s is {abs(da - db):.0f} decades closer to 1")
+        a, b = (s.state for s in self.sides)
+        step = min(a.last.step, b.last.step)  # what it does to learning: the loss, at one step
+        text.append(f" · loss at step {step} ")
+        text.append(fmt(_at_step(a, step).loss, 0).strip(), style="bold")
+        text.append(" vs ")
+        text.append(fmt(_at_step(b, step).loss, 0).strip(), style="bold")
         return text
 
     def check_action(self, action: str, parameters) -> bool | None:
