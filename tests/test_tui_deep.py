@@ -214,3 +214,12 @@ def test_stacked_layers_of_one_fused_module_appear_in_the_through_time_view():
     assert {state.time_layer(s) for s in state.time_layers} == {name}
     text = R.through_time(state, 100, 30, 0, mono=True).plain
     assert f"{name}.l0" in text and f"{name}.l1" in text
+
+
+def test_the_long_sigmoid_recording_shows_the_top_layer_sinking():
+    """What the activations snapshot of sigmoid-deep-long is there to show, checked on the
+    recorded percentiles: the top hidden layer's median falls from 0.5 toward 0, the rest stay."""
+    recs = [r for r in records("sigmoid-deep-long") if isinstance(r, StepRecord)]
+    first, last = recs[0].layers["act_p50"], recs[-1].layers["act_p50"]
+    assert recs[-1].step >= 1900 and abs(first[4] - 0.5) < 0.02 and last[4] < 0.2
+    assert np.all(np.abs(last[:3] - 0.5) < 0.05)  # hidden1-3 stay near 0.5
