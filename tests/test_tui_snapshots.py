@@ -126,3 +126,10 @@ def test_mono_llama_histograms(snap_compare):
 
 def test_too_small(snap_compare):
     assert snap_compare(scripted_app("sigmoid-deep"), terminal_size=(36, 10))
+
+
+@pytest.mark.parametrize("size", [pytest.param((120, 40), id="120x40"), pytest.param((200, 60), id="200x60")])
+def test_activations_over_a_long_sigmoid_run(snap_compare, size):
+    """Glorot & Bengio's picture: over 2,000 steps of sigmoid-deep the top hidden layer's band
+    sinks from 0.5 toward 0 while the layers below stay near 0.5."""
+    assert snap_compare(replay_app("sigmoid-deep-long"), press=["v", "v", "v"], terminal_size=size)
