@@ -595,8 +595,9 @@ def activations(state: RunState, width: int, selected: int, mono: bool, height: 
     rows = ctx.rows
     body = len(rows) if height <= 1 else max(1, height - 2)
     lines = max(1, min(_ACT_LINES_MAX, body // max(1, len(rows))))
-    if lines > 2 and lines % 2 == 0:
-        lines -= 1  # an odd count puts a sigmoid's 0.5 inside a line, not on a boundary
+    if lines >= 6 and lines % 2 == 0:
+        lines -= 1  # an odd count puts a sigmoid's 0.5 inside a line, not on a boundary (where
+        # its median would flicker between two lines); worth a line only when there are many
     has_band = bool(chart_w) and bool(state.row_matrix("act_p50", rows, chart_w, detail=True)[1].any())
     text.append(f"{'block' if ctx.by_block else 'layer':<{name_w}} {'kind':<7} {'mean':>9} {'std':>9} "
                 f"{'sat%':>6} {'dead%':>6}  ", style="bold")
@@ -663,7 +664,8 @@ def activations(state: RunState, width: int, selected: int, mono: bool, height: 
             parts = ["▁…█ mean over time"]
         elif lines > 1:
             shown = list(state.detail_steps)[-chart_w:]  # one column per detail step, the newest
-            parts = ["░ p2–p98 · ▓ p16–p84 · ━ median", f"steps {shown[0].step}–{shown[-1].step} left → right"]
+            a, b = shown[0].step, shown[-1].step
+            parts = ["░ p2–p98 · ▓ p16–p84 · ━ median", f"steps {a}–{b} left → right" if b > a else f"step {a}"]
         else:
             parts = ["░ p2–p98 · ▓ p16–p84 · ┃ median, newest (taller terminal: over time)"]
         text.append(fit(parts + ["on sigmoid 0…1, tanh −1…1, others the span shown",
