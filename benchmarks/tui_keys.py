@@ -1,12 +1,17 @@
 """Launch → first frame, and key → redraw, of the real `vgtui` on a pty while it trains.
 
     .venv/bin/python benchmarks/tui_keys.py [--preset PATH|NAME] [--presses 10] [--size 120x40]
+    .venv/bin/python benchmarks/tui_keys.py --replay tests/data/llama24.jsonl [--layers]
 
 Spawns ``python -m vgtui --preset ...`` on a pseudo-terminal, as a user's terminal would, and
 reads what it writes. First frame: from the spawn to the first bytes that show the preset's name
 in the status bar. Key → redraw: ``?`` is pressed while training runs, and the clock stops when
-the help screen's text ("cycle views") has been written; ``escape`` closes it again, and the next
-press waits a second. Also ``v`` → the heatmap view ("‖∂L/∂") and back. Prints medians and maxima.
+the help screen's text ("next view") has been written; ``escape`` closes it again, and the next
+press waits a second. Also ``v`` → each next view (its name in the status bar: heatmap, histogram,
+activations) and back. Prints medians and maxima.
+``--replay`` opens a recording instead (``vgtui replay``: no training beside the UI, the first
+frame is the name in the status bar, then the same keys); ``--layers`` presses ``b`` first, so a
+deep model's views draw every layer rather than its blocks.
 """
 
 from __future__ import annotations
@@ -95,34 +100,47 @@ def main() -> None:
     parser.add_argument("--presses", type=int, default=10)
     parser.add_argument("--size", default="120x40")
     parser.add_argument("--warmup", type=float, default=8.0, help="seconds of training before pressing keys")
+    parser.add_argument("--replay", metavar="FILE.jsonl", help="replay a recording instead of training")
+    parser.add_argument("--layers", action="store_true", help="press b first: every layer, not blocks")
     parser.add_argument("--pause", action="store_true",
                         help="pause training (space) before pressing keys: the UI's own cost, no trainer beside it")
     args = parser.parse_args()
     columns, rows = (int(v) for v in args.size.split("x"))
-    name = os.path.splitext(os.path.basename(args.preset))[0]
-    term = Terminal(["-m", "vgtui", "--preset", args.preset], columns, rows)
-    first = term.wait_for(name.encode(), timeout=60)
-    print(f"launch → first frame showing '{name}': {first:.2f} s", flush=True)
-    step_seen = term.wait_for(b"step ", timeout=120)
-    print(f"… → first step on screen: {first + step_seen:.2f} s after launch", flush=True)
+    if args.replay:
+        name = os.path.splitext(os.path.basename(args.replay))[0]
+        term = Terminal(["-m", "vgtui", "replay", args.replay], columns, rows)
+        first = term.wait_for(b"step ", timeout=60)
+        print(f"launch → first frame showing a step of '{name}': {first:.2f} s", flush=True)
+    else:
+        name = os.path.splitext(os.path.basename(args.preset))[0]
+        term = Terminal(["-m", "vgtui", "--preset", args.preset], columns, rows)
+        first = term.wait_for(name.encode(), timeout=60)
+        print(f"launch → first frame showing '{name}': {first:.2f} s", flush=True)
+        step_seen = term.wait_for(b"step ", timeout=120)
+        print(f"… → first step on screen: {first + step_seen:.2f} s after launch", flush=True)
     term.drain(args.warmup)
+    if args.layers:
+        term.press(b"b")
+        term.drain(1.0)
     if args.pause:
         term.press(b" ")
         term.drain(1.0)
-    help_open, heatmap = [], []
+    help_open: list[float] = []
+    views: dict[str, list[float]] = {"heatmap": [], "histogram": [], "activations": []}
     for _ in range(args.presses):
         term.press(b"?")
-        help_open.append(term.wait_for(b"cycle views", timeout=5))
+        help_open.append(term.wait_for(b"next view", timeout=5))
         term.press(b"\x1b")
         term.drain(1.0)
-        term.press(b"v")
-        heatmap.append(term.wait_for("heatmap".encode(), timeout=5))
-        term.press(b"v")
-        term.press(b"v")
+        for name, seconds in views.items():  # each v → the next view's name in the status bar
+            term.press(b"v")
+            seconds.append(term.wait_for(name.encode(), timeout=5))
+            term.drain(0.3)
         term.press(b"v")  # back to the dashboard
         term.drain(1.0)
     print(summary("? → help screen written", help_open))
-    print(summary("v → heatmap view written", heatmap))
+    for name, seconds in views.items():
+        print(summary(f"v → {name} view written", seconds))
     term.close()
 
 

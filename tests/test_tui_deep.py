@@ -30,10 +30,13 @@ def test_names_shorten_from_the_middle_and_keep_the_end():
 
 
 def test_blocks_are_the_repeated_containers():
-    names = records("gpt24")[0].layers + []
+    names = records("llama24")[0].layers
+    assert len(names) == 219  # embed_tokens, 24 blocks of 9, the final norm, lm_head
     blocks = rowplan.blocks(names)
-    assert [b.label for b in blocks if b.block][:2] == ["transformer.h.0", "transformer.h.1"]
-    assert sum(b.block for b in blocks) == 24 and all(b.last - b.first == 5 for b in blocks if b.block)
+    assert [b.label for b in blocks if b.block][:2] == ["model.layers.0", "model.layers.1"]
+    assert sum(b.block for b in blocks) == 24 and all(b.last - b.first == 8 for b in blocks if b.block)
+    assert [b.label for b in blocks if not b.block] == ["model.embed_tokens", "model.norm", "lm_head"]
+    assert rowplan.common_prefix(names) == "model."  # dropped once; "layers.3" keeps its container
     resnet = records("resnet18")[0].layers
     labels = [b.label for b in rowplan.blocks(resnet) if b.block]
     assert labels == ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1",
@@ -88,25 +91,27 @@ def test_not_measured_is_drawn_apart_from_not_finite():
 
 @sync
 async def test_deep_models_open_as_blocks_that_expand_in_place_and_toggle():
-    app = make_app(ReplaySource(recording("gpt24")))
+    app = make_app(ReplaySource(recording("llama24")))
     async with app.run_test(size=(120, 40)) as pilot:
         dash = dashboard(app)
-        assert dash.by_block and len(dash.rows) == 28
-        assert "h.0 (6)" in screen_text(app)
-        await pilot.press("down", "down")  # wte → wpe → h.0
+        assert dash.by_block and len(dash.rows) == 27  # embed_tokens, 24 blocks, norm, lm_head
+        text = screen_text(app)
+        assert "layers.0 (9)" in text and "model.layers" not in text  # the prefix shown once, above
+        assert "embed_tokens ⇄" in text  # tied to lm_head
+        await pilot.press("down")  # embed_tokens → layers.0
         row = dash.rows[rowplan.row_of(dash.rows, dash.selected)]
-        assert row.label == "transformer.h.0"
+        assert row.label == "model.layers.0"
         await pilot.press("enter")
-        assert "transformer.h.0" in dash.expanded and len(dash.rows) == 28 + 6
-        assert dash.state.layer_names[dash.selected] == "transformer.h.0.ln_1"
-        assert "attn.c_attn" in screen_text(app)
+        assert "model.layers.0" in dash.expanded and len(dash.rows) == 27 + 9
+        assert dash.state.layer_names[dash.selected] == "model.layers.0.input_layernorm"
+        assert "self_attn.q_proj" in screen_text(app)
         await pilot.press("enter")  # closes the block the selected layer is in
-        assert not dash.expanded and dash.state.layer_names[dash.selected] == "transformer.h.0.mlp.c_proj"
+        assert not dash.expanded and dash.state.layer_names[dash.selected] == "model.layers.0.mlp.down_proj"
         await pilot.press("b")
-        assert not dash.by_block and len(dash.rows) == 148
+        assert not dash.by_block and len(dash.rows) == 219
         for _ in range(4):  # every view follows the toggle
             await pilot.press("v")
-            assert "148 layers" in screen_text(app) or dash.view in ("hist", "acts", "dash")
+            assert "219 layers" in screen_text(app) or dash.view in ("hist", "acts", "dash")
         await pilot.press("b")
         assert dash.by_block
 
@@ -209,3 +214,12 @@ def test_stacked_layers_of_one_fused_module_appear_in_the_through_time_view():
     assert {state.time_layer(s) for s in state.time_layers} == {name}
     text = R.through_time(state, 100, 30, 0, mono=True).plain
     assert f"{name}.l0" in text and f"{name}.l1" in text
+
+
+def test_the_long_sigmoid_recording_shows_the_top_layer_sinking():
+    """What the activations snapshot of sigmoid-deep-long is there to show, checked on the
+    recorded percentiles: the top hidden layer's median falls from 0.5 toward 0, the rest stay."""
+    recs = [r for r in records("sigmoid-deep-long") if isinstance(r, StepRecord)]
+    first, last = recs[0].layers["act_p50"], recs[-1].layers["act_p50"]
+    assert recs[-1].step >= 1900 and abs(first[4] - 0.5) < 0.02 and last[4] < 0.2
+    assert np.all(np.abs(last[:3] - 0.5) < 0.05)  # hidden1-3 stay near 0.5

@@ -1,6 +1,7 @@
 """Snapshots of every screen and view at 80×24, 120×40 (and every view at 200×60), fed from the
 fixed recordings in tests/data (no training thread, no clock, pinned theme): two MLP presets, a
-24-block GPT-2 and a resnet18 recorded with vgtui.watch, a tanh RNN for the through-time view. Update with
+24-block Llama (219 layers) and a resnet18 recorded with vgtui.watch, a tanh RNN for the
+through-time view. Update with
 `pytest tests/test_tui_snapshots.py --snapshot-update` and review the report before committing."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ VIEWS = {"dashboard": [], "heatmap": ["v"], "histogram": ["v", "v"], "activation
 
 @pytest.mark.parametrize("size", ALL_SIZES)
 @pytest.mark.parametrize("view", list(VIEWS))
-@pytest.mark.parametrize("name", ["sigmoid-deep", "relu-30-xavier", "gpt24", "resnet18"])
+@pytest.mark.parametrize("name", ["sigmoid-deep", "relu-30-xavier", "llama24", "resnet18"])
 def test_view(snap_compare, name, view, size):
     """Every view of every model at every size; the third row (or block) selected."""
     assert snap_compare(scripted_app(name), press=["down", "down"] + VIEWS[view], terminal_size=size)
@@ -40,14 +41,15 @@ def test_through_time(snap_compare, size):
     assert snap_compare(scripted_app("rnn"), press=["v", "v", "v", "v"], terminal_size=size)
 
 
-def test_gpt_layers_with_a_block_open(snap_compare):
-    """b twice is blocks again; enter opens h.0 in place (its six layers, indented)."""
-    assert snap_compare(scripted_app("gpt24"), press=["down", "down", "enter"], terminal_size=(120, 40))
+def test_llama_with_a_block_open(snap_compare):
+    """enter opens layers.1 in place (its nine layers, indented)."""
+    assert snap_compare(scripted_app("llama24"), press=["down", "down", "enter"], terminal_size=(120, 40))
 
 
-def test_gpt_every_layer_heatmap(snap_compare):
-    """148 layers in 36 rows: two per row (half blocks), each row labelled."""
-    assert snap_compare(scripted_app("gpt24"), press=["b", "v"], terminal_size=(120, 40))
+def test_llama_every_layer_heatmap(snap_compare):
+    """219 layers in 31 text rows: half blocks, each cell the weakest of a group of layers, each
+    row labelled with its first layer."""
+    assert snap_compare(scripted_app("llama24"), press=["b", "v"], terminal_size=(120, 40))
 
 
 def test_light_theme(snap_compare):
@@ -118,9 +120,16 @@ def test_mono_heatmap(snap_compare):
     assert snap_compare(scripted_app("relu-30-xavier", mono=True), press=["v"], terminal_size=(80, 24))
 
 
-def test_mono_gpt_histograms(snap_compare):
-    assert snap_compare(scripted_app("gpt24", mono=True), press=["v", "v"], terminal_size=(120, 40))
+def test_mono_llama_histograms(snap_compare):
+    assert snap_compare(scripted_app("llama24", mono=True), press=["v", "v"], terminal_size=(120, 40))
 
 
 def test_too_small(snap_compare):
     assert snap_compare(scripted_app("sigmoid-deep"), terminal_size=(36, 10))
+
+
+@pytest.mark.parametrize("size", [pytest.param((120, 40), id="120x40"), pytest.param((200, 60), id="200x60")])
+def test_activations_over_a_long_sigmoid_run(snap_compare, size):
+    """Glorot & Bengio's picture: over 2,000 steps of sigmoid-deep the top hidden layer's band
+    sinks from 0.5 toward 0 while the layers below stay near 0.5."""
+    assert snap_compare(replay_app("sigmoid-deep-long"), press=["v", "v", "v"], terminal_size=size)

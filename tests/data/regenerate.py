@@ -1,10 +1,15 @@
 """Re-record the fixed streams the TUI tests replay (run after changing what the engine measures).
 
-    .venv/bin/python tests/data/regenerate.py
+    .venv/bin/python tests/data/regenerate.py [sigmoid-deep relu-he exploding relu-30-xavier sigmoid-deep-long]
 
 Each is a short headless run with the overhead budget off (every requested step measured), the
 verdicts the trainer attached kept, their evidence dicts dropped to keep the files small. Then run
 the whole suite with --snapshot-update and review the report.
+
+`sigmoid-deep-long` is the activations view's picture (Glorot & Bengio 2010, fig. 2): over 2,000
+steps the top hidden sigmoid layer's activations sink from 0.5 toward 0 (median 0.50 -> 0.15, p98
+0.64 -> 0.17) while the layers below stay near 0.5 (benchmarks/sigmoid_saturation.py prints the
+numbers); one record in 40 steps, each with percentiles, keeps the file near 115 KB.
 """
 
 import json
@@ -23,11 +28,13 @@ FIXTURES = {  # name: (preset, steps, changes)
     "relu-he": ("relu-he", 60, {}),
     "exploding": ("exploding", 20, {}),
     "relu-30-xavier": ("relu-30-xavier", 40, {"sample_every": 2}),
+    "sigmoid-deep-long": ("sigmoid-deep", 2000, {"sample_every": 40, "detail_every": 1}),
 }
 
 
-def main() -> None:
-    for name, (preset_name, steps, changes) in FIXTURES.items():
+def main(names: list[str]) -> None:
+    for name in names or FIXTURES:
+        preset_name, steps, changes = FIXTURES[name]
         preset = load_preset(preset_name).replace(**changes)
         records = run_to_completion(preset, steps, run_id=1)  # run 1, as `vgtui run` numbers it
         path = HERE / f"{name}.jsonl"
@@ -44,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,9 +1,9 @@
-"""Record the deep real-model streams the TUI tests replay: a 24-block GPT-2 (`gpt24`), a
+"""Record the deep real-model streams the TUI tests replay: a 24-block Llama (`llama24`), a
 torchvision resnet18 (`resnet18`) and a two-layer tanh RNN (`rnn`), each watched with
 `vgtui.watch` in an ordinary training loop on synthetic data (fixed seeds, random init, no
 downloads, a handful of steps).
 
-    OMP_NUM_THREADS=1 .venv/bin/python tests/data/regenerate_models.py [gpt24 resnet18 rnn]
+    OMP_NUM_THREADS=1 .venv/bin/python tests/data/regenerate_models.py [llama24 resnet18 rnn]
 
 Through time (`rnn`): `vgtui.watch` on this branch does not measure ‖∂L/∂h_t‖ yet, so the script
 computes it itself on every measured step: the RNN layers' output sequences are kept from the
@@ -11,8 +11,8 @@ same forward pass, `torch.autograd.grad` of the same loss gives ∂L/∂h_t, and
 and features per time step t goes into the record's `time_act_grad_norm` (the field's meaning in
 `vgtui/records.py`). Recurrent weights are scaled so the gradient visibly fades toward t = 0.
 
-Tied weights (`gpt24`): when the watcher leaves the header's `tied` empty, the script fills it
-from the model (layers whose modules hold the same parameter tensor: lm_head and wte).
+Tied weights (`llama24`): `vgtui.watch` lists lm_head and embed_tokens in the header's `tied`
+itself (one tensor, measured once).
 
 Verdict evidence dicts are dropped to keep the files small. Then update the snapshots
 (`pytest tests/test_tui_snapshots.py --snapshot-update`) and look at them.
@@ -48,35 +48,24 @@ def _shrink(path: Path) -> None:
     print(f"{path.name}: {len(lines)} lines, {path.stat().st_size // 1024} KB")
 
 
-def _with_tied(path: Path, model: nn.Module) -> None:
-    """Fill the header's ``tied`` (layers holding the same parameter tensor) from the model when
-    the watcher did not: GPT-2's lm_head shares wte's weight."""
-    recs = read_recording(path).records
-    header = recs[0]
-    if header.tied:
-        return
-    modules = dict(model.named_modules())
-    owners: dict[int, list[str]] = {}
-    for name in header.layers:
-        for p in modules[name].parameters(recurse=False):
-            owners.setdefault(id(p), []).append(name)
-    tied = {n: [o for o in names if o != n] for names in owners.values() if len(names) > 1 for n in names}
-    recs[0] = dataclasses.replace(header, tied=tied)
-    with JsonlWriter(path) as writer:
-        writer.write_all(recs)
-
-
-def gpt24(steps: int = 6) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
+def llama24(steps: int = 6) -> None:
+    """A 24-block Llama decoder: nine layers per block (input_layernorm, q/k/v/o_proj,
+    post_attention_layernorm, gate/up/down_proj) make 218 with embed_tokens, the final norm and
+    the tied lm_head, past the 150 a deep transformer has. Llama rather than GPT-2 (six per
+    block, 148 in all) or GPT-J (seven): the most common decoder layout today, and the deepest
+    per block of the three."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=24, n_embd=16, n_head=2, vocab_size=64, n_positions=16,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(config)  # lm_head tied to wte
+    config = LlamaConfig(num_hidden_layers=24, hidden_size=16, intermediate_size=32,
+                         num_attention_heads=2, num_key_value_heads=2, vocab_size=64,
+                         max_position_embeddings=16, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)  # lm_head tied to embed_tokens
+    assert model.lm_head.weight is model.model.embed_tokens.weight
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1)
-    path = HERE / "gpt24.jsonl"
-    with vgtui.watch(model, record=path, optimizer=opt, sample_every=1, run_id=1, name="gpt24") as w:
+    path = HERE / "llama24.jsonl"
+    with vgtui.watch(model, record=path, optimizer=opt, sample_every=1, run_id=1, name="llama24") as w:
         for _ in range(steps):
             ids = torch.randint(0, 64, (4, 16), generator=gen)
             loss = model(input_ids=ids, labels=ids).loss
@@ -84,7 +73,6 @@ def gpt24(steps: int = 6) -> None:
             loss.backward()
             w.step(loss=loss)
             opt.step()
-    _with_tied(path, model)
     _shrink(path)
 
 
@@ -176,7 +164,7 @@ def rnn(steps: int = 12, length: int = 60) -> None:
     _shrink(path)
 
 
-FIXTURES = {"gpt24": gpt24, "resnet18": resnet18, "rnn": rnn}
+FIXTURES = {"llama24": llama24, "resnet18": resnet18, "rnn": rnn}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -596,7 +596,7 @@ BAND_OUTER, BAND_INNER = "░", "▓"
 BAND_MEDIAN = "▁━▔"  # the median in the lower, middle or upper third of its cell
 _OUTER_STYLE, _INNER_STYLE, _MEDIAN_STYLE = Style(color="#2a6f97"), Style(color="#39a2fc"), Style(color="#ffffff", bold=True)
 _PCTS = ("act_p02", "act_p16", "act_p50", "act_p84", "act_p98")
-_ACT_LINES_MAX = 6
+_ACT_LINES_MAX = 9
 
 
 def activations(state: RunState, width: int, selected: int, mono: bool, height: int = 0,
@@ -604,7 +604,7 @@ def activations(state: RunState, width: int, selected: int, mono: bool, height: 
     """Per layer (or block), input at the top: activation mean, std, % saturated / % dead now;
     over the newest detail steps its distribution (p2-p98 band, p16-p84 darker, the median) on
     the activation's own range (sigmoid 0..1, tanh -1..1, else the span shown) and the saturated
-    or dead share. Each layer gets as many lines as the height allows (up to 6): one line shows
+    or dead share. Each layer gets as many lines as the height allows (up to 9): one line shows
     the median only. Recordings without percentiles draw the mean there instead."""
     text = Text(no_wrap=True, overflow="crop")
     if not state.layer_names or state.last_detail is None:
@@ -623,6 +623,9 @@ def activations(state: RunState, width: int, selected: int, mono: bool, height: 
     rows = ctx.rows
     body = len(rows) if height <= 1 else max(1, height - 2)
     lines = max(1, min(_ACT_LINES_MAX, body // max(1, len(rows))))
+    if lines >= 6 and lines % 2 == 0:
+        lines -= 1  # an odd count puts a sigmoid's 0.5 inside a line, not on a boundary (where
+        # its median would flicker between two lines); worth a line only when there are many
     has_band = bool(chart_w) and bool(state.row_matrix("act_p50", rows, chart_w, detail=True)[1].any())
     text.append(f"{'block' if ctx.by_block else 'layer':<{name_w}} {'kind':<7} {'mean':>9} {'std':>9} "
                 f"{'sat%':>6} {'dead%':>6}  ", style="bold")
@@ -686,13 +689,15 @@ def activations(state: RunState, width: int, selected: int, mono: bool, height: 
             text.append("\n")
     if chart_w:
         if not has_band:
-            band = "▁…█ mean over time"
+            parts = ["▁…█ mean over time"]
         elif lines > 1:
-            band = "░ p2–p98 · ▓ p16–p84 · ━ median, over time"
+            shown = list(state.detail_steps)[-chart_w:]  # one column per detail step, the newest
+            a, b = shown[0].step, shown[-1].step
+            parts = ["░ p2–p98 · ▓ p16–p84 · ━ median", f"steps {a}–{b} left → right" if b > a else f"step {a}"]
         else:
-            band = "░ p2–p98 · ▓ p16–p84 · ┃ median, newest (taller terminal: over time)"
-        text.append(fit([f"{band}, on sigmoid 0…1, tanh −1…1, others the span shown",
-                         "share over time: ▁ 0 % … █ 100 %"], width), style="dim")
+            parts = ["░ p2–p98 · ▓ p16–p84 · ┃ median, newest (taller terminal: over time)"]
+        text.append(fit(parts + ["on sigmoid 0…1, tanh −1…1, others the span shown",
+                                 "share over time: ▁ 0 % … █ 100 %"], width), style="dim")
     return text
 
 
