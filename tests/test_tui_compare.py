@@ -156,43 +156,43 @@ async def test_live_runs_that_lose_their_recurrent_layers_leave_the_through_time
 
 @sync
 async def test_the_same_block_opens_and_closes_on_both_runs_that_share_the_layout():
-    app = compare_app("gpt24", "gpt24")
+    app = compare_app("llama24", "llama24")
     async with app.run_test(size=(120, 40)) as pilot:
         screen = compare_screen(app)
-        assert screen.by_block and all(len(s.rows) == 28 for s in screen.sides)  # deep: blocks
-        await pilot.press("down", "down")  # wte → wpe → h.0
-        assert screen.sides[0].rows[rowplan.row_of(screen.sides[0].rows, screen.selected)].label == "transformer.h.0"
+        assert screen.by_block and all(len(s.rows) == 27 for s in screen.sides)  # deep: blocks
+        await pilot.press("down")  # embed_tokens → layers.0
+        assert screen.sides[0].rows[rowplan.row_of(screen.sides[0].rows, screen.selected)].label == "model.layers.0"
         await pilot.press("enter")
-        assert all(s.expanded == {"transformer.h.0"} and len(s.rows) == 28 + 6 for s in screen.sides)
-        assert screen.sides[0].state.layer_names[screen.selected] == "transformer.h.0.ln_1"
-        assert screen_text(app).count("h.0.attn.c_attn") == 2
+        assert all(s.expanded == {"model.layers.0"} and len(s.rows) == 27 + 9 for s in screen.sides)
+        assert screen.sides[0].state.layer_names[screen.selected] == "model.layers.0.input_layernorm"
+        assert screen_text(app).count("  self_attn.q_proj") == 2  # named below its block
         await pilot.press("e")  # closes the block the selected layer is in, on both
         assert not any(s.expanded for s in screen.sides)
-        assert screen.sides[0].state.layer_names[screen.selected] == "transformer.h.0.mlp.c_proj"
+        assert screen.sides[0].state.layer_names[screen.selected] == "model.layers.0.mlp.down_proj"
         await pilot.press("b")
-        assert not screen.by_block and all(len(s.rows) == 148 for s in screen.sides)
+        assert not screen.by_block and all(len(s.rows) == 219 for s in screen.sides)
 
 
 @sync
 async def test_runs_with_different_layouts_each_open_their_own_block():
-    """gpt24 (148 layers) leads the selection; resnet18 opens the block that holds the same
+    """llama24 (219 layers) leads the selection; resnet18 opens the block that holds the same
     layer index in its own layout, each run's rows stay its own plan, and enter closes both."""
-    app = compare_app("resnet18", "gpt24")
+    app = compare_app("resnet18", "llama24")
     async with app.run_test(size=(120, 40)) as pilot:
         screen = compare_screen(app)
-        resnet, gpt = screen.sides
-        assert screen._lead() is gpt and screen.by_block
-        await pilot.press("down", "down", "down")  # wte → wpe → h.0 → h.1: layer 13, h.1's last
-        assert screen.selected == 13
-        await pilot.press("enter")  # the selection goes to h.1's first layer, 8: layer1.1 on the left
-        assert gpt.expanded == {"transformer.h.1"} and screen.selected == 8
-        assert resnet.expanded == {"layer1.1"}
-        assert "layer1.1.conv1" in screen_text(app) and "h.1.attn.c_attn" in screen_text(app)
+        resnet, llama = screen.sides
+        assert screen._lead() is llama and screen.by_block
+        await pilot.press("down", "down")  # embed_tokens → layers.0 → layers.1: layer 18, its last
+        assert screen.selected == 18
+        await pilot.press("enter")  # the selection goes to layers.1's first layer, 10: layer2.0 on the left
+        assert llama.expanded == {"model.layers.1"} and screen.selected == 10
+        assert resnet.expanded == {"layer2.0"}
+        assert "  conv1" in screen_text(app) and "  self_attn.q_proj" in screen_text(app)
         for side in screen.sides:
             assert side.rows == rowplan.plan(side.state.layer_names, True, side.expanded)
             assert side.expanded <= {r.label for r in rowplan.blocks(side.state.layer_names) if r.block}
         await pilot.press("enter")
-        assert not gpt.expanded and not resnet.expanded
+        assert not llama.expanded and not resnet.expanded
 
 
 @sync
@@ -233,8 +233,8 @@ def test_through_time_beside_an_mlp_snapshot(snap_compare):
     assert snap_compare(compare_app(TANH, "sigmoid-deep"), press=TO_TIME, terminal_size=(120, 40))
 
 
-def test_gpt_block_open_on_both_snapshot(snap_compare):
-    assert snap_compare(compare_app("gpt24", "gpt24"), press=["down", "down", "enter"], terminal_size=(120, 40))
+def test_llama_block_open_on_both_snapshot(snap_compare):
+    assert snap_compare(compare_app("llama24", "llama24"), press=["down", "enter"], terminal_size=(120, 40))
 
 
 # -- the command line ---------------------------------------------------------------------------

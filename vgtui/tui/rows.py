@@ -74,6 +74,7 @@ class Row:
     last: int
     block: bool  # a block row (collapsed or the header of an expanded one)
     depth: int = 0  # 1 for a layer shown inside an expanded block
+    parent: str = ""  # the expanded block's path, which the layer's label leaves out
 
     @property
     def layers(self) -> range:
@@ -110,7 +111,7 @@ def plan(names: list[str], by_block: bool, expanded: frozenset[str] = frozenset(
     for row in blocks(names):
         out.append(row)
         if row.block and row.label in expanded:
-            out.extend(Row(names[i], i, i, False, depth=1) for i in row.layers)
+            out.extend(Row(names[i], i, i, False, depth=1, parent=row.label) for i in row.layers)
     return out
 
 
@@ -181,22 +182,31 @@ def label_width(rows: list[Row], width: int, prefix: str, share: float = 0.3,
     return max(min(natural, floor), min(natural, int(width * share)))
 
 
+def _name(row: Row, prefix: str) -> str:
+    """What a row calls its layer: inside an open block, the path below the block (the block's
+    row just above says the rest, and the selected layer's full name is on screen); otherwise the
+    path without the shared prefix."""
+    if row.parent and row.label.startswith(row.parent + "."):
+        return row.label[len(row.parent) + 1:]
+    return row.label[len(prefix):] if prefix and row.label.startswith(prefix) else row.label
+
+
 def display_name(row: Row, prefix: str) -> str:
-    name = row.label[len(prefix):] if prefix and row.label.startswith(prefix) else row.label
+    name = _name(row, prefix)
     if row.block:
         n = row.last - row.first + 1
-        return f"▸{name} ({n})"
+        return f"▸ {name} ({n})"
     return ("  " * row.depth) + name
 
 
 def row_label(row: Row, prefix: str, width: int, expanded: frozenset[str] = frozenset()) -> str:
     """The row's label fitted to ``width``: ``▸``/``▾`` marks a collapsed/expanded block."""
-    name = row.label[len(prefix):] if prefix and row.label.startswith(prefix) else row.label
+    name = _name(row, prefix)
     if row.block:
         mark = "▾" if row.label in expanded else "▸"
         count = f"({row.last - row.first + 1})"
-        room = max(1, width - len(count) - 2)
-        return f"{mark}{shorten(name, room)} {count}"
+        room = max(1, width - len(count) - 3)
+        return f"{mark} {shorten(name, room)} {count}"
     indent = "  " * row.depth
     return indent + shorten(name, max(1, width - len(indent)))
 
