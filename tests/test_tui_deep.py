@@ -46,6 +46,22 @@ def test_blocks_are_the_repeated_containers():
     assert rowplan.block_key("fc") is None
 
 
+def test_layers_in_an_open_block_are_named_below_it_and_packed_lines_name_what_they_hold():
+    names = records("llama24")[0].layers
+    rows = rowplan.plan(names, True, frozenset({"model.layers.0"}))
+    assert rowplan.row_label(rows[1], "model.", 20, frozenset({"model.layers.0"})) == "▾ layers.0 (9)"
+    assert [rowplan.row_label(r, "model.", 30) for r in rows[2:4]] == ["  input_layernorm", "  self_attn.q_proj"]
+    blocks = rowplan.plan(names, True)
+    assert rowplan.span_label(blocks, 1, 2, "model.", 20) == "layers.0–1"  # two blocks on one line
+    assert rowplan.span_label(blocks, 0, 1, "model.", 20) == "embed_tokens +1"
+    layers = rowplan.plan(names, False)
+    assert rowplan.span_label(layers, 7, 13, "model.", 20) == "layers.0–1 (7)"  # 7 layers, 2 blocks
+    state = RunState()
+    state.feed(records("llama24"))
+    view = R.heatmap(state, 120, 38, "act_grad_norm", False, R.Ctx(state))
+    assert "219 layers, ≈" in view.plain and "per line (weakest shown)" in view.plain
+
+
 def test_a_block_is_the_root_sum_square_of_its_weights_and_its_output_gradient():
     rows = [rowplan.Row("b", 0, 2, True), rowplan.Row("head", 3, 3, False)]
     w = np.array([3.0, 4.0, 12.0, 1.0])[:, None]

@@ -409,6 +409,12 @@ def heatmap(state: RunState, width: int, height: int, metric: str, mono: bool,
     seen_rows = np.stack([seen[a:b + 1].any(axis=0) for a, b in groups]) if groups else seen
     lo, hi = scale_of(cells)
     what = f"{n_rows} blocks" if ctx.by_block else f"{n_rows} layers"
+    n_lines = -(-cells.shape[0] // per_line)
+    if n_rows > n_lines:  # packed: say how many share a line and what a line shows
+        share = n_rows / n_lines
+        what += f", {share:.0f} per line" if share == int(share) else f", ≈{share:.1f} per line"
+        if n_rows > 2 * n_lines:
+            what += " (weakest shown)"
     title = fit([f"log10{METRIC_TITLES.get(metric, metric)}", f"{what} (input top)",
                  f"steps {steps[0]}–{steps[-1]} (newest right)"], width)
     text.append(title + "\n", style="bold")
@@ -417,9 +423,9 @@ def heatmap(state: RunState, width: int, height: int, metric: str, mono: bool,
     def label_for(a: int, b: int) -> tuple[str, str]:
         r0, r1 = groups[a][0], groups[b][1]
         style = "reverse bold" if r0 <= ctx.selected_row <= r1 else ("bold" if ctx.rows[r0].block else "")
-        if r0 == r1 or per_line == 2 and b == a + 1 and groups[a][0] == groups[a][1]:
+        if r0 == r1:
             return ctx.label(r0, label_w), style
-        return rowplan.shorten(f"{ctx.label(r0, label_w)}", label_w), style
+        return rowplan.span_label(ctx.rows, r0, r1, ctx.prefix, label_w), style
 
     if per_line == 1:
         n_levels = len(SHADES) - 1 if mono else len(RAMP)
@@ -646,10 +652,14 @@ def activations(state: RunState, width: int, selected: int, mono: bool, height: 
     now = {m: state.row_matrix(m, rows, 1, detail=True) for m in ("act_mean", "act_std", "saturated", "dead")}
     series = {}
     if chart_w:
+        # the whole kept history, each column the mean of its steps: the start of a run (where
+        # Glorot & Bengio's top sigmoid layer sinks) stays on screen however long it gets
         for metric in (_PCTS if has_band else ("act_mean",)):
-            series[metric] = stretch(state.row_matrix(metric, rows, chart_w, detail=True)[0], chart_w)
+            series[metric] = stretch(bin_columns(state.row_matrix(metric, rows, None, detail=True)[0], chart_w),
+                                     chart_w)
         for metric in ("saturated", "dead"):
-            series[metric] = stretch(state.row_matrix(metric, rows, share_w, detail=True)[0], share_w)
+            series[metric] = stretch(bin_columns(state.row_matrix(metric, rows, None, detail=True)[0], share_w),
+                                     share_w)
     kinds = state.header.layer_kinds if state.header else ["?"] * state.n_layers
     for r in ctx.window(max(1, body // lines)):
         row = rows[r]
@@ -691,11 +701,13 @@ def activations(state: RunState, width: int, selected: int, mono: bool, height: 
         if not has_band:
             parts = ["▁…█ mean over time"]
         elif lines > 1:
-            shown = list(state.detail_steps)[-chart_w:]  # one column per detail step, the newest
+            shown = state.detail_steps
             a, b = shown[0].step, shown[-1].step
             parts = ["░ p2–p98 · ▓ p16–p84 · ━ median", f"steps {a}–{b} left → right" if b > a else f"step {a}"]
         else:
             parts = ["░ p2–p98 · ▓ p16–p84 · ┃ median, newest (taller terminal: over time)"]
+        if any(row.block and row.label not in ctx.expanded for row in rows):
+            parts.append("a block: its last layer's output")
         text.append(fit(parts + ["on sigmoid 0…1, tanh −1…1, others the span shown",
                                  "share over time: ▁ 0 % … █ 100 %"], width), style="dim")
     return text

@@ -211,5 +211,26 @@ def row_label(row: Row, prefix: str, width: int, expanded: frozenset[str] = froz
     return indent + shorten(name, max(1, width - len(indent)))
 
 
+def span_label(rows: list[Row], first: int, last: int, prefix: str, width: int) -> str:
+    """The label of one text line that packs rows ``first..last`` (a deep heatmap), so that no
+    packed row goes unnamed: rows inside consecutive blocks of one container read as the range of
+    blocks and how many rows the line holds (``layers.4–5 (7)``, ``layers.3 (4)``); anything else
+    as its first row and how many more there are (``embed_tokens +1``)."""
+    if first == last:
+        return row_label(rows[first], prefix, width)
+    chunk = rows[first: last + 1]
+    keys = [r.label if r.block else block_key(r.label) for r in chunk]
+    if all(keys):
+        split = [k.rpartition(".") for k in keys]
+        if len({c for c, _, _ in split}) == 1:
+            container = _name(Row(split[0][0] + ".", 0, 0, False), prefix).rstrip(".")
+            a, b = split[0][2], split[-1][2]
+            span = a if a == b else f"{a}–{b}"
+            count = "" if all(r.block for r in chunk) else f" ({len(chunk)})"
+            return shorten(f"{container}.{span}", max(1, width - len(count))) + count
+    more = f" +{last - first}"
+    return shorten(_name(chunk[0], prefix), max(1, width - len(more))) + more
+
+
 def finite_or_nan(value: float) -> float:
     return value if math.isfinite(value) else float("nan")
