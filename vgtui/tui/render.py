@@ -330,8 +330,14 @@ def layer_rows(state: RunState, width: int, metrics: list[str], selected: int, m
                 if last_line:
                     current = float(values[r, -1]) if values.shape[1] else float("nan")
                     was_measured = bool(now_measured[r, -1]) if now_measured.shape[1] else True
-                    _value_text(text, current, was_measured, 9, mono,
-                                "bold" if r == ctx.selected_row else None)
+                    row_ = ctx.rows[r]
+                    if (not was_measured and metric == "weight_grad_norm" and not row_.block
+                            and row_.label in ctx.tied):
+                        # its weight is another layer's tensor, measured there once
+                        text.append(f"{'⇄ tied':>9}", style="dim")
+                    else:
+                        _value_text(text, current, was_measured, 9, mono,
+                                    "bold" if r == ctx.selected_row else None)
                     text.append(" ")
                 else:
                     text.append(" " * 10)
