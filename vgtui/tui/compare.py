@@ -333,7 +333,8 @@ class Compare(Monitor):
 
     def check_action(self, action: str, parameters) -> bool | None:
         if action in ("toggle_pause", "single_step", "restart", "picker"):
-            return True if all("train" in capabilities(s.source) for s in self.sides) else None
+            # two recordings: nothing to pause, step, restart or swap; the footer leaves them out
+            return True if all("train" in capabilities(s.source) for s in self.sides) else False
         return True
 
     def action_picker(self, index: int) -> None:
