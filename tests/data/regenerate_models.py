@@ -5,11 +5,10 @@ downloads, a handful of steps).
 
     OMP_NUM_THREADS=1 .venv/bin/python tests/data/regenerate_models.py [llama24 resnet18 rnn]
 
-Through time (`rnn`): `vgtui.watch` on this branch does not measure ‖∂L/∂h_t‖ yet, so the script
-computes it itself on every measured step: the RNN layers' output sequences are kept from the
-same forward pass, `torch.autograd.grad` of the same loss gives ∂L/∂h_t, and its norm over batch
-and features per time step t goes into the record's `time_act_grad_norm` (the field's meaning in
-`vgtui/records.py`). Recurrent weights are scaled so the gradient visibly fades toward t = 0.
+Through time (`rnn`): `vgtui.watch` measures ‖∂L/∂h_t‖ of each fused `nn.RNN` itself (an exact
+replay on every detail step, `vgtui/recurrent.py`), so its verdicts judge the run through time
+too; every step is a detail step here. Recurrent weights are scaled so the gradient visibly fades
+toward t = 0.
 
 Tied weights (`llama24`): `vgtui.watch` lists lm_head and embed_tokens in the header's `tied`
 itself (one tensor, measured once).
@@ -20,7 +19,6 @@ Verdict evidence dicts are dropped to keep the files small. Then update the snap
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -28,13 +26,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import vgtui  # noqa: E402
-from vgtui.jsonl import JsonlWriter, read_recording  # noqa: E402
-from vgtui.records import StepRecord  # noqa: E402
 
 
 def _shrink(path: Path) -> None:
@@ -115,22 +110,6 @@ class Recurrent(nn.Module):
         h2, _ = self.rnn2(h1)
         return self.head(h2[:, -1])
 
-    def unrolled(self, x) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-        """The same computation written as a loop over t with the same parameters, keeping every
-        h_t: the output tensor of nn.RNN only carries the direct path, not the one through time."""
-        states: dict[str, list[torch.Tensor]] = {}
-        inputs = list(x.unbind(1))
-        for name in ("rnn1", "rnn2"):
-            rnn = getattr(self, name)
-            h = x.new_zeros(x.shape[0], rnn.hidden_size)
-            out = []
-            for x_t in inputs:
-                h = torch.tanh(x_t @ rnn.weight_ih_l0.T + rnn.bias_ih_l0 + h @ rnn.weight_hh_l0.T
-                               + rnn.bias_hh_l0)
-                out.append(h)
-            states[name], inputs = out, out
-        # functional, so that the watcher's hooks on head see only the real forward pass
-        return nn.functional.linear(inputs[-1], self.head.weight, self.head.bias), states
 
 
 def rnn(steps: int = 12, length: int = 60) -> None:
@@ -139,28 +118,17 @@ def rnn(steps: int = 12, length: int = 60) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(1)
     path = HERE / "rnn.jsonl"
-    through_time: dict[int, dict[str, np.ndarray]] = {}
-    with vgtui.watch(model, record=path, optimizer=opt, run_id=1, name="rnn-tanh") as w:
-        for step in range(steps):
+    with vgtui.watch(model, record=path, optimizer=opt, run_id=1, name="rnn-tanh", detail_every=1,
+                     overhead_budget=None) as w:
+        for _ in range(steps):
             x = torch.randn(16, length, 4, generator=gen)
             y = (x[:, 0, 0] > 0).long()  # the label is decided by the FIRST time step
-            out_unrolled, states = model.unrolled(x)
-            loss_unrolled = nn.functional.cross_entropy(out_unrolled, y)
-            flat = [h for name in states for h in states[name]]
-            grads = torch.autograd.grad(loss_unrolled, flat)
-            through_time[step] = {name: torch.stack([g.norm() for g in grads[i * length:(i + 1) * length]])
-                                  .detach().double().numpy() for i, name in enumerate(states)}
             out = model(x)
             loss = nn.functional.cross_entropy(out, y)
             opt.zero_grad()
             loss.backward()
             w.step(loss=loss, accuracy=(out.argmax(1) == y).float().mean())
             opt.step()
-    recs = read_recording(path).records
-    recs = [dataclasses.replace(r, time_act_grad_norm=through_time.get(r.step, {}))
-            if isinstance(r, StepRecord) else r for r in recs]
-    with JsonlWriter(path) as writer:
-        writer.write_all(recs)
     _shrink(path)
 
 

@@ -881,7 +881,7 @@ def through_time(state: RunState, width: int, height: int, selected: int, mono: 
             _append_runs(text, [("█", _BAD_STYLE if v < 0 else _STYLES[v]) for v in lv])
         text.append("\n")
     curve = columns(logs[chosen])
-    chart_h = max(2, height - len(names) - 5)
+    chart_h = max(2, height - len(names) - 3)  # title, axis, words
     levels = _levels(curve, lo, hi, 8 * chart_h).tolist()
     for line in range(chart_h):
         label = exp_label(hi) if line == 0 else exp_label(lo) if line == chart_h - 1 else ""
