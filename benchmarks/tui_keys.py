@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/tui_keys.py [--preset PATH|NAME] [--presses 10] [--size 120x40]
     .venv/bin/python benchmarks/tui_keys.py --replay tests/data/llama24.jsonl [--layers]
+    .venv/bin/python benchmarks/tui_keys.py --compare tests/data/llama24.jsonl tests/data/llama24.jsonl
 
 Spawns ``python -m vgtui --preset ...`` on a pseudo-terminal, as a user's terminal would, and
 reads what it writes. First frame: from the spawn to the first bytes that show the preset's name
@@ -11,7 +12,8 @@ press waits a second. Also ``v`` → each next view (its name in the status bar:
 activations) and back. Prints medians and maxima.
 ``--replay`` opens a recording instead (``vgtui replay``: no training beside the UI, the first
 frame is the name in the status bar, then the same keys); ``--layers`` presses ``b`` first, so a
-deep model's views draw every layer rather than its blocks.
+deep model's views draw every layer rather than its blocks. ``--compare A B`` opens the compare
+screen on two presets (trained side by side) or two recordings, and times the same keys there.
 """
 
 from __future__ import annotations
@@ -101,12 +103,18 @@ def main() -> None:
     parser.add_argument("--size", default="120x40")
     parser.add_argument("--warmup", type=float, default=8.0, help="seconds of training before pressing keys")
     parser.add_argument("--replay", metavar="FILE.jsonl", help="replay a recording instead of training")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                        help="the compare screen: two presets or two recordings")
     parser.add_argument("--layers", action="store_true", help="press b first: every layer, not blocks")
     parser.add_argument("--pause", action="store_true",
                         help="pause training (space) before pressing keys: the UI's own cost, no trainer beside it")
     args = parser.parse_args()
     columns, rows = (int(v) for v in args.size.split("x"))
-    if args.replay:
+    if args.compare:
+        term = Terminal(["-m", "vgtui", "compare", *args.compare], columns, rows)
+        first = term.wait_for(b"step ", timeout=120)
+        print(f"launch → first frame of the compare screen showing a step: {first:.2f} s", flush=True)
+    elif args.replay:
         name = os.path.splitext(os.path.basename(args.replay))[0]
         term = Terminal(["-m", "vgtui", "replay", args.replay], columns, rows)
         first = term.wait_for(b"step ", timeout=60)
