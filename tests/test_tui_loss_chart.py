@@ -14,7 +14,7 @@ from tui_snapshot_app import records
 
 from vgtui.records import RunHeader, StepRecord, StepWindow
 from vgtui.tui.state import RunState
-from vgtui.tui.widgets import FINE_BINS, LossBins, LossPlot, cell_changed_regions, ema, nice_ticks, snap_out
+from vgtui.tui.widgets import FINE_BINS, LossBins, LossPlot, ChartSlice, cell_changed_regions, ema, nice_ticks, snap_out
 
 RECORDED = records("sigmoid-deep")
 HEADER = next(r for r in RECORDED if isinstance(r, RunHeader))
@@ -123,7 +123,7 @@ def test_axis_ticks_are_round_numbers():
 
 
 def render(plot) -> list:
-    return plot.render().split("\n", allow_blank=True)
+    return plot.chart_text().split("\n", allow_blank=True)
 
 
 @sync
@@ -137,6 +137,9 @@ async def test_a_replot_between_growths_changes_only_the_newest_columns():
         before = render(plot)
         span = next(iter(plot._feeds.values())).bins.span
         state.feed(recs[700:712])
+        refreshed = []
+        for piece in plot.query(ChartSlice):
+            piece.refresh = lambda *regions, piece=piece, **kw: refreshed.append((piece, regions))
         plot.replot([("", state)])
         after = render(plot)
         assert next(iter(plot._feeds.values())).bins.span == span  # no growth in between
@@ -147,6 +150,14 @@ async def test_a_replot_between_growths_changes_only_the_newest_columns():
         for region in regions:
             assert old_end - 1 <= region.x and region.x + region.width <= new_end + 1, region
         assert sum(r.width for r in regions) <= 5 * (new_end - old_end + 3)
+        # Textual sends a changed cell from its widget's left edge: only the slices that hold the
+        # newest columns are refreshed, and only on their changed lines
+        left = plot.content_region.x
+        assert refreshed and all(regions for _, regions in refreshed)
+        for piece, _ in refreshed:
+            x = piece.region.x - left
+            assert x + piece.size.width > old_end - 1 and x <= new_end + 1
+            assert piece.size.width <= 120 // LossPlot.SLICES + 1
 
 
 @sync
@@ -171,17 +182,17 @@ async def test_what_the_chart_says():
     async with app.run_test(size=(100, 14)):
         plot = app.query_one(LossPlot)
         plot.replot([("", state_of(run(range(0, 50), loss=float("nan"))))])
-        assert "no finite values yet" in plot.render().plain
+        assert "no finite values yet" in plot.chart_text().plain
         exploding = run(range(0, 60)) + [record(s, loss=10.0 ** (s - 55)) for s in range(60, 80)]
         plot.replot([("", state_of(exploding))])
-        assert "log10 loss (EMA)" in plot.render().plain
+        assert "log10 loss (EMA)" in plot.chart_text().plain
         state = state_of(run(range(0, 80), every=4, held=2.0, accuracy=0.5))
         plot.replot([("", state)], smooth=False)
-        text = plot.render().plain
+        text = plot.chart_text().plain
         assert "max between samples" in text and "held-out" in text and "acc" in text
         assert "loss (EMA)" not in text and "loss" in text
         plot.replot([("a ", state), ("b ", state_of(run(range(0, 40))))])
-        text = plot.render().plain
+        text = plot.chart_text().plain
         assert "a loss (EMA)" in text and "b loss (EMA)" in text and "held-out" not in text
 
 

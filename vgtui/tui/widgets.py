@@ -467,14 +467,34 @@ class _Feed:
         return True
 
 
+class ChartSlice(Widget):
+    """A vertical slice of the loss chart. Textual sends a changed cell from the left edge of its
+    widget on that line, so one widget the chart's width would resend whole lines for a few new
+    columns at their right end; slices bound that to a slice's width."""
+
+    DEFAULT_CSS = """
+    ChartSlice { width: 1fr; height: 1fr; }
+    """
+
+    def __init__(self, plot: "LossPlot"):
+        super().__init__()
+        self.plot = plot
+
+    def render_line(self, y: int) -> Strip:
+        return self.plot.slice_line(self, y)
+
+
 class LossPlot(PlotextPlot):
     """Loss (left axis) and accuracy (right axis, 0–1) over a run, drawn from fixed step ranges
     (:class:`LossBins`) on axes that only move when the run outgrows them: between growths a
-    replot changes only the newest columns, and only those cells are sent to the terminal (what
-    an SSH user pays for). plotext renders everything on every build, so the text is cached."""
+    replot changes only the newest columns, and only those cells, slice by slice, are sent to
+    the terminal (what an SSH user pays for). plotext renders everything on every build, so the
+    text is cached."""
+
+    SLICES = 24
 
     DEFAULT_CSS = """
-    LossPlot { height: 1fr; min-height: 5; }
+    LossPlot { height: 1fr; min-height: 5; layout: horizontal; }
     """
 
     def __init__(self, *, id: str | None = None, classes: str | None = None):
@@ -482,11 +502,18 @@ class LossPlot(PlotextPlot):
         self._version = 0
         self._cache_key = None
         self._cache: Text | None = None
+        self._rows: list[Text] | None = None  # the cached text's rows
+        self._lines: dict[int, Strip] = {}  # and as full-width strips
+        self._slice_lines: dict[tuple[int, int], Strip] = {}
         self._feeds: dict[int, _Feed] = {}
         self._yrange: tuple | None = None  # (what it was fitted for, low, high)
         self._plotted: tuple | None = None  # the last replot's arguments, and the width it drew for
         self._plotted_width = 0
         self.plotted_for = None  # what the owner last plotted (state id, version, width)
+
+    def compose(self):
+        for _ in range(self.SLICES):
+            yield ChartSlice(self)
 
     def on_resize(self) -> None:
         """A replot made before the layout settled drew for another width: draw again."""
@@ -602,20 +629,49 @@ class LossPlot(PlotextPlot):
         before = self._cache.split("\n", allow_blank=True) if self._cache is not None else None
         shown_key = self._cache_key
         self._version += 1
-        if before is None or not self.is_mounted or not self.size.width or not self.size.height:
-            self.refresh()
+        slices = list(self.query(ChartSlice)) if self.is_mounted else []
+        if before is None or not slices or not self.size.width or not self.size.height:
+            self._refresh_slices(slices)
             return
-        after = self.render().split("\n", allow_blank=True)
+        after = self.chart_text().split("\n", allow_blank=True)
         if shown_key is None or shown_key[1:] != self._cache_key[1:]:
-            self.refresh()  # resized or re-themed since: everything moves
+            self._refresh_slices(slices)  # resized or re-themed since: everything moves
             return
-        regions = cell_changed_regions(before, after, self.size.width)
-        if regions:
-            self.refresh(*regions)
+        for region in cell_changed_regions(before, after, self.size.width):
+            for piece in slices:
+                left = piece.region.x - self.content_region.x
+                start, end = max(region.x, left), min(region.right, left + piece.size.width)
+                if start < end:
+                    piece.refresh(Region(start - left, region.y, end - start, 1))
 
-    def render(self):
+    def _refresh_slices(self, slices: list) -> None:
+        self.refresh()
+        for piece in slices:
+            piece.refresh()
+
+    def chart_text(self) -> Text:
+        """The whole chart as text (plotext's build, made once per replot and size)."""
         key = (self._version, self.size.width, self.size.height, self.app.theme, self.theme)
         if key != self._cache_key or self._cache is None:
             self._cache = super().render()
             self._cache_key = key
+            self._rows, self._lines, self._slice_lines = None, {}, {}
         return self._cache
+
+    def render(self) -> Text:
+        return Text()  # the slices draw the chart
+
+    def slice_line(self, piece: ChartSlice, y: int) -> Strip:
+        text = self.chart_text()
+        key = (id(piece), y)
+        strip = self._slice_lines.get(key)
+        if strip is None:
+            line = self._lines.get(y)
+            if line is None:
+                if self._rows is None:
+                    self._rows = text.split("\n", allow_blank=True)
+                line = _cached_strip(self, self._rows, self._lines, y)
+            left = piece.region.x - self.content_region.x
+            strip = line.crop(left, left + piece.size.width)
+            self._slice_lines[key] = strip
+        return strip
