@@ -14,7 +14,8 @@ from tui_snapshot_app import records
 
 from vgtui.records import RunHeader, StepRecord, StepWindow
 from vgtui.tui.state import RunState
-from vgtui.tui.widgets import FINE_BINS, LossBins, LossPlot, ChartSlice, cell_changed_regions, ema, nice_ticks, snap_out
+from vgtui.tui.widgets import (FINE_BINS, ChartSlice, LossBins, LossPlot, cell_changed_regions, ema,
+                               nice_ticks, snap_out)
 
 RECORDED = records("sigmoid-deep")
 HEADER = next(r for r in RECORDED if isinstance(r, RunHeader))
@@ -211,3 +212,31 @@ async def test_the_chart_follows_a_new_run_and_a_seek():
         bins = next(iter(plot._feeds.values())).bins
         assert bins.a["n"].sum() == 20 and bins.span <= 50
         assert FINE_BINS % 2 == 0
+
+
+def y_labels(lines) -> list[str]:
+    return [line.plain.split("┤")[0].strip() for line in lines if "┤" in line.plain[:8]]
+
+
+@sync
+async def test_the_loss_axis_holds_until_the_data_leaves_it():
+    app = ChartApp()
+    async with app.run_test(size=(100, 16)):
+        plot = app.query_one(LossPlot)
+        state = state_of([record(s, 2.3 + 0.05 * math.sin(s)) for s in range(0, 500)])
+        plot.replot([("", state)])
+        first = y_labels(render(plot))
+        assert first and all(float(label) == round(float(label), 2) for label in first)
+        state.feed([record(s, 2.3 + 0.05 * math.sin(s)) for s in range(500, 520)])
+        plot.replot([("", state)])
+        assert y_labels(render(plot)) == first  # new data inside the range: the axis stays
+        state.feed([record(520, 3.1)])
+        plot.replot([("", state)])
+        widened = y_labels(render(plot))
+        assert float(widened[0]) >= 3.1 > float(first[0]) and float(widened[-1]) <= float(first[-1])
+        right = [line.plain.rsplit("├", 1)[1].strip() for line in render(plot) if "├" in line.plain[-6:]]
+        assert right == []  # no accuracy, no right axis labels
+        state.feed([record(521, accuracy=0.3)])
+        plot.replot([("", state)])
+        right = [line.plain.rsplit("├", 1)[1].strip() for line in render(plot) if "├" in line.plain[-6:]]
+        assert right == ["1", "0.5", "0"]  # accuracy: a fixed 0–1 axis

@@ -249,6 +249,8 @@ class ThroughTime(View):
 FINE_BINS = 4096  # fixed step ranges per x range: finer than any plot's braille columns
 MIN_SPAN = 10  # steps: the smallest x range
 EMA_SPAN = 1 / 20  # of the x range: the smoothing window, fixed between growths of the range
+# Per step range: loss count, sum and sum of log10|loss|; the band between samples (the records'
+# windows) count and extremes, linear and log10; held-out loss count, sum, log sum; accuracy.
 _SUMS = ("n", "sum", "lsum", "bn", "hn", "hsum", "hlsum", "an", "asum")
 _MINS = ("bmin", "blmin")
 _MAXS = ("bmax", "blmax")
