@@ -15,7 +15,7 @@ from tui_snapshot_app import records
 from vgtui.records import RunHeader, StepRecord, StepWindow
 from vgtui.tui.state import RunState
 from vgtui.tui.widgets import (FINE_BINS, ChartSlice, LossBins, LossPlot, cell_changed_regions, ema,
-                               nice_ticks, snap_out)
+                               nice_ticks, one_per_row, snap_out)
 
 RECORDED = records("sigmoid-deep")
 HEADER = next(r for r in RECORDED if isinstance(r, RunHeader))
@@ -118,6 +118,10 @@ def test_axis_ticks_are_round_numbers():
     assert step == 500 and labels == ["0", "500", "1000"]
     assert nice_ticks(2.2, 2.4, 4)[2] == ["2.20", "2.25", "2.30", "2.35", "2.40"]
     assert nice_ticks(0, 40_000, 4)[2] == ["0", "10k", "20k", "30k", "40k"]
+    # two labels on one text row: plotext would print either, varying between runs
+    assert one_per_row([2.302, 2.303], ["2.302", "2.303"], 2.302, 2.3035, 1) == ([2.302], ["2.302"])
+    assert one_per_row([0, 0.5, 1], ["0", "0.5", "1"], 0, 1, 2) == ([0, 1], ["0", "1"])
+    assert one_per_row([0, 0.5, 1], ["0", "0.5", "1"], 0, 1, 5) == ([0, 0.5, 1], ["0", "0.5", "1"])
 
 
 # -- the chart -------------------------------------------------------------------------------------

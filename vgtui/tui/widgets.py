@@ -432,6 +432,18 @@ def nice_ticks(lo: float, hi: float, count: int) -> tuple[float, list[float], li
     return step, ticks, [_tick_label(t, decimals) for t in ticks]
 
 
+def one_per_row(ticks: list[float], labels: list[str], low: float, high: float,
+                rows: int) -> tuple[list[float], list[str]]:
+    """Every other tick dropped until no two fall on one text row (plotext would print either
+    label there, varying from run to run)."""
+    def row(value):
+        return math.floor(0.5 + (rows - 1) * (value - low) / (high - low)) if rows > 1 else 0
+
+    while len(ticks) > 1 and len({row(t) for t in ticks}) < len(ticks):
+        ticks, labels = ticks[::2], labels[::2]
+    return ticks, labels
+
+
 def snap_out(low: float, high: float, count: int) -> tuple[float, float]:
     """``[low, high]`` widened to the 1-2-5 grid of about ``count`` steps."""
     if high <= low:
@@ -510,7 +522,7 @@ class LossPlot(PlotextPlot):
         self._feeds: dict[int, _Feed] = {}
         self._yrange: tuple | None = None  # (what it was fitted for, low, high)
         self._plotted: tuple | None = None  # the last replot's arguments, and the width it drew for
-        self._plotted_width = 0
+        self._plotted_size = None
         self.plotted_for = None  # what the owner last plotted (state id, version, width)
 
     def compose(self):
@@ -518,8 +530,8 @@ class LossPlot(PlotextPlot):
             yield ChartSlice(self)
 
     def on_resize(self) -> None:
-        """A replot made before the layout settled drew for another width: draw again."""
-        if self._plotted is not None and self._plotted[1] is None and self._plotted_width != self.size.width:
+        """A replot made before the layout settled drew for another size: draw again."""
+        if self._plotted is not None and self._plotted[1] is None and self._plotted_size != self.size:
             self.replot(*self._plotted)
 
     def _bins(self, state: RunState) -> LossBins | None:
@@ -541,7 +553,7 @@ class LossPlot(PlotextPlot):
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
-        self._plotted, self._plotted_width = (series, width, smooth, fit), self.size.width
+        self._plotted, self._plotted_size = (series, width, smooth, fit), self.size
         total_width = width or self.size.width or 80
         height = self.size.height or 12
         bins = [self._bins(state) for _, state in series]
@@ -572,7 +584,8 @@ class LossPlot(PlotextPlot):
         count = max(2, min(6, rows // 2))
         low, high = self._fit_y(present, logscale, bands, (lo, hi, logscale, bands, height), count)
         _, yticks, ylabels = nice_ticks(low, high, count)
-        right = ["0", "0.5", "1"] if has_acc else []
+        yticks, ylabels = one_per_row(yticks, ylabels, low, high, rows)
+        rticks, right = one_per_row([0, 0.5, 1], ["0", "0.5", "1"], 0, 1, rows) if has_acc else ([], [])
         canvas = max(2, total_width - 2 - max(map(len, ylabels)) - max(map(len, right), default=0))
         columns = 2 * canvas  # braille: two dot columns a cell
         _, xticks, xlabels = nice_ticks(lo, hi, max(2, canvas // 14))
@@ -606,7 +619,7 @@ class LossPlot(PlotextPlot):
                 if has_acc:
                     line(col["acc"], yside="right", label="acc")
                     plt.ylim(0, 1, yside="right")
-                    plt.yticks([0, 0.5, 1], right, yside="right")
+                    plt.yticks(rticks, right, yside="right")
         self._show()
 
     def _fit_y(self, bins: list[LossBins], logscale: bool, band: bool, fitted_for: tuple,
