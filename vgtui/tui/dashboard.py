@@ -5,7 +5,8 @@ attached (a file another process writes). What it may do with its source it asks
 Data flow: a timer owned by the screen polls its source (a channel drain, a file read, or a replay
 cursor), feeds everything pending into a bounded RunState, and refreshes only the widgets that
 show something new, inside ``app.batch_update()``. The loss chart (plotext) is replotted at most
-every 1/PLOT_HZ seconds while training, and sends only the cells that moved. Nothing here touches a tensor or blocks the training thread.
+every 1/PLOT_HZ seconds while training; its points stay put between growths of its axes, so a
+replot sends only the newest columns. Nothing here touches a tensor or blocks the training thread.
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ class Dashboard(Monitor):
         if plot.plotted_for == key:
             return
         if force or not self.controls.trains or self.plot_due():
-            plot.replot([("", self.state)], smooth=self.smooth)
+            fit = bool(self.state.finished) or self.controls.mode == "replay"  # no room to grow
+            plot.replot([("", self.state)], smooth=self.smooth, fit=fit)
             plot.plotted_for = key
 
     def _status_text(self) -> Text:

@@ -14,7 +14,7 @@ from textual.widgets import Static
 from ..config import builtin_names
 
 POLL_HZ = 5.0
-PLOT_HZ = 0.125  # live loss chart: replots per second at most (a replot moves most of its cells)
+PLOT_HZ = 1.0  # live loss chart: replots per second at most (a replot sends its newest columns)
 DRAW_HZ = 1.0  # live views: redraws per second at most (see Dashboard.draw_due)
 STATUS_HZ = 1.0  # live status line: how often its ticking numbers are rewritten
 DIAGNOSIS_REFRESH_S = 3.0

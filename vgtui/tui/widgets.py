@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from rich.text import Text
 from textual.geometry import Region
 from textual.strip import Strip
@@ -13,7 +15,7 @@ from textual.widget import Widget
 from textual_plotext import PlotextPlot
 
 from . import render as R
-from .state import RunState, downsample
+from .state import RunState
 
 
 
@@ -244,28 +246,269 @@ class ThroughTime(View):
         return R.through_time(self.state, width, height, self.owner.selected, self.owner.mono)
 
 
-def _finite(y: float) -> bool:
-    return y == y and abs(y) != float("inf")
+FINE_BINS = 4096  # fixed step ranges per x range: finer than any plot's braille columns
+MIN_SPAN = 10  # steps: the smallest x range
+EMA_SPAN = 1 / 20  # of the x range: the smoothing window, fixed between growths of the range
+# Per step range: loss count, sum and sum of log10|loss|; the band between samples (the records'
+# windows) count and extremes, linear and log10; held-out loss count, sum, log sum; accuracy.
+_SUMS = ("n", "sum", "lsum", "bn", "hn", "hsum", "hlsum", "an", "asum")
+_MINS = ("bmin", "blmin")
+_MAXS = ("bmax", "blmax")
 
 
-def ema(values: list[float], span: int | None = None) -> list[float]:
-    """Exponential moving average; the span grows with the history (about 1/20 of it, at least
-    5 points), so that a long run reads as a trend and a short one is barely touched."""
-    span = span or max(5, len(values) // 20)
-    alpha = 2.0 / (span + 1)
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else acc + alpha * (v - acc)
-        out.append(acc)
+def nice_ceil(x: float) -> float:
+    """The smallest 1, 2 or 5 × 10^k that is ≥ ``x``."""
+    if not x > 0:
+        return 1.0
+    exp = math.floor(math.log10(x))
+    for m in (1, 2, 5, 10):
+        if m * 10.0 ** exp >= x * (1 - 1e-9):
+            return m * 10.0 ** exp
+    return 10.0 ** (exp + 1)
+
+
+def _log(values: np.ndarray) -> np.ndarray:
+    return np.log10(np.maximum(np.abs(values), 1e-300))
+
+
+class LossBins:
+    """One run's loss history, accumulated into FINE_BINS fixed step ranges over ``[x0, x0 +
+    span)``: a record lands in the range of its step, so a range the run has passed never changes
+    and neither does anything drawn from it. When the run reaches the end the span doubles and
+    neighbouring ranges merge exactly (sums, counts, extremes): the one moment old points move.
+    Memory stays fixed however long the run (the screen's history keeps only recent records)."""
+
+    def __init__(self, x0: float, span: float):
+        self.x0, self.span = float(x0), float(span)
+        self.a = {f: np.zeros(FINE_BINS) for f in _SUMS}
+        self.a.update({f: np.full(FINE_BINS, np.inf) for f in _MINS})
+        self.a.update({f: np.full(FINE_BINS, -np.inf) for f in _MAXS})
+        self.first: int | None = None  # steps of the first and last record binned
+        self.last: int | None = None
+        self.absmin, self.absmax = np.inf, 0.0  # of the nonzero finite |loss| (log scale or not)
+
+    @classmethod
+    def for_records(cls, records: list) -> "LossBins":
+        first, last = records[0].step, records[-1].step
+        span = max(MIN_SPAN, nice_ceil((last - first) * 1.25))
+        grid = span / 10
+        bins = cls(math.floor(first / grid) * grid, span)
+        bins.add(records)
+        return bins
+
+    def _grow(self) -> None:
+        half = FINE_BINS // 2
+        for f, arr in self.a.items():
+            pairs = arr.reshape(half, 2)
+            if f in _MINS:
+                arr[:half], arr[half:] = pairs.min(1), np.inf
+            elif f in _MAXS:
+                arr[:half], arr[half:] = pairs.max(1), -np.inf
+            else:
+                arr[:half], arr[half:] = pairs.sum(1), 0.0
+        self.span *= 2
+
+    def add(self, records: list) -> None:
+        if not records:
+            return
+        steps = np.array([r.step for r in records], dtype=float)
+        loss = np.array([r.loss for r in records], dtype=float)
+        wins = [r.window if r.window is not None and r.window.steps > 1 else None for r in records]
+        wmin = np.array([w.loss_min if w else np.nan for w in wins], dtype=float)
+        wmax = np.array([w.loss_max if w else np.nan for w in wins], dtype=float)
+        held = np.array([r.heldout_loss for r in records], dtype=float)
+        acc = np.array([r.accuracy for r in records], dtype=float)
+        while steps.max() >= self.x0 + self.span:
+            self._grow()
+        idx = np.clip(((steps - self.x0) * FINE_BINS / self.span).astype(int), 0, FINE_BINS - 1)
+        a = self.a
+        ok = np.isfinite(loss)
+        if ok.any():
+            np.add.at(a["n"], idx[ok], 1)
+            np.add.at(a["sum"], idx[ok], loss[ok])
+            np.add.at(a["lsum"], idx[ok], _log(loss[ok]))
+            nonzero = np.abs(loss[ok])[loss[ok] != 0]
+            if nonzero.size:
+                self.absmin = min(self.absmin, float(nonzero.min()))
+                self.absmax = max(self.absmax, float(nonzero.max()))
+        band = np.isfinite(wmin) & np.isfinite(wmax)
+        if band.any():
+            i = idx[band]
+            np.add.at(a["bn"], i, 1)
+            np.minimum.at(a["bmin"], i, wmin[band])
+            np.maximum.at(a["bmax"], i, wmax[band])
+            np.minimum.at(a["blmin"], i, _log(wmin[band]))
+            np.maximum.at(a["blmax"], i, _log(wmax[band]))
+        ok = np.isfinite(held)
+        if ok.any():
+            np.add.at(a["hn"], idx[ok], 1)
+            np.add.at(a["hsum"], idx[ok], held[ok])
+            np.add.at(a["hlsum"], idx[ok], _log(held[ok]))
+        ok = np.isfinite(acc)
+        if ok.any():
+            np.add.at(a["an"], idx[ok], 1)
+            np.add.at(a["asum"], idx[ok], acc[ok])
+        if self.first is None:
+            self.first = int(steps[0])
+        self.last = int(steps.max())
+
+    def columns(self, lo: float, hi: float, columns: int, logscale: bool) -> dict[str, np.ndarray]:
+        """Per braille column of a plot whose x range is ``[lo, hi]``: the mean loss, the band's
+        extremes, held-out loss and accuracy (nan where a column has none). A step range goes to
+        the column plotext puts its centre in, so a column fed by finished ranges never changes."""
+        centres = self.x0 + (np.arange(FINE_BINS) + 0.5) * self.span / FINE_BINS
+        col = np.floor(0.5 + (columns - 1) * (centres - lo) / (hi - lo)).astype(int)
+        col = np.clip(col, 0, columns - 1)
+        a = self.a
+
+        def total(name):
+            return np.bincount(col, weights=a[name], minlength=columns)
+
+        def extreme(name, ufunc, empty):
+            out = np.full(columns, empty)
+            starts = np.flatnonzero(np.r_[True, col[1:] != col[:-1]])
+            out[col[starts]] = ufunc.reduceat(a[name], starts)
+            return out
+
+        with np.errstate(invalid="ignore", divide="ignore"):
+            n, hn, an = total("n"), total("hn"), total("an")
+            out = {
+                "loss": total("lsum" if logscale else "sum") / n,
+                "held": total("hlsum" if logscale else "hsum") / hn,
+                "acc": total("asum") / an,
+            }
+            low = extreme("blmin" if logscale else "bmin", np.minimum, np.inf)
+            high = extreme("blmax" if logscale else "bmax", np.maximum, -np.inf)
+        out["band_min"] = np.where(np.isfinite(low), low, np.nan)
+        out["band_max"] = np.where(np.isfinite(high), high, np.nan)
+        return out
+
+    def extent(self, logscale: bool, band: bool) -> tuple[float, float] | None:
+        """(min, max) of what the chart draws from these bins, at the bins' own resolution."""
+        a = self.a
+        with np.errstate(invalid="ignore", divide="ignore"):
+            parts = [(a["lsum"] if logscale else a["sum"]) / a["n"],
+                     (a["hlsum"] if logscale else a["hsum"]) / a["hn"]]
+            if band:
+                parts += [a["blmin"] if logscale else a["bmin"], a["blmax"] if logscale else a["bmax"]]
+        values = np.concatenate(parts)
+        values = values[np.isfinite(values)]
+        if not values.size:
+            return None
+        return float(values.min()), float(values.max())
+
+
+def ema(values: np.ndarray, span: float) -> np.ndarray:
+    """Exponential moving average over equally spaced columns, nan where a column is empty; a gap
+    of k columns decays the average as k steps would. Each value depends only on the columns up
+    to it, so a finished column's average never changes."""
+    alpha = 2.0 / (max(span, 1.0) + 1)
+    keep = 1.0 - alpha
+    out = np.full(len(values), np.nan)
+    acc, gap = None, 0
+    for i, v in enumerate(values.tolist()):
+        if v != v:
+            gap += 1
+            continue
+        acc = v if acc is None else acc + (1.0 - keep ** (gap + 1)) * (v - acc)
+        gap = 0
+        out[i] = acc
     return out
 
 
-class LossPlot(PlotextPlot):
-    """Loss (left axis) and accuracy (right axis) over the kept history, downsampled to the
-    plot's width. plotext renders everything on every build, so the built text is cached."""
+def _tick_label(value: float, decimals: int) -> str:
+    if decimals == 0 and abs(value) >= 10_000 and value % 1000 == 0:
+        return f"{value / 1000:.0f}k"
+    text = f"{value:.{decimals}f}"
+    return "0" if float(text) == 0 else text
+
+
+def nice_ticks(lo: float, hi: float, count: int) -> tuple[float, list[float], list[str]]:
+    """(step, ticks, labels): about ``count`` ticks at a 1-2-5 step between ``lo`` and ``hi``."""
+    step = nice_ceil((hi - lo) / max(1, count))
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    start = math.ceil(lo / step - 1e-9)
+    ticks = [round(k * step, 12) for k in range(start, math.floor(hi / step + 1e-9) + 1)]
+    return step, ticks, [_tick_label(t, decimals) for t in ticks]
+
+
+def one_per_row(ticks: list[float], labels: list[str], low: float, high: float,
+                rows: int) -> tuple[list[float], list[str]]:
+    """Every other tick dropped until no two fall on one text row (plotext would print either
+    label there, varying from run to run)."""
+    def row(value):
+        return math.floor(0.5 + (rows - 1) * (value - low) / (high - low)) if rows > 1 else 0
+
+    while len(ticks) > 1 and len({row(t) for t in ticks}) < len(ticks):
+        ticks, labels = ticks[::2], labels[::2]
+    return ticks, labels
+
+
+def snap_out(low: float, high: float, count: int) -> tuple[float, float]:
+    """``[low, high]`` widened to the 1-2-5 grid of about ``count`` steps."""
+    if high <= low:
+        pad = abs(low) * 0.1 or 1.0
+        low, high = low - pad, high + pad
+    step = nice_ceil((high - low) / max(1, count))
+    return round(math.floor(low / step + 1e-9) * step, 12), round(math.ceil(high / step - 1e-9) * step, 12)
+
+
+class _Feed:
+    """Which records of a RunState are already in its bins."""
+
+    def __init__(self, state: RunState):
+        self.header = state.header
+        self.bins = LossBins.for_records(list(state.steps))
+        self.last = state.steps[-1]
+
+    def update(self, state: RunState) -> bool:
+        """Bin the records that arrived since; False when the history is not the one binned (a
+        new run, a seek, more records than the history keeps)."""
+        if state.header is not self.header:
+            return False
+        new = []
+        for record in reversed(state.steps):
+            if record.step <= self.last.step:
+                if record is not self.last:
+                    return False
+                break
+            new.append(record)
+        else:
+            return not new
+        new.reverse()
+        self.bins.add(new)
+        self.last = new[-1] if new else self.last
+        return True
+
+
+class ChartSlice(Widget):
+    """A vertical slice of the loss chart. Textual sends a changed cell from the left edge of its
+    widget on that line, so one widget the chart's width would resend whole lines for a few new
+    columns at their right end; slices bound that to a slice's width."""
 
     DEFAULT_CSS = """
-    LossPlot { height: 1fr; min-height: 5; }
+    ChartSlice { width: 1fr; height: 1fr; }
+    """
+
+    def __init__(self, plot: "LossPlot"):
+        super().__init__()
+        self.plot = plot
+
+    def render_line(self, y: int) -> Strip:
+        return self.plot.slice_line(self, y)
+
+
+class LossPlot(PlotextPlot):
+    """Loss (left axis) and accuracy (right axis, 0–1) over a run, drawn from fixed step ranges
+    (:class:`LossBins`) on axes that only move when the run outgrows them: between growths a
+    replot changes only the newest columns, and only those cells, slice by slice, are sent to
+    the terminal (what an SSH user pays for). plotext renders everything on every build, so the
+    text is cached."""
+
+    SLICES = 24
+
+    DEFAULT_CSS = """
+    LossPlot { height: 1fr; min-height: 5; layout: horizontal; }
     """
 
     def __init__(self, *, id: str | None = None, classes: str | None = None):
@@ -273,81 +516,177 @@ class LossPlot(PlotextPlot):
         self._version = 0
         self._cache_key = None
         self._cache: Text | None = None
+        self._rows: list[Text] | None = None  # the cached text's rows
+        self._lines: dict[int, Strip] = {}  # and as full-width strips
+        self._slice_lines: dict[tuple[int, int], Strip] = {}
+        self._feeds: dict[int, _Feed] = {}
+        self._yrange: tuple | None = None  # (what it was fitted for, low, high)
+        self._plotted: tuple | None = None  # the last replot's arguments, and the width it drew for
+        self._plotted_size = None
         self.plotted_for = None  # what the owner last plotted (state id, version, width)
 
+    def compose(self):
+        for _ in range(self.SLICES):
+            yield ChartSlice(self)
+
+    def on_resize(self) -> None:
+        """A replot made before the layout settled drew for another size: draw again."""
+        if self._plotted is not None and self._plotted[1] is None and self._plotted_size != self.size:
+            self.replot(*self._plotted)
+
+    def _bins(self, state: RunState) -> LossBins | None:
+        if not state.steps:
+            return None
+        feed = self._feeds.get(id(state))
+        if feed is None or not feed.update(state):
+            feed = _Feed(state)
+        self._feeds[id(state)] = feed
+        return feed.bins
+
     def replot(self, series: list[tuple[str, RunState]], width: int | None = None,
-               smooth: bool = True) -> None:
+               smooth: bool = True, fit: bool | None = None) -> None:
         """Plot the loss of one or more runs: an EMA line over the raw values drawn faint
         (``smooth``), the band of every step between samples (the record's window), held-out
-        loss, and for one run its accuracy on the right axis."""
+        loss, and for one run its accuracy on the right axis. ``fit``: the x range ends at the
+        last step (a replay, a finished run) instead of leaving room to grow; by default when
+        every run has finished."""
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
-        width = max(10, (width or self.size.width or 80) - 12)
-        any_data = False
-        finite = []
-        for label, state in series:
-            xs, loss = state.series("loss")
-            finite.append([(x, y) for x, y in zip(xs, loss) if _finite(y)])
-        values = [abs(y) for pairs in finite for _, y in pairs if y != 0]
-        # a loss spanning many decades (an explosion) is plotted as log10, labelled so
-        logscale = bool(values) and max(values) / max(min(values), 1e-300) > 1e3
-        name = "log10 loss" if logscale else "loss"
-
-        def shown(pairs):
-            if logscale:
-                return [(x, math.log10(abs(y)) if y else -300.0) for x, y in pairs]
-            return pairs
-
-        def line(pairs, **kwargs):
-            if pairs:
-                idx, ys = downsample([p[1] for p in pairs], width)
-                plt.plot([pairs[i][0] for i in idx], ys, marker="braille", **kwargs)
-
-        single = len(series) == 1
-        for (label, state), pairs in zip(series, finite):
-            pairs = shown(pairs)
-            if not pairs:
-                continue
-            any_data = True
-            if single:
-                band = [(r.step, r.window) for r in state.steps if r.window is not None and r.window.steps > 1]
-                if band:
-                    line(shown([(x, w.loss_max) for x, w in band if _finite(w.loss_max)]), color="gray",
-                         label="max between samples")
-                    line(shown([(x, w.loss_min) for x, w in band if _finite(w.loss_min)]), color="gray")
-            if smooth and len(pairs) > 3:
-                if single:
-                    line(pairs, color="gray")
-                line(list(zip([p[0] for p in pairs], ema([p[1] for p in pairs]))),
-                     label=f"{label}{name} (EMA)")
-            else:
-                line(pairs, label=f"{label}{name}")
-            if single:
-                xs = [r.step for r in state.steps]
-                held = shown([(x, r.heldout_loss) for x, r in zip(xs, state.steps) if _finite(r.heldout_loss)])
-                line(held, label="held-out", color="orange")
-                _, acc = state.series("accuracy")
-                line([(x, y) for x, y in zip(xs, acc) if y == y], yside="right", label="acc")
-        if not any_data:
+        self._plotted, self._plotted_size = (series, width, smooth, fit), self.size
+        total_width = width or self.size.width or 80
+        height = self.size.height or 12
+        bins = [self._bins(state) for _, state in series]
+        self._feeds = {id(state): self._feeds[id(state)] for (_, state), b in zip(series, bins) if b}
+        present = [b for b in bins if b is not None and b.a["n"].any()]
+        if fit is None:
+            fit = all(state.finished for _, state in series)
+        if not present:
             plt.title("loss: no finite values yet")
+            self._yrange = None
+            self._show()
+            return
+        if fit:
+            lo, hi = min(b.first for b in present), max(b.last for b in present)
+            hi = max(hi, lo + 1)
+        else:
+            lo, hi = min(b.x0 for b in present), max(b.x0 + b.span for b in present)
+        # a loss spanning many decades (an explosion) is plotted as log10, labelled so
+        absmin = min(b.absmin for b in present)
+        absmax = max(b.absmax for b in present)
+        logscale = absmax > 0 and absmax / max(absmin, 1e-300) > 1e3
+        name = "log10 loss" if logscale else "loss"
+        single = len(series) == 1
+        bands = single and bool(present[0].a["bn"].any())
+        has_acc = single and bool(present[0].a["an"].any())
+
+        rows = max(1, height - 3)  # the canvas: less two axis lines and the tick labels
+        count = max(2, min(6, rows // 2))
+        low, high = self._fit_y(present, logscale, bands, (lo, hi, logscale, bands, height), count)
+        _, yticks, ylabels = nice_ticks(low, high, count)
+        yticks, ylabels = one_per_row(yticks, ylabels, low, high, rows)
+        rticks, right = one_per_row([0, 0.5, 1], ["0", "0.5", "1"], 0, 1, rows) if has_acc else ([], [])
+        canvas = max(2, total_width - 2 - max(map(len, ylabels)) - max(map(len, right), default=0))
+        columns = 2 * canvas  # braille: two dot columns a cell
+        _, xticks, xlabels = nice_ticks(lo, hi, max(2, canvas // 14))
+        plt.xlim(lo, hi)
+        plt.xticks(xticks, xlabels)
+        plt.ylim(low, high)
+        plt.yticks(yticks, ylabels)
+        xs = lo + np.arange(columns) * (hi - lo) / (columns - 1)
+
+        def line(values, **kwargs):
+            ok = np.isfinite(values)
+            if ok.any():
+                plt.plot(xs[ok].tolist(), values[ok].tolist(), marker="braille", **kwargs)
+
+        for (label, _), b in zip(series, bins):
+            if b is None:
+                continue
+            col = b.columns(lo, hi, columns, logscale)
+            if single and bands:
+                line(col["band_max"], color="gray", label="max between samples")
+                line(col["band_min"], color="gray")
+            loss = col["loss"]
+            if smooth and np.isfinite(loss).sum() > 3:
+                if single:
+                    line(loss, color="gray")
+                line(ema(loss, columns * EMA_SPAN), label=f"{label}{name} (EMA)")
+            else:
+                line(loss, label=f"{label}{name}")
+            if single:
+                line(col["held"], label="held-out", color="orange")
+                if has_acc:
+                    line(col["acc"], yside="right", label="acc")
+                    plt.ylim(0, 1, yside="right")
+                    plt.yticks(rticks, right, yside="right")
+        self._show()
+
+    def _fit_y(self, bins: list[LossBins], logscale: bool, band: bool, fitted_for: tuple,
+               count: int) -> tuple[float, float]:
+        """The loss axis: snapped out to the 1-2-5 grid, kept while the data stays inside it,
+        widened when it leaves, fitted afresh only when the x range or the scale changes."""
+        extents = [e for e in (b.extent(logscale, band) for b in bins) if e is not None]
+        if not extents:
+            return 0.0, 1.0
+        dmin, dmax = min(e[0] for e in extents), max(e[1] for e in extents)
+        if self._yrange is not None and self._yrange[0] == fitted_for:
+            _, low, high = self._yrange
+            if low <= dmin and dmax <= high:
+                return low, high
+            dmin, dmax = min(dmin, low), max(dmax, high)
+        low, high = snap_out(dmin, dmax, count)
+        self._yrange = (fitted_for, low, high)
+        return low, high
+
+    def _show(self) -> None:
+        """Send the terminal only the cells this replot changed."""
         before = self._cache.split("\n", allow_blank=True) if self._cache is not None else None
         shown_key = self._cache_key
         self._version += 1
-        if before is None or not self.is_mounted or not self.size.width or not self.size.height:
-            self.refresh()
+        slices = list(self.query(ChartSlice)) if self.is_mounted else []
+        if before is None or not slices or not self.size.width or not self.size.height:
+            self._refresh_slices(slices)
             return
-        after = self.render().split("\n", allow_blank=True)
+        after = self.chart_text().split("\n", allow_blank=True)
         if shown_key is None or shown_key[1:] != self._cache_key[1:]:
-            self.refresh()  # resized or re-themed since: everything moves
+            self._refresh_slices(slices)  # resized or re-themed since: everything moves
             return
-        regions = cell_changed_regions(before, after, self.size.width)
-        if regions:
-            self.refresh(*regions)
+        for region in cell_changed_regions(before, after, self.size.width):
+            for piece in slices:
+                left = piece.region.x - self.content_region.x
+                start, end = max(region.x, left), min(region.right, left + piece.size.width)
+                if start < end:
+                    piece.refresh(Region(start - left, region.y, end - start, 1))
 
-    def render(self):
+    def _refresh_slices(self, slices: list) -> None:
+        self.refresh()
+        for piece in slices:
+            piece.refresh()
+
+    def chart_text(self) -> Text:
+        """The whole chart as text (plotext's build, made once per replot and size)."""
         key = (self._version, self.size.width, self.size.height, self.app.theme, self.theme)
         if key != self._cache_key or self._cache is None:
             self._cache = super().render()
             self._cache_key = key
+            self._rows, self._lines, self._slice_lines = None, {}, {}
         return self._cache
+
+    def render(self) -> Text:
+        return Text()  # the slices draw the chart
+
+    def slice_line(self, piece: ChartSlice, y: int) -> Strip:
+        text = self.chart_text()
+        key = (id(piece), y)
+        strip = self._slice_lines.get(key)
+        if strip is None:
+            line = self._lines.get(y)
+            if line is None:
+                if self._rows is None:
+                    self._rows = text.split("\n", allow_blank=True)
+                line = _cached_strip(self, self._rows, self._lines, y)
+            left = piece.region.x - self.content_region.x
+            strip = line.crop(left, left + piece.size.width)
+            self._slice_lines[key] = strip
+        return strip
