@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 
+from rich.color import Color
+from rich.style import Style
 from rich.text import Text
 from textual.geometry import Region
 from textual.strip import Strip
@@ -248,6 +250,10 @@ class ThroughTime(View):
 
 FINE_BINS = 4096  # fixed step ranges per x range: finer than any plot's braille columns
 MIN_SPAN = 10  # steps: the smallest x range
+# 256-colour indices of the chart's lines, shared by plotext and the key line above the chart
+LINE_COLOURS = {"loss": 75, "other": 176, "raw": 242, "band": 246, "held": 214, "acc": 114}
+# --mono: no colour, so the lines differ by their marks (the raw values are left out)
+MONO_MARKS = {"loss": "braille", "other": "•", "band": "·", "held": "o", "acc": "+"}
 EMA_SPAN = 1 / 20  # of the x range: the smoothing window, fixed between growths of the range
 # Per step range: loss count, sum and sum of log10|loss|; the band between samples (the records'
 # windows) count and extremes, linear and log10; held-out loss count, sum, log sum; accuracy.
@@ -524,6 +530,7 @@ class LossPlot(PlotextPlot):
         self._plotted: tuple | None = None  # the last replot's arguments, and the width it drew for
         self._plotted_size = None
         self.plotted_for = None  # what the owner last plotted (state id, version, width)
+        self._key: list[tuple[str, str]] = []  # (label, line kind) for the key line
 
     def compose(self):
         for _ in range(self.SLICES):
@@ -553,6 +560,7 @@ class LossPlot(PlotextPlot):
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
+        self._key = []
         self._plotted, self._plotted_size = (series, width, smooth, fit), self.size
         total_width = width or self.size.width or 80
         height = self.size.height or 12
@@ -580,7 +588,7 @@ class LossPlot(PlotextPlot):
         bands = single and bool(present[0].a["bn"].any())
         has_acc = single and bool(present[0].a["an"].any())
 
-        rows = max(1, height - 3)  # the canvas: less two axis lines and the tick labels
+        rows = max(1, height - 4)  # the canvas: less the key, two axis lines and the tick labels
         count = max(2, min(6, rows // 2))
         low, high = self._fit_y(present, logscale, bands, (lo, hi, logscale, bands, height), count)
         _, yticks, ylabels = nice_ticks(low, high, count)
@@ -595,31 +603,43 @@ class LossPlot(PlotextPlot):
         plt.yticks(yticks, ylabels)
         xs = lo + np.arange(columns) * (hi - lo) / (columns - 1)
 
-        def line(values, **kwargs):
-            ok = np.isfinite(values)
-            if ok.any():
-                plt.plot(xs[ok].tolist(), values[ok].tolist(), marker="braille", **kwargs)
+        key: list[tuple[str, str]] = []  # the key line above the chart: plotext's own legend
+        # sits on the canvas's top left, over the start of the run, on a chart a few rows high
 
-        for (label, _), b in zip(series, bins):
+        mono = self.theme == "clear"
+
+        def line(values, colour: str, label: str = "", **kwargs):
+            ok = np.isfinite(values)
+            if not ok.any() or mono and colour not in MONO_MARKS:
+                return
+            marker = MONO_MARKS[colour] if mono else "braille"
+            plt.plot(xs[ok].tolist(), values[ok].tolist(), marker=marker,
+                     color="default" if mono else LINE_COLOURS[colour], **kwargs)
+            if label:
+                key.append((label, colour))
+
+        for i, ((label, _), b) in enumerate(zip(series, bins)):
             if b is None:
                 continue
             col = b.columns(lo, hi, columns, logscale)
             if single and bands:
-                line(col["band_max"], color="gray", label="max between samples")
-                line(col["band_min"], color="gray")
+                line(col["band_max"], "band", "max between samples")
+                line(col["band_min"], "band")
             loss = col["loss"]
+            colour = "loss" if i == 0 else "other"
             if smooth and np.isfinite(loss).sum() > 3:
                 if single:
-                    line(loss, color="gray")
-                line(ema(loss, columns * EMA_SPAN), label=f"{label}{name} (EMA)")
+                    line(loss, "raw", "raw")
+                line(ema(loss, columns * EMA_SPAN), colour, f"{label}{name} (EMA)")
             else:
-                line(loss, label=f"{label}{name}")
+                line(loss, colour, f"{label}{name}")
             if single:
-                line(col["held"], label="held-out", color="orange")
+                line(col["held"], "held", "held-out")
                 if has_acc:
-                    line(col["acc"], yside="right", label="acc")
+                    line(col["acc"], "acc", "acc (right axis)", yside="right")
                     plt.ylim(0, 1, yside="right")
                     plt.yticks(rticks, right, yside="right")
+        self._key = key
         self._show()
 
     def _fit_y(self, bins: list[LossBins], logscale: bool, band: bool, fitted_for: tuple,
@@ -664,11 +684,39 @@ class LossPlot(PlotextPlot):
         for piece in slices:
             piece.refresh()
 
+    def key_line(self, width: int) -> Text:
+        """What each line is, in its colour, on one line (names shortened before they are cut)."""
+        mono = self.theme == "clear"
+        for short in (False, True):
+            text = Text(no_wrap=True, overflow="crop")
+            text.append(" ")
+            for i, (label, colour) in enumerate(self._key):
+                if short:
+                    label = label.replace("max between samples", "max").replace(" (right axis)", " →")
+                if i:
+                    text.append("  ")
+                if mono:
+                    mark = MONO_MARKS[colour]
+                    text.append(("⣿" if mark == "braille" else mark * 2) + " ")
+                else:
+                    text.append("━━ ", style=Style(color=Color.from_ansi(LINE_COLOURS[colour])))
+                text.append(label, style="dim" if colour == "raw" else "")
+            if text.cell_len <= width:
+                break
+        return text
+
     def chart_text(self) -> Text:
-        """The whole chart as text (plotext's build, made once per replot and size)."""
+        """The whole chart as text (plotext's build, made once per replot and size): the key
+        line, then the plot in the rows below it."""
         key = (self._version, self.size.width, self.size.height, self.app.theme, self.theme)
         if key != self._cache_key or self._cache is None:
-            self._cache = super().render()
+            width, height = self.size.width, max(1, self.size.height - 1)
+            self._plot.plotsize(width, height)
+            self._plot._set_size(width, height)  # as PlotextPlot.render does (textual-plotext #5)
+            self._plot.theme(self._get_plotext_theme_name(self.app.theme))
+            self._cache = self.key_line(width)
+            self._cache.append("\n")
+            self._cache.append_text(Text.from_ansi(self._plot.build()))
             self._cache_key = key
             self._rows, self._lines, self._slice_lines = None, {}, {}
         return self._cache
