@@ -212,20 +212,3 @@ def log10_or_nan(value: float) -> float:
     if value == 0:
         return float("-inf")
     return math.log10(abs(value))
-
-
-def downsample(values: list[float], width: int) -> tuple[list[int], list[float]]:
-    """At most ``width`` points: the mean of equal buckets (non-finite points are skipped)."""
-    n = len(values)
-    if n <= width or width <= 0:
-        return list(range(n)), list(values)
-    edges = np.linspace(0, n, width + 1).astype(int)
-    arr = np.asarray(values, dtype=float)
-    xs, ys = [], []
-    for a, b in zip(edges[:-1], edges[1:]):
-        chunk = arr[a:b]
-        chunk = chunk[np.isfinite(chunk)]
-        if len(chunk):
-            xs.append(int(b - 1))
-            ys.append(float(chunk.mean()))
-    return xs, ys
