@@ -1,5 +1,5 @@
 """The compare screen with recurrent and deep models: the through-time view side by side on one
-log scale (a tanh RNN against an LSTM, recorded by tests/data/regenerate_compare.py), blocks
+log scale (a tanh RNN against an LSTM, recorded by tests/data/regenerate.py), blocks
 that expand in place on both runs, and the selection across views and the layer/block toggle.
 Snapshots: tests/__snapshots__/test_tui_compare/ (update with --snapshot-update, then look)."""
 

@@ -19,7 +19,6 @@ Verdict evidence dicts are dropped to keep the files small. Then update the snap
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -30,17 +29,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import vgtui  # noqa: E402
-
-
-def _shrink(path: Path) -> None:
-    lines = []
-    for line in path.read_text().splitlines():
-        data = json.loads(line)
-        for verdict in data.get("verdicts", []):
-            verdict["evidence"] = {}
-        lines.append(json.dumps(data, separators=(",", ":")))
-    path.write_text("\n".join(lines) + "\n")
-    print(f"{path.name}: {len(lines)} lines, {path.stat().st_size // 1024} KB")
+from regenerate import shrink  # noqa: E402  (tests/data/regenerate.py, beside this script)
 
 
 def llama24(steps: int = 6) -> None:
@@ -68,7 +57,7 @@ def llama24(steps: int = 6) -> None:
             loss.backward()
             w.step(loss=loss)
             opt.step()
-    _shrink(path)
+    shrink(path)
 
 
 def resnet18(steps: int = 6) -> None:
@@ -90,7 +79,7 @@ def resnet18(steps: int = 6) -> None:
             acc = (out.argmax(1) == y).float().mean()
             w.step(loss=loss, accuracy=acc)
             opt.step()
-    _shrink(path)
+    shrink(path)
 
 
 class Recurrent(nn.Module):
@@ -129,7 +118,7 @@ def rnn(steps: int = 12, length: int = 60) -> None:
             loss.backward()
             w.step(loss=loss, accuracy=(out.argmax(1) == y).float().mean())
             opt.step()
-    _shrink(path)
+    shrink(path)
 
 
 FIXTURES = {"llama24": llama24, "resnet18": resnet18, "rnn": rnn}
